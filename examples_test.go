@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -212,24 +213,30 @@ const guestReadyLine = "TESTGUEST: ready"
 // guest kernel never finishes booting, so a KVM boot that is not ready within
 // a short deadline means TCG.
 func guestAccel() (args []string, label string) {
+	accel, cpu := guestAccelCPU()
+	return []string{"-accel", accel, "-cpu", cpu}, realVM.accelLabel
+}
+
+// guestAccelCPU returns the probed accelerator and its CPU model.
+func guestAccelCPU() (accel, cpu string) {
 	realVM.accelOnce.Do(func() {
-		kvm := []string{"-accel", "kvm", "-cpu", "host,-arch-capabilities"}
-		tcg := []string{"-accel", "tcg", "-cpu", "qemu64"}
+		kvm := []string{"kvm", "host,-arch-capabilities"}
+		tcg := []string{"tcg", "qemu64"}
 		switch forced := os.Getenv("QEMU_TEST_ACCEL"); forced {
 		case "kvm":
 			realVM.accelArgs, realVM.accelLabel = kvm, "kvm (forced by QEMU_TEST_ACCEL)"
 		case "tcg":
 			realVM.accelArgs, realVM.accelLabel = tcg, "tcg (forced by QEMU_TEST_ACCEL)"
 		default:
-			if err := probeKVM(kvm); err != nil {
+			if err := probeKVM([]string{"-accel", kvm[0], "-cpu", kvm[1]}); err != nil {
 				realVM.accelArgs, realVM.accelLabel = tcg, "tcg ("+err.Error()+")"
 			} else {
 				realVM.accelArgs, realVM.accelLabel = kvm, "kvm"
 			}
 		}
-		fmt.Printf("real-VM tests boot the guest with %s\n", realVM.accelLabel)
+		fmt.Fprintf(os.Stderr, "real-VM tests boot the guest with %s\n", realVM.accelLabel)
 	})
-	return realVM.accelArgs, realVM.accelLabel
+	return realVM.accelArgs[0], realVM.accelArgs[1]
 }
 
 // probeKVM boots the guest under KVM and waits briefly for its ready line.
@@ -274,7 +281,6 @@ type testVMOptions struct {
 // testVM is a QEMU running the test guest for one test, with its QMP
 // session negotiated and its serial console connected.
 type testVM struct {
-	t       *testing.T
 	QMP     *QMP
 	Version *QMPVersion
 	Events  chan QMPEvent
@@ -282,6 +288,7 @@ type testVM struct {
 	Gone    chan struct{} // disconnectedCh of the session
 	cmd     *exec.Cmd
 	exited  chan struct{}
+	stderr  lockedBuffer
 
 	mu         sync.Mutex
 	lines      []string
@@ -291,19 +298,34 @@ type testVM struct {
 	console    net.Conn
 }
 
-// startTestVM boots the test guest and returns once QMP is negotiated and
-// the console is connected. QEMU starts paused so that no console output
-// can be missed, and runs once the console is attached. Cleanup quits QEMU
-// and reaps it.
+// startTestVM boots the test guest for a test; cleanup quits QEMU and
+// reaps it.
 func startTestVM(t *testing.T, opts testVMOptions) *testVM {
 	t.Helper()
-	kernel, initrd := requireGuest(t)
-	bin, fw := requireQEMU(t)
+	requireGuest(t)
+	vm, err := bootTestVM(opts)
+	if vm != nil {
+		t.Cleanup(vm.close)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return vm
+}
+
+// bootTestVM boots the test guest and returns once QMP is negotiated and
+// the console is connected. QEMU starts paused so that no console output
+// can be missed, and runs once the console is attached. On error the
+// returned vm, if not nil, must still be closed.
+func bootTestVM(opts testVMOptions) (*testVM, error) {
 	accel, _ := guestAccel()
 	if opts.Machine == "" {
 		opts.Machine = "q35"
 	}
-	dir := shortTempDir(t)
+	dir, err := os.MkdirTemp("", "qt")
+	if err != nil {
+		return nil, err
+	}
 	qmpPath := filepath.Join(dir, "qmp.sock")
 	conPath := filepath.Join(dir, "con.sock")
 	params := opts.Append
@@ -315,25 +337,23 @@ func startTestVM(t *testing.T, opts testVMOptions) *testVM {
 		"-qmp", "unix:" + qmpPath + ",server=on,wait=off",
 		"-chardev", "socket,id=con,path=" + conPath + ",server=on,wait=off",
 		"-serial", "chardev:con",
-		"-kernel", kernel, "-initrd", initrd, "-append", guestKernelParams + params}
+		"-kernel", realVM.kernel, "-initrd", realVM.initrd, "-append", guestKernelParams + params}
 	args = append(args, accel...)
-	args = append(args, fw...)
+	args = append(args, realVM.firmware...)
 	args = append(args, opts.Extra...)
 
-	vm := &testVM{t: t, Dir: dir, Events: make(chan QMPEvent, 64), Gone: make(chan struct{}),
+	vm := &testVM{Dir: dir, Events: make(chan QMPEvent, 64), Gone: make(chan struct{}),
 		exited: make(chan struct{}), newLine: make(chan struct{}, 1), consoleEnd: make(chan struct{})}
-	vm.cmd = exec.Command(bin, args...)
-	var stderr strings.Builder
-	vm.cmd.Stderr = &stderr
+	vm.cmd = exec.Command(realVM.bin, args...)
+	vm.cmd.Stderr = &vm.stderr
 	if err := vm.cmd.Start(); err != nil {
-		t.Fatalf("start qemu: %v", err)
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("start qemu: %w", err)
 	}
 	go func() { vm.cmd.Wait(); close(vm.exited) }()
-	t.Cleanup(vm.close)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	var err error
 	for {
 		vm.QMP, vm.Version, err = QMPStart(ctx, qmpPath, QMPConfig{EventCh: vm.Events}, vm.Gone)
 		if err == nil {
@@ -343,24 +363,24 @@ func startTestVM(t *testing.T, opts testVMOptions) *testVM {
 		vm.Events = make(chan QMPEvent, 64)
 		select {
 		case <-vm.exited:
-			t.Fatalf("qemu exited at start: %s", stderr.String())
+			return vm, fmt.Errorf("qemu exited at start: %s", vm.stderr.String())
 		case <-ctx.Done():
-			t.Fatalf("qmp: %v", err)
+			return vm, fmt.Errorf("qmp: %w", err)
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
 	if err := vm.QMP.ExecuteQMPCapabilities(ctx); err != nil {
-		t.Fatalf("qmp_capabilities: %v", err)
+		return vm, err
 	}
 	vm.console, err = net.Dial("unix", conPath)
 	if err != nil {
-		t.Fatalf("connect console: %v", err)
+		return vm, fmt.Errorf("connect console: %w", err)
 	}
 	go vm.readConsole()
 	if err := vm.QMP.ExecuteCont(ctx); err != nil {
-		t.Fatalf("cont: %v", err)
+		return vm, err
 	}
-	return vm
+	return vm, nil
 }
 
 // shortTempDir returns a fresh temporary directory with a short path, since
@@ -436,6 +456,24 @@ func (vm *testVM) waitExit(timeout time.Duration) error {
 	}
 }
 
+// lockedBuffer is QEMU's stderr, written by os/exec while a test may read it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
 func (vm *testVM) close() {
 	select {
 	case <-vm.exited:
@@ -455,5 +493,315 @@ func (vm *testVM) close() {
 	}
 	if vm.console != nil {
 		vm.console.Close()
+	}
+	os.RemoveAll(vm.Dir)
+}
+
+// waitForGuest connects to the guest's serial console socket and reads it
+// until the test guest says it is ready. It returns the connection, which
+// the caller closes.
+func waitForGuest(consoleSocket string) (net.Conn, error) {
+	conn, err := net.Dial("unix", consoleSocket)
+	if err != nil {
+		return nil, err
+	}
+	conn.SetReadDeadline(time.Now().Add(2 * time.Minute))
+	sc := bufio.NewScanner(conn)
+	for sc.Scan() {
+		if strings.Contains(sc.Text(), guestReadyLine) {
+			conn.SetReadDeadline(time.Time{})
+			return conn, nil
+		}
+	}
+	conn.Close()
+	return nil, fmt.Errorf("console ended before the guest was ready: %v", sc.Err())
+}
+
+// Example is the original package's example, made to run: it boots the
+// test guest with a hand-written command line and -daemonize, powers it
+// down over QMP, falling back to quit, and waits for the session to end.
+func Example() {
+	dir, err := os.MkdirTemp("", "qemu-example")
+	if err != nil {
+		panic(err)
+	}
+	defer os.RemoveAll(dir)
+	qmpSocket := filepath.Join(dir, "qmp.sock")
+	consoleSocket := filepath.Join(dir, "console.sock")
+	accel, cpu := guestAccelCPU()
+
+	params := make([]string, 0, 32)
+	// The guest: kernel, initramfs and a serial console on a socket
+	params = append(params, "-kernel", realVM.kernel, "-initrd", realVM.initrd, "-append", guestKernelParams)
+	params = append(params, "-chardev", "socket,id=console,path="+consoleSocket+",server=on,wait=off",
+		"-serial", "chardev:console")
+	// Machine and accelerator
+	params = append(params, "-machine", "q35", "-accel", accel, "-cpu", cpu, "-nodefaults", "-display", "none")
+	// qmp socket
+	params = append(params, "-daemonize", "-qmp", "unix:"+qmpSocket+",server=on,wait=off")
+	// resources
+	params = append(params, "-m", "256", "-smp", "cpus=1")
+	params = append(params, realVM.firmware...)
+
+	// LaunchCustomQemu returns as soon as the instance has launched, as we
+	// are using -daemonize. QEMU has then created the QMP socket.
+	if _, err := LaunchCustomQemu(context.Background(), realVM.bin, params, nil, nil); err != nil {
+		panic(err)
+	}
+
+	// Wait for the guest to be up, so that it has a power button to press.
+	console, err := waitForGuest(consoleSocket)
+	if err != nil {
+		panic(err)
+	}
+	defer console.Close()
+	fmt.Println("guest is up")
+
+	// This channel will be closed when the instance dies.
+	disconnectedCh := make(chan struct{})
+
+	// Start monitoring the qemu instance. This function will block until we
+	// have connected to the QMP socket and received the welcome message.
+	q, _, err := QMPStart(context.Background(), qmpSocket, QMPConfig{}, disconnectedCh)
+	if err != nil {
+		panic(err)
+	}
+
+	// This has to be the first command executed in a QMP session.
+	if err := q.ExecuteQMPCapabilities(context.Background()); err != nil {
+		panic(err)
+	}
+
+	// Let's try to shutdown the VM. If it hasn't shutdown in 10 seconds
+	// we'll send a quit message.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	err = q.ExecuteSystemPowerdown(ctx)
+	cancel()
+	if err != nil {
+		fmt.Println("powerdown failed, quitting:", err)
+		if err := q.ExecuteQuit(context.Background()); err != nil {
+			panic(err)
+		}
+	} else {
+		fmt.Println("guest powered down")
+	}
+
+	q.Shutdown()
+
+	// disconnectedCh is closed when the session ends. This line blocks until
+	// this happens.
+	<-disconnectedCh
+	fmt.Println("disconnected")
+	// Output:
+	// guest is up
+	// guest powered down
+	// disconnected
+}
+
+// ExampleLaunchQemu boots the test guest from a Config, reads its status
+// with the generic ExecuteCommand and quits it.
+func ExampleLaunchQemu() {
+	dir, err := os.MkdirTemp("", "qemu-example")
+	if err != nil {
+		panic(err)
+	}
+	defer os.RemoveAll(dir)
+	qmpSocket := filepath.Join(dir, "qmp.sock")
+	consoleSocket := filepath.Join(dir, "console.sock")
+	accel, cpu := guestAccelCPU()
+
+	config := Config{
+		Path:     realVM.bin,
+		Name:     "example",
+		Machine:  Machine{Type: "q35", Acceleration: accel},
+		CPUModel: cpu,
+		Memory:   Memory{Size: "256M"},
+		SMP:      SMP{CPUs: 1},
+		QMPSockets: []QMPSocket{
+			{Type: Unix, Name: qmpSocket, Server: true, NoWait: true},
+		},
+		Devices: []Device{
+			// isa-serial gives the guest its ttyS0, here on a socket.
+			CharDevice{Backend: Socket, Driver: "isa-serial", ID: "console", DeviceID: "serial0", Path: consoleSocket},
+		},
+		Kernel: Kernel{Path: realVM.kernel, InitrdPath: realVM.initrd, Params: guestKernelParams},
+		Knobs:  Knobs{NoUserConfig: true, NoDefaults: true, NoGraphic: true, Daemonize: true},
+	}
+	if _, err := LaunchQemu(config, nil); err != nil {
+		panic(err)
+	}
+
+	console, err := waitForGuest(consoleSocket)
+	if err != nil {
+		panic(err)
+	}
+	defer console.Close()
+	fmt.Println("guest is up")
+
+	disconnectedCh := make(chan struct{})
+	q, _, err := QMPStart(context.Background(), qmpSocket, QMPConfig{}, disconnectedCh)
+	if err != nil {
+		panic(err)
+	}
+	defer q.Shutdown()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := q.ExecuteQMPCapabilities(ctx); err != nil {
+		panic(err)
+	}
+
+	var status struct {
+		Status  string `json:"status"`
+		Running bool   `json:"running"`
+	}
+	if err := q.ExecuteCommand(ctx, "query-status", nil, &status); err != nil {
+		panic(err)
+	}
+	fmt.Println("status:", status.Status, "running:", status.Running)
+
+	if err := q.ExecuteQuit(ctx); err != nil {
+		panic(err)
+	}
+	<-disconnectedCh
+	fmt.Println("quit")
+	// Output:
+	// guest is up
+	// status: running running: true
+	// quit
+}
+
+// ExampleQMP_ExecuteDeviceAdd hot-plugs a disk into the running test guest
+// and unplugs it again: blockdev-add, device_add on a PCIe root port, the
+// guest sees the disk, device_del returns once QEMU reports DEVICE_DELETED,
+// and the block node is deleted.
+func ExampleQMP_ExecuteDeviceAdd() {
+	vm, err := bootTestVM(testVMOptions{
+		Machine: "q35",
+		// q35's root bus refuses hot-plug; a root port accepts it.
+		Extra: []string{"-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1"},
+	})
+	if vm != nil {
+		defer vm.close()
+	}
+	if err != nil {
+		panic(err)
+	}
+	if _, err := vm.waitConsole(guestReadyLine, 2*time.Minute); err != nil {
+		panic(err)
+	}
+	disk := filepath.Join(vm.Dir, "disk.img")
+	if err := os.WriteFile(disk, make([]byte, 1<<20), 0o600); err != nil {
+		panic(err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	q := vm.QMP
+	if err := q.ExecuteBlockdevAdd(ctx, disk, "drive0"); err != nil {
+		panic(err)
+	}
+	if err := q.ExecuteDeviceAdd(ctx, "drive0", "disk0", "virtio-blk-pci", "rp1"); err != nil {
+		panic(err)
+	}
+	line, err := vm.waitConsole("TESTGUEST: block add", time.Minute)
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println("guest:", line)
+
+	if err := q.ExecuteDeviceDel(ctx, "disk0"); err != nil {
+		panic(err)
+	}
+	fmt.Println("device_del returned after DEVICE_DELETED")
+	if line, err = vm.waitConsole("TESTGUEST: block remove", time.Minute); err != nil {
+		panic(err)
+	}
+	fmt.Println("guest:", line)
+
+	if err := q.ExecuteXBlockdevDel(ctx, "drive0"); err != nil {
+		panic(err)
+	}
+	fmt.Println("block node deleted")
+	// Output:
+	// guest: TESTGUEST: block add vda
+	// device_del returned after DEVICE_DELETED
+	// guest: TESTGUEST: block remove vda
+	// block node deleted
+}
+
+// ExampleQMPEvent stops and resumes a VM and reads the STOP and RESUME
+// events from QMPConfig.EventCh.
+func ExampleQMPEvent() {
+	vm, err := bootTestVM(testVMOptions{})
+	if vm != nil {
+		defer vm.close()
+	}
+	if err != nil {
+		panic(err)
+	}
+	// bootTestVM resumed the paused VM; that RESUME comes first.
+	next := func() QMPEvent {
+		select {
+		case ev := <-vm.Events:
+			return ev
+		case <-time.After(time.Minute):
+			panic("no event")
+		}
+	}
+	for next().Name != "RESUME" {
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := vm.QMP.ExecuteStop(ctx); err != nil {
+		panic(err)
+	}
+	ev := next()
+	fmt.Println(ev.Name, "recent:", time.Since(ev.Timestamp) < time.Minute)
+	if err := vm.QMP.ExecuteCont(ctx); err != nil {
+		panic(err)
+	}
+	ev = next()
+	fmt.Println(ev.Name, "recent:", time.Since(ev.Timestamp) < time.Minute)
+	// Output:
+	// STOP recent: true
+	// RESUME recent: true
+}
+
+// TestRealQEMUKilledWhileCommandPending kills QEMU with SIGKILL while a
+// command waits for its reply: the command fails within a second, the
+// session ends and none of its goroutines remains.
+func TestRealQEMUKilledWhileCommandPending(t *testing.T) {
+	vm := startTestVM(t, testVMOptions{})
+	// A stopped QEMU reads nothing, so the command stays pending.
+	if err := vm.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	result := make(chan error, 1)
+	go func() { result <- vm.QMP.ExecuteCommand(context.Background(), "query-status", nil, nil) }()
+	select {
+	case err := <-result:
+		t.Fatalf("command returned while QEMU was stopped: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	vm.cmd.Process.Kill()
+	select {
+	case err := <-result:
+		if err == nil || !strings.Contains(err.Error(), "connection to QEMU ended") {
+			t.Errorf("pending command: %v", err)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("pending command did not fail within a second of SIGKILL")
+	}
+	select {
+	case <-vm.Gone:
+	case <-time.After(time.Second):
+		t.Fatal("disconnectedCh not closed")
+	}
+	for range vm.Events {
+	}
+	vm.QMP.Shutdown()
+	if gs := sessionGoroutines(); gs != "" {
+		t.Errorf("session goroutines left:\n%s", gs)
 	}
 }
