@@ -1,0 +1,80 @@
+# The two commands of the README, on a fresh Debian 12 (or Ubuntu) machine:
+#
+#   make demo   install QEMU and the tools if missing, build the test guest,
+#               run the examples (each boots the guest and drives it)
+#   make test   the same set-up plus QEMU 10.0, then go vet, a gofmt check and
+#               every test with the race detector, all real-VM tests included,
+#               against Debian's QEMU 7.2 and again against QEMU 10.0
+#
+# Smaller steps: make deps, make guest, make qemu10, make clean.
+# Run as root, or as a user who may sudo (only apt-get install and
+# apt-get update need it).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+# deps, the guest build and QEMU 10.0 all use apt: one at a time.
+.NOTPARALLEL:
+
+GO ?= go
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+# What the guest build and the tests need from Debian. The guest build
+# fetches its own kernel and busybox-static with apt-get download.
+PACKAGES := qemu-system-x86 qemu-utils busybox-static xorriso genisoimage cpio xz-utils
+
+GUEST_OUT := testdata/guest/out
+QEMU10 := $(CURDIR)/testdata/qemu10
+QEMU72_BIN := /usr/bin/qemu-system-x86_64
+QEMU10_BIN := $(QEMU10)/usr/bin/qemu-system-x86_64
+# QEMU_MODULE_DIR keeps QEMU 10.0 from loading QEMU 7.2's modules from
+# /usr/lib/x86_64-linux-gnu/qemu (see testdata/qemu10.sh).
+QEMU10_ENV := QEMU_BIN=$(QEMU10_BIN) \
+	QEMU_FIRMWARE=$(QEMU10)/usr/share/qemu:$(QEMU10)/usr/share/seabios \
+	QEMU_MODULE_DIR=$(QEMU10)/usr/lib/x86_64-linux-gnu/qemu
+# The first run must use the system QEMU whatever the caller's environment says.
+QEMU72_ENV := env -u QEMU_FIRMWARE -u QEMU_MODULE_DIR QEMU_BIN=$(QEMU72_BIN)
+GOTEST := QEMU_TEST_REQUIRE=1 $(GO) test -race -count=1 -timeout 30m ./...
+
+.PHONY: deps guest qemu10 demo test clean
+
+# apt-get update runs only when a missing package is unknown to the local
+# lists, or when installing fails (lists too old for the mirror).
+deps:
+	@command -v $(GO) >/dev/null || { \
+		echo "make: '$(GO)' not found in PATH: install Go (https://go.dev/dl/)$$( \
+			[ -x /usr/local/go/bin/go ] && echo ' or add /usr/local/go/bin to PATH')" >&2; \
+		exit 1; }
+	@missing=; \
+	for p in $(PACKAGES); do \
+		[ "$$(dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null)" = "install ok installed" ] || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		updated=; \
+		for p in $$missing; do \
+			apt-cache show "$$p" >/dev/null 2>&1 || { $(SUDO) apt-get update -q; updated=1; break; }; \
+		done; \
+		echo "apt-get install$$missing"; \
+		apt_install() { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; }; \
+		apt_install || { [ -z "$$updated" ] && $(SUDO) apt-get update -q && apt_install; }; \
+	fi
+
+guest:
+	@testdata/guest/build.sh $(GUEST_OUT)
+
+qemu10:
+	@testdata/qemu10.sh $(QEMU10)
+
+demo: deps guest
+	$(GO) test -v -count=1 -run '^Example' ./...
+
+test: deps guest qemu10
+	$(GO) vet ./...
+	@unformatted=$$(gofmt -l .); \
+	if [ -n "$$unformatted" ]; then echo "gofmt -l lists files that need gofmt:" >&2; echo "$$unformatted" >&2; exit 1; fi
+	@echo "=== go test -race: real-VM tests on $$($(QEMU72_BIN) --version | sed -n 1p)"
+	$(QEMU72_ENV) $(GOTEST)
+	@echo "=== go test -race: real-VM tests on $$($(QEMU10_ENV) $(QEMU10_BIN) --version | sed -n 1p)"
+	$(QEMU10_ENV) $(GOTEST)
+
+clean:
+	rm -rf $(GUEST_OUT) $(QEMU10)
