@@ -160,6 +160,17 @@ func zombie(stat []byte) bool {
 	return i > 0 && i+2 < len(stat) && stat[i+2] == 'Z'
 }
 
+// lingeringSessionGoroutines is sessionGoroutines after a short grace: a
+// goroutine that has signalled its end may not have returned yet.
+func lingeringSessionGoroutines() string {
+	gs := sessionGoroutines()
+	for i := 0; i < 100 && gs != ""; i++ {
+		time.Sleep(10 * time.Millisecond)
+		gs = sessionGoroutines()
+	}
+	return gs
+}
+
 // sessionGoroutines returns the stacks of goroutines running this
 // package's QMP session code.
 func sessionGoroutines() string {
@@ -346,6 +357,7 @@ func bootTestVM(opts testVMOptions) (*testVM, error) {
 		exited: make(chan struct{}), newLine: make(chan struct{}, 1), consoleEnd: make(chan struct{})}
 	vm.cmd = exec.Command(realVM.bin, args...)
 	vm.cmd.Stderr = &vm.stderr
+	vm.cmd.WaitDelay = time.Second
 	if err := vm.cmd.Start(); err != nil {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("start qemu: %w", err)
@@ -801,7 +813,7 @@ func TestRealQEMUKilledWhileCommandPending(t *testing.T) {
 	for range vm.Events {
 	}
 	vm.QMP.Shutdown()
-	if gs := sessionGoroutines(); gs != "" {
+	if gs := lingeringSessionGoroutines(); gs != "" {
 		t.Errorf("session goroutines left:\n%s", gs)
 	}
 }

@@ -207,7 +207,7 @@ func checkStartFails(t *testing.T, q *QMP, err error, gone chan struct{}) {
 	default:
 		t.Error("disconnectedCh not closed after QMPStart failed")
 	}
-	if gs := sessionGoroutines(); gs != "" {
+	if gs := lingeringSessionGoroutines(); gs != "" {
 		t.Errorf("goroutines left:\n%s", gs)
 	}
 }
@@ -730,7 +730,7 @@ func TestQMPShutdown(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "shut down") {
 		t.Errorf("command after Shutdown: %v", err)
 	}
-	if gs := sessionGoroutines(); gs != "" {
+	if gs := lingeringSessionGoroutines(); gs != "" {
 		t.Errorf("goroutines left after Shutdown:\n%s", gs)
 	}
 }
@@ -917,8 +917,9 @@ func TestQMPRealQEMU(t *testing.T) {
 	args := append([]string{"-S", "-machine", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
 		"-qmp", "unix:" + sock + ",server=on,wait=off"}, fw...)
 	cmd := exec.Command(bin, args...)
-	var stderr strings.Builder
+	var stderr lockedBuffer
 	cmd.Stderr = &stderr
+	cmd.WaitDelay = time.Second
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
