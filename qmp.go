@@ -720,7 +720,7 @@ func (q *QMP) runAndWait(ctx context.Context, name, about string, args interface
 		label += " " + about
 	}
 	_, err := q.execute(ctx, name, args)
-	if err != nil && !(lostToQEMU(err) && w.hasFired(q)) {
+	if err != nil && !(lostToQEMU(err) && q.eventSeen(w)) {
 		return fmt.Errorf("qmp: %s: %w", label, err)
 	}
 	select {
@@ -729,14 +729,16 @@ func (q *QMP) runAndWait(ctx context.Context, name, about string, args interface
 	case <-ctx.Done():
 		return fmt.Errorf("qmp: %s: waiting for %s: %w", label, w.name, ctx.Err())
 	case <-q.done:
-		if w.hasFired(q) {
+		if q.eventSeen(w) {
 			return nil
 		}
 		return fmt.Errorf("qmp: %s: waiting for %s: %w", label, w.name, q.sessionErr())
 	}
 }
 
-func (w *eventWaiter) hasFired(q *QMP) bool {
+// eventSeen reports whether w's event has come; the mutex that guards the
+// waiters guards their state too.
+func (q *QMP) eventSeen(w *eventWaiter) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return w.fired
