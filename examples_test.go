@@ -172,13 +172,14 @@ func lingeringSessionGoroutines() string {
 }
 
 // sessionGoroutines returns the stacks of goroutines running this
-// package's QMP session code.
+// package's QMP session or Instance code.
 func sessionGoroutines() string {
 	buf := make([]byte, 1<<20)
 	buf = buf[:runtime.Stack(buf, true)]
 	var out strings.Builder
 	for _, g := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(g, "qemu.(*QMP).") {
+		if strings.Contains(g, "qemu.(*QMP).") || strings.Contains(g, "qemu.(*Instance).") ||
+			strings.Contains(g, "qemu.(*stderrSink).") {
 			out.WriteString(g + "\n\n")
 		}
 	}
@@ -680,6 +681,73 @@ func ExampleLaunchQemu() {
 	// guest is up
 	// status: running running: true
 	// quit
+}
+
+// ExampleInstance boots the test guest as an Instance: QEMU runs in the
+// foreground, its QMP session comes ready with it, and Stop shuts the guest
+// down with the power button and reaps QEMU.
+func ExampleInstance() {
+	dir, err := os.MkdirTemp("", "qemu-example")
+	if err != nil {
+		panic(err)
+	}
+	defer os.RemoveAll(dir)
+	consoleSocket := filepath.Join(dir, "console.sock")
+	accel, cpu := guestAccelCPU()
+
+	config := Config{
+		Path:     realVM.bin,
+		Name:     "example",
+		Machine:  Machine{Type: "q35", Acceleration: accel},
+		CPUModel: cpu,
+		Memory:   Memory{Size: "256M"},
+		Devices: []Device{
+			CharDevice{Backend: Socket, Driver: "isa-serial", ID: "console", DeviceID: "serial0", Path: consoleSocket},
+		},
+		Kernel: Kernel{Path: realVM.kernel, InitrdPath: realVM.initrd, Params: guestKernelParams},
+		Knobs:  Knobs{NoUserConfig: true, NoDefaults: true, NoGraphic: true},
+	}
+	// The context bounds the start only; the VM outlives it.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	inst, err := StartInstance(ctx, config, InstanceOptions{})
+	if err != nil {
+		panic(err)
+	}
+	defer inst.Close()
+
+	console, err := waitForGuest(consoleSocket)
+	if err != nil {
+		panic(err)
+	}
+	defer console.Close()
+	fmt.Println("guest is up")
+
+	var status struct {
+		Status string `json:"status"`
+	}
+	if err := inst.QMP().ExecuteCommand(ctx, "query-status", nil, &status); err != nil {
+		panic(err)
+	}
+	fmt.Println("status:", status.Status)
+
+	stopCtx, stopCancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer stopCancel()
+	step, err := inst.Stop(stopCtx)
+	if err != nil {
+		panic(err)
+	}
+	state, err := inst.Wait(stopCtx)
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println("stopped by:", step)
+	fmt.Println("QEMU:", state)
+	// Output:
+	// guest is up
+	// status: running
+	// stopped by: powerdown
+	// QEMU: exit status 0
 }
 
 // ExampleQMP_ExecuteDeviceAdd hot-plugs a disk into the running test guest

@@ -1,0 +1,736 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Default bounds of the steps of Instance.Stop.
+const (
+	DefaultPowerdownTimeout = 30 * time.Second
+	DefaultQuitTimeout      = 5 * time.Second
+	DefaultTermTimeout      = 5 * time.Second
+)
+
+// killWait bounds the wait for the kernel to end a process sent SIGKILL
+// once the caller's context has ended; only a process stuck in the kernel
+// (an uninterruptible read from a dead NFS server, say) takes longer.
+const killWait = 5 * time.Second
+
+// instanceMonitor is the chardev id of the QMP channel an Instance adds to
+// QEMU's command line.
+const instanceMonitor = "instance-qmp"
+
+// InstanceOptions says how StartInstance and StartCustomInstance run QEMU.
+// The zero value is ready to use.
+type InstanceOptions struct {
+	// Stderr, if not nil, receives a copy of everything QEMU writes to
+	// its stderr, in order. It is written from a goroutine of its own
+	// through a backlog of at most 2 MiB, so a slow Stderr never stalls
+	// QEMU: when the backlog is full its oldest bytes are dropped and a
+	// line saying how many is written in their place.
+	Stderr io.Writer
+
+	// EventCh, if not nil, receives the QMP session's events, as
+	// QMPConfig.EventCh does. It is closed when the session ends,
+	// including when the start fails.
+	EventCh chan<- QMPEvent
+
+	// Logger receives the log lines of the instance and its QMP session;
+	// nil means none.
+	Logger QMPLog
+
+	// PowerdownTimeout, QuitTimeout and TermTimeout bound the steps of
+	// Stop; zero means DefaultPowerdownTimeout, DefaultQuitTimeout and
+	// DefaultTermTimeout.
+	PowerdownTimeout time.Duration
+	QuitTimeout      time.Duration
+	TermTimeout      time.Duration
+}
+
+// StopStep is the step of Instance.Stop that ended QEMU.
+type StopStep int
+
+const (
+	// StopExited means QEMU had exited before Stop asked it to.
+	StopExited StopStep = iota
+	// StopPowerdown means the guest shut down after system_powerdown.
+	StopPowerdown
+	// StopQuit means QEMU exited on the QMP quit command.
+	StopQuit
+	// StopTerm means QEMU exited on SIGTERM.
+	StopTerm
+	// StopKill means QEMU was killed with SIGKILL.
+	StopKill
+)
+
+// String returns the step's name: "exited", "powerdown", "quit", "SIGTERM"
+// or "SIGKILL".
+func (s StopStep) String() string {
+	switch s {
+	case StopExited:
+		return "exited"
+	case StopPowerdown:
+		return "powerdown"
+	case StopQuit:
+		return "quit"
+	case StopTerm:
+		return "SIGTERM"
+	case StopKill:
+		return "SIGKILL"
+	}
+	return "StopStep(" + strconv.Itoa(int(s)) + ")"
+}
+
+// Instance is a QEMU process started by StartInstance or
+// StartCustomInstance, with its QMP session. QEMU runs in the foreground
+// as a child of this process: Wait reports how it ended, Stop ends it, and
+// it is always reaped. An Instance's methods may be called from any number
+// of goroutines.
+type Instance struct {
+	cmd     *exec.Cmd
+	qmp     *QMP
+	version QMPVersion
+	log     QMPLog
+	opts    InstanceOptions
+
+	stderr     *stderrTail
+	stderrR    *os.File
+	stderrRead chan struct{} // closed when the stderr pipe has been read to its end
+	sink       *stderrSink   // nil without InstanceOptions.Stderr
+
+	exited  chan struct{} // closed once QEMU has been reaped
+	state   *os.ProcessState
+	waitErr error // what cmd.Wait returned
+
+	stopMu    sync.Mutex // one Stop at a time
+	closeOnce sync.Once
+}
+
+// StartInstance starts QEMU with the command line config describes, as
+// LaunchQemu does, and returns once its QMP session is connected and
+// negotiated (qmp_capabilities has been sent). QEMU is not daemonized:
+// config.Knobs.Daemonize is an error, and config.Ctx is not used.
+//
+// ctx bounds the start only. If it ends before QMP is ready, QEMU is
+// killed and reaped and the error wraps ctx.Err(); once StartInstance has
+// returned, ctx has no effect on the VM. If QEMU exits before QMP is ready
+// (a bad option, usually), the error carries its exit status (an
+// *exec.ExitError, wrapped, when it is not 0) and its last lines of
+// stderr.
+//
+// The QMP channel is a socket pair whose one end QEMU inherits, as its
+// file descriptor 3+len(fds) for the fds config's devices registered, so
+// there is no socket path to wait for. config.QMPSockets, if any, are
+// added as usual.
+func StartInstance(ctx context.Context, config Config, opts InstanceOptions) (*Instance, error) {
+	if err := checkConfig(&config); err != nil {
+		return nil, err
+	}
+	if config.Knobs.Daemonize {
+		return nil, errors.New("qemu: start: Knobs.Daemonize is set, but an Instance runs QEMU in the foreground")
+	}
+	params, fds := renderConfig(config, opts.Logger)
+	return StartCustomInstance(ctx, config.Path, params, fds, opts)
+}
+
+// StartCustomInstance starts the QEMU binary at path (qemu-system-x86_64
+// from PATH when path is "") with params and returns as StartInstance
+// does. QEMU inherits fds, fds[i] as its file descriptor 3+i, and the QMP
+// channel as descriptor 3+len(fds), which StartCustomInstance adds to
+// params as
+//
+//	-chardev socket,id=instance-qmp,fd=N -mon chardev=instance-qmp,mode=control
+//
+// params must not contain -daemonize. A nil ctx means
+// context.Background().
+func StartCustomInstance(ctx context.Context, path string, params []string, fds []*os.File, opts InstanceOptions) (*Instance, error) {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	if path == "" {
+		path = defaultQEMU
+	}
+	for i, f := range fds {
+		if f == nil {
+			return nil, fmt.Errorf("qemu: start %s: fds[%d] is nil", path, i)
+		}
+	}
+	for _, p := range params {
+		if p == "-daemonize" || p == "--daemonize" {
+			return nil, fmt.Errorf("qemu: start %s: %s in params, but an Instance runs QEMU in the foreground", path, p)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("qemu: start %s: %w", path, err)
+	}
+	inst, ours, err := startProcess(path, params, fds, opts)
+	if err != nil {
+		if opts.EventCh != nil {
+			close(opts.EventCh)
+		}
+		return nil, err
+	}
+	if err := inst.connect(ctx, ours); err != nil {
+		return nil, inst.failStart(ctx, err)
+	}
+	return inst, nil
+}
+
+// startProcess starts QEMU with the QMP channel and a stderr pipe. It
+// returns our end of the channel.
+func startProcess(path string, params []string, fds []*os.File, opts InstanceOptions) (*Instance, *os.File, error) {
+	ours, theirs, err := socketPair()
+	if err != nil {
+		return nil, nil, fmt.Errorf("qemu: start %s: QMP channel: %w", path, err)
+	}
+	stderrR, stderrW, err := os.Pipe()
+	if err != nil {
+		ours.Close()
+		theirs.Close()
+		return nil, nil, fmt.Errorf("qemu: start %s: stderr pipe: %w", path, err)
+	}
+	args := make([]string, 0, len(params)+4)
+	args = append(args, params...)
+	args = append(args,
+		"-chardev", "socket,id="+instanceMonitor+",fd="+strconv.Itoa(3+len(fds)),
+		"-mon", "chardev="+instanceMonitor+",mode=control")
+	cmd := exec.Command(path, args...)
+	cmd.ExtraFiles = append(fds[:len(fds):len(fds)], theirs)
+	// An *os.File, so that os/exec starts no copying goroutine that Wait
+	// would wait for; the Instance drains the pipe itself.
+	cmd.Stderr = stderrW
+
+	inst := &Instance{
+		cmd:        cmd,
+		log:        orNullLogger(opts.Logger),
+		opts:       opts,
+		stderr:     &stderrTail{tail: tailBuffer{max: maxStderr}},
+		stderrR:    stderrR,
+		stderrRead: make(chan struct{}),
+		exited:     make(chan struct{}),
+	}
+	inst.log.Infof("qemu: starting %s", inst.CommandLine())
+	err = cmd.Start()
+	theirs.Close()
+	stderrW.Close()
+	if err != nil {
+		ours.Close()
+		stderrR.Close()
+		if errors.Is(err, exec.ErrNotFound) && path == defaultQEMU {
+			return nil, nil, fmt.Errorf("qemu: start: %w (Debian and Ubuntu ship it in qemu-system-x86)", err)
+		}
+		return nil, nil, fmt.Errorf("qemu: start %s: %w", path, err)
+	}
+	if opts.Stderr != nil {
+		inst.sink = newStderrSink(opts.Stderr)
+		go inst.sink.run()
+	}
+	go inst.readStderr()
+	go inst.reap()
+	return inst, ours, nil
+}
+
+// socketPair returns a connected pair of unix stream sockets, both
+// close-on-exec; os/exec clears that flag on the end it passes to QEMU.
+func socketPair() (ours, theirs *os.File, err error) {
+	// Holding ForkLock keeps a concurrent fork from inheriting the
+	// descriptors before they are marked close-on-exec.
+	syscall.ForkLock.RLock()
+	fd, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err == nil {
+		syscall.CloseOnExec(fd[0])
+		syscall.CloseOnExec(fd[1])
+	}
+	syscall.ForkLock.RUnlock()
+	if err != nil {
+		return nil, nil, os.NewSyscallError("socketpair", err)
+	}
+	return os.NewFile(uintptr(fd[0]), "qmp"), os.NewFile(uintptr(fd[1]), "qmp-qemu"), nil
+}
+
+// connect runs the QMP session over our end of the channel and negotiates
+// it.
+func (inst *Instance) connect(ctx context.Context, ours *os.File) error {
+	conn, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		if inst.opts.EventCh != nil {
+			close(inst.opts.EventCh)
+		}
+		return err
+	}
+	cfg := QMPConfig{Logger: inst.opts.Logger, EventCh: inst.opts.EventCh}
+	q, version, err := qmpStartConn(ctx, conn, cfg, nil)
+	if err != nil {
+		// qmpStartConn leaves EventCh open; an Instance promises to
+		// close it whenever the session is over.
+		if inst.opts.EventCh != nil {
+			close(inst.opts.EventCh)
+		}
+		return err
+	}
+	if err := q.ExecuteQMPCapabilities(ctx); err != nil {
+		q.Shutdown()
+		return err
+	}
+	inst.qmp, inst.version = q, *version
+	return nil
+}
+
+// failStart ends a start that failed with cause: it makes sure QEMU is
+// gone and reaped, and says why the start failed, in QEMU's words when
+// QEMU exited by itself.
+func (inst *Instance) failStart(ctx context.Context, cause error) error {
+	path := inst.cmd.Path
+	if ctx.Err() == nil && closedByQEMU(cause) {
+		// QEMU closes its end of the channel when it exits: give it a
+		// moment to finish, so that its status and message can be
+		// reported.
+		wctx, cancel := context.WithTimeout(ctx, DefaultQuitTimeout)
+		inst.waitExited(wctx)
+		cancel()
+	}
+	select {
+	case <-inst.exited:
+		if inst.sink != nil {
+			<-inst.sink.done
+		}
+		if ctx.Err() == nil {
+			return inst.exitedAtStart()
+		}
+	default:
+		inst.cmd.Process.Kill()
+		<-inst.exited
+	}
+	if inst.sink != nil {
+		<-inst.sink.done
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("qemu: start %s: QMP not ready: %w (QEMU killed)", path, err)
+	}
+	msg := lastLines(inst.Stderr(), 5)
+	if msg != "" {
+		msg = "; QEMU's stderr: " + msg
+	}
+	return fmt.Errorf("qemu: start %s: QMP: %w (QEMU killed)%s", path, cause, msg)
+}
+
+// closedByQEMU reports whether err says that QEMU closed the QMP channel.
+func closedByQEMU(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, errDisconnected) || errors.Is(err, syscall.ECONNRESET)
+}
+
+// exitedAtStart is the error for a QEMU that exited before QMP was ready.
+func (inst *Instance) exitedAtStart() error {
+	path := inst.cmd.Path
+	msg := lastLines(inst.Stderr(), 5)
+	if msg == "" {
+		msg = "(nothing on stderr)"
+	}
+	if inst.waitErr != nil {
+		// An *exec.ExitError, whose message is the exit status.
+		return fmt.Errorf("qemu: start %s: exited before QMP was ready: %w: %s", path, inst.waitErr, msg)
+	}
+	return fmt.Errorf("qemu: start %s: exited before QMP was ready (%s): %s", path, inst.state, msg)
+}
+
+// lastLines returns the last n non-empty lines of s, joined with " | " and
+// shortened to a size fit for an error message.
+func lastLines(s string, n int) string {
+	var lines []string
+	for rest := strings.TrimRight(s, "\r\n\t "); rest != "" && len(lines) < n; {
+		line := rest
+		if i := strings.LastIndexByte(rest, '\n'); i >= 0 {
+			line, rest = rest[i+1:], strings.TrimRight(rest[:i], "\r\n\t ")
+		} else {
+			rest = ""
+		}
+		if line = strings.TrimSpace(line); line != "" {
+			lines = append(lines, line)
+		}
+	}
+	for i, j := 0, len(lines)-1; i < j; i, j = i+1, j-1 {
+		lines[i], lines[j] = lines[j], lines[i]
+	}
+	const max = 2048
+	msg := strings.Join(lines, " | ")
+	if len(msg) > max {
+		msg = "..." + msg[len(msg)-max:]
+	}
+	return msg
+}
+
+// readStderr drains QEMU's stderr into the tail and the caller's sink until
+// the pipe ends.
+func (inst *Instance) readStderr() {
+	defer close(inst.stderrRead)
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := inst.stderrR.Read(buf)
+		if n > 0 {
+			inst.stderr.Write(buf[:n])
+			if inst.sink != nil {
+				inst.sink.add(buf[:n])
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	inst.stderrR.Close()
+	if inst.sink != nil {
+		inst.sink.finish()
+	}
+}
+
+// reap waits for QEMU to exit, exactly once, and for the end of its stderr.
+func (inst *Instance) reap() {
+	err := inst.cmd.Wait()
+	select {
+	case <-inst.stderrRead:
+	case <-time.After(stderrGrace):
+		// Something QEMU started still holds stderr open; what QEMU
+		// wrote is in the pipe by now.
+		inst.stderrR.SetReadDeadline(time.Now())
+		<-inst.stderrRead
+	}
+	inst.state, inst.waitErr = inst.cmd.ProcessState, err
+	inst.log.Infof("qemu: pid %d ended: %s", inst.cmd.Process.Pid, inst.state)
+	close(inst.exited)
+}
+
+// QMP returns the instance's QMP session, negotiated and ready for
+// commands. Closing the instance shuts it down.
+func (inst *Instance) QMP() *QMP { return inst.qmp }
+
+// Version returns the QEMU version from the QMP greeting.
+func (inst *Instance) Version() QMPVersion {
+	v := inst.version
+	v.Capabilities = append([]string(nil), v.Capabilities...)
+	return v
+}
+
+// Pid returns QEMU's process id.
+func (inst *Instance) Pid() int { return inst.cmd.Process.Pid }
+
+// Args returns QEMU's command line, the binary first, as it was started.
+func (inst *Instance) Args() []string {
+	return append([]string{inst.cmd.Path}, inst.cmd.Args[1:]...)
+}
+
+// CommandLine returns QEMU's command line quoted for a POSIX shell, for
+// logs and for running it again by hand (less the inherited descriptors).
+func (inst *Instance) CommandLine() string {
+	var b strings.Builder
+	for i, arg := range inst.Args() {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(shellQuote(arg))
+	}
+	return b.String()
+}
+
+// shellQuote quotes s for a POSIX shell, leaving words that need no
+// quoting as they are.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// Stderr returns the last MiB, at most, of what QEMU has written to its
+// stderr.
+func (inst *Instance) Stderr() string { return inst.stderr.String() }
+
+// Done returns a channel that is closed once QEMU has exited and been
+// reaped.
+func (inst *Instance) Done() <-chan struct{} { return inst.exited }
+
+// Wait waits for QEMU to exit and returns how it ended: its exit status or
+// the signal that killed it. Any number of goroutines may wait, before or
+// after QEMU exits; it is reaped once whatever they do. With
+// InstanceOptions.Stderr, Wait also waits until Stderr has been given all
+// of QEMU's output. If ctx ends first, Wait returns an error that wraps
+// ctx.Err().
+func (inst *Instance) Wait(ctx context.Context) (*os.ProcessState, error) {
+	select {
+	case <-inst.exited:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("qemu: wait for pid %d: %w", inst.Pid(), ctx.Err())
+	}
+	if inst.sink != nil {
+		select {
+		case <-inst.sink.done:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("qemu: wait for pid %d: copying stderr: %w", inst.Pid(), ctx.Err())
+		}
+	}
+	if inst.state == nil {
+		return nil, fmt.Errorf("qemu: wait for pid %d: %w", inst.Pid(), inst.waitErr)
+	}
+	return inst.state, nil
+}
+
+// Stop ends QEMU, gracefully when it can: it sends system_powerdown and
+// waits up to PowerdownTimeout for the guest to shut down (the SHUTDOWN
+// event or QEMU's exit); then sends quit and waits up to QuitTimeout; then
+// SIGTERM (with SIGCONT, so that a stopped QEMU can act on it) and waits up
+// to TermTimeout; then SIGKILL. It returns once QEMU has exited and been
+// reaped, with the step that ended it. After a SHUTDOWN, Stop sends quit at
+// once, since QEMU started with -no-shutdown would otherwise stay; the step
+// is still StopPowerdown.
+//
+// Stop on a QEMU that has already exited returns StopExited at once. If ctx
+// ends before QEMU has exited, Stop goes straight to SIGKILL and returns
+// StopKill with an error that wraps ctx.Err(). Calls to Stop are
+// serialised.
+func (inst *Instance) Stop(ctx context.Context) (StopStep, error) {
+	inst.stopMu.Lock()
+	defer inst.stopMu.Unlock()
+	if inst.hasExited() {
+		return StopExited, nil
+	}
+	if ctx.Err() == nil {
+		if inst.powerdown(ctx) {
+			return StopPowerdown, nil
+		}
+	}
+	if ctx.Err() == nil {
+		if inst.quit(ctx) {
+			return StopQuit, nil
+		}
+	}
+	if ctx.Err() == nil {
+		if inst.terminate(ctx) {
+			return StopTerm, nil
+		}
+	}
+	return StopKill, inst.kill(ctx)
+}
+
+func (inst *Instance) hasExited() bool {
+	select {
+	case <-inst.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// waitExited waits until QEMU exits or ctx ends, and reports whether QEMU
+// has exited.
+func (inst *Instance) waitExited(ctx context.Context) bool {
+	select {
+	case <-inst.exited:
+		return true
+	case <-ctx.Done():
+		return inst.hasExited()
+	}
+}
+
+// withTimeout is context.WithTimeout with d, or def when d is zero.
+func withTimeout(ctx context.Context, d, def time.Duration) (context.Context, context.CancelFunc) {
+	if d <= 0 {
+		d = def
+	}
+	return context.WithTimeout(ctx, d)
+}
+
+// powerdown is Stop's first step. It reports whether QEMU has exited.
+func (inst *Instance) powerdown(ctx context.Context) bool {
+	pctx, cancel := withTimeout(ctx, inst.opts.PowerdownTimeout, DefaultPowerdownTimeout)
+	defer cancel()
+	// The call returns on SHUTDOWN, on QEMU closing the connection, on an
+	// error or when pctx ends.
+	if err := inst.qmp.ExecuteSystemPowerdown(pctx); err != nil {
+		inst.log.Infof("qemu: stop pid %d: %v", inst.Pid(), err)
+		var qmpErr *QMPError
+		if errors.As(err, &qmpErr) {
+			return inst.hasExited()
+		}
+		return inst.waitExited(pctx)
+	}
+	if inst.hasExited() {
+		return true
+	}
+	qctx, qcancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+	defer qcancel()
+	inst.qmp.ExecuteQuit(qctx)
+	return inst.waitExited(qctx)
+}
+
+// quit is Stop's second step.
+func (inst *Instance) quit(ctx context.Context) bool {
+	qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+	defer cancel()
+	if err := inst.qmp.ExecuteQuit(qctx); err != nil {
+		inst.log.Infof("qemu: stop pid %d: %v", inst.Pid(), err)
+	}
+	return inst.waitExited(qctx)
+}
+
+// terminate is Stop's third step.
+func (inst *Instance) terminate(ctx context.Context) bool {
+	inst.log.Warningf("qemu: stop pid %d: sending SIGTERM", inst.Pid())
+	inst.cmd.Process.Signal(syscall.SIGTERM)
+	inst.cmd.Process.Signal(syscall.SIGCONT)
+	tctx, cancel := withTimeout(ctx, inst.opts.TermTimeout, DefaultTermTimeout)
+	defer cancel()
+	return inst.waitExited(tctx)
+}
+
+// kill is Stop's last step, and Close's only one.
+func (inst *Instance) kill(ctx context.Context) error {
+	if !inst.hasExited() {
+		inst.log.Warningf("qemu: stop pid %d: sending SIGKILL", inst.Pid())
+	}
+	inst.cmd.Process.Kill()
+	select {
+	case <-inst.exited:
+	case <-ctx.Done():
+		kctx, cancel := context.WithTimeout(context.Background(), killWait)
+		defer cancel()
+		if !inst.waitExited(kctx) {
+			return fmt.Errorf("qemu: stop pid %d: still running %v after SIGKILL: %w", inst.Pid(), killWait, ctx.Err())
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("qemu: stop pid %d: %w (QEMU killed)", inst.Pid(), err)
+	}
+	return nil
+}
+
+// Close kills QEMU if it is still running (use Stop first for a graceful
+// end), waits until it has been reaped, and shuts the QMP session down. It
+// may be called more than once, and concurrently with any other method;
+// calls after the first return nil and do nothing.
+func (inst *Instance) Close() error {
+	var err error
+	inst.closeOnce.Do(func() {
+		err = inst.kill(context.Background())
+		inst.qmp.Shutdown()
+	})
+	return err
+}
+
+// stderrTail is the last output of QEMU's stderr, written by the stderr
+// reader while any goroutine may read it.
+type stderrTail struct {
+	mu   sync.Mutex
+	tail tailBuffer
+}
+
+func (t *stderrTail) Write(p []byte) {
+	t.mu.Lock()
+	t.tail.Write(p)
+	t.mu.Unlock()
+}
+
+func (t *stderrTail) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.tail.String()
+}
+
+// stderrSink copies QEMU's stderr to the caller's writer from a goroutine
+// of its own, through a bounded backlog, so that the writer's speed never
+// matters to QEMU.
+type stderrSink struct {
+	w     io.Writer
+	ready chan struct{} // wakes run
+	done  chan struct{} // closed when run has returned
+
+	mu       sync.Mutex // guards the fields below
+	backlog  []byte
+	dropped  int64
+	finished bool // no more input
+	failed   bool // w returned an error: discard from now on
+}
+
+func newStderrSink(w io.Writer) *stderrSink {
+	return &stderrSink{w: w, ready: make(chan struct{}, 1), done: make(chan struct{})}
+}
+
+func (s *stderrSink) add(p []byte) {
+	s.mu.Lock()
+	if !s.failed {
+		s.backlog = append(s.backlog, p...)
+		// Trim to half the limit, so that each byte is moved a bounded
+		// number of times.
+		if len(s.backlog) > 2*maxStderr {
+			over := len(s.backlog) - maxStderr
+			s.dropped += int64(over)
+			s.backlog = append(s.backlog[:0], s.backlog[over:]...)
+		}
+	}
+	s.mu.Unlock()
+	s.wake()
+}
+
+func (s *stderrSink) finish() {
+	s.mu.Lock()
+	s.finished = true
+	s.mu.Unlock()
+	s.wake()
+}
+
+func (s *stderrSink) wake() {
+	select {
+	case s.ready <- struct{}{}:
+	default:
+	}
+}
+
+// run writes the backlog to w until the input has finished and all of it
+// is written, or w fails.
+func (s *stderrSink) run() {
+	defer close(s.done)
+	var chunk []byte
+	for {
+		s.mu.Lock()
+		chunk, s.backlog = s.backlog, chunk[:0]
+		dropped, finished := s.dropped, s.finished
+		s.dropped = 0
+		s.mu.Unlock()
+		if dropped > 0 {
+			notice := fmt.Sprintf("[qemu: %d bytes of stderr dropped: the writer was too slow]\n", dropped)
+			if !s.write([]byte(notice)) {
+				return
+			}
+		}
+		if len(chunk) > 0 {
+			if !s.write(chunk) {
+				return
+			}
+			continue
+		}
+		if finished {
+			return
+		}
+		<-s.ready
+	}
+}
+
+func (s *stderrSink) write(p []byte) bool {
+	if _, err := s.w.Write(p); err != nil {
+		s.mu.Lock()
+		s.failed = true
+		s.backlog = nil
+		s.mu.Unlock()
+		return false
+	}
+	return true
+}

@@ -1,0 +1,558 @@
+package qemu
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func TestShellQuote(t *testing.T) {
+	for in, want := range map[string]string{
+		"-machine":                "-machine",
+		"q35,accel=kvm":           "q35,accel=kvm",
+		"/tmp/a b":                "'/tmp/a b'",
+		"":                        "''",
+		"it's":                    `'it'\''s'`,
+		"console=ttyS0 panic=-1":  "'console=ttyS0 panic=-1'",
+		"$HOME":                   "'$HOME'",
+		"socket,id=x,path=/a;b|c": "'socket,id=x,path=/a;b|c'",
+	} {
+		if got := shellQuote(in); got != want {
+			t.Errorf("shellQuote(%q) = %s, want %s", in, got, want)
+		}
+	}
+}
+
+func TestLastLines(t *testing.T) {
+	in := "one\n\ntwo\r\n  three  \nfour\n\n"
+	if got, want := lastLines(in, 3), "two | three | four"; got != want {
+		t.Errorf("lastLines(%q, 3) = %q, want %q", in, got, want)
+	}
+	if got := lastLines("", 3); got != "" {
+		t.Errorf("lastLines of nothing = %q", got)
+	}
+	long := strings.Repeat("x", 5000)
+	if got := lastLines(long, 5); len(got) != 2048+3 || !strings.HasPrefix(got, "...") {
+		t.Errorf("lastLines of a 5000-byte line: %d bytes", len(got))
+	}
+}
+
+func TestStopStepString(t *testing.T) {
+	want := []string{"exited", "powerdown", "quit", "SIGTERM", "SIGKILL"}
+	for i, w := range want {
+		if got := StopStep(i).String(); got != w {
+			t.Errorf("StopStep(%d) = %q, want %q", i, got, w)
+		}
+	}
+	if got := StopStep(9).String(); got != "StopStep(9)" {
+		t.Errorf("StopStep(9) = %q", got)
+	}
+}
+
+func TestStartInstanceRefusesBadInput(t *testing.T) {
+	path, dir := standIn(t, "qemu", `touch "$DIR/ran"`)
+	ctx := context.Background()
+	events := make(chan QMPEvent)
+	cases := map[string]func() (*Instance, error){
+		"daemonize knob": func() (*Instance, error) {
+			return StartInstance(ctx, Config{Path: path, Knobs: Knobs{Daemonize: true}}, InstanceOptions{})
+		},
+		"daemonize param": func() (*Instance, error) {
+			return StartCustomInstance(ctx, path, []string{"-S", "-daemonize"}, nil, InstanceOptions{})
+		},
+		"nil fd": func() (*Instance, error) {
+			return StartCustomInstance(ctx, path, nil, []*os.File{nil}, InstanceOptions{})
+		},
+		"newline in name": func() (*Instance, error) {
+			return StartInstance(ctx, Config{Path: path, Name: "a\nb"}, InstanceOptions{})
+		},
+		"missing binary": func() (*Instance, error) {
+			return StartCustomInstance(ctx, filepath.Join(dir, "nope"), nil, nil, InstanceOptions{EventCh: events})
+		},
+	}
+	for name, start := range cases {
+		inst, err := start()
+		if err == nil {
+			inst.Close()
+			t.Errorf("%s: started", name)
+			continue
+		}
+		t.Logf("%s: %v", name, err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "ran")); err == nil {
+		t.Error("a refused start ran the stand-in")
+	}
+	if _, ok := <-events; ok {
+		t.Error("EventCh got an event")
+	}
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := StartCustomInstance(cancelled, path, nil, nil, InstanceOptions{}); !errors.Is(err, context.Canceled) {
+		t.Errorf("start with a cancelled context: %v", err)
+	}
+}
+
+// qmpStandIn is a shell fragment that makes a stand-in speak QMP on its
+// descriptor 3: qmp_greet sends the greeting, qmp_serve answers every
+// command with an empty return, exits on quit, and on system_powerdown
+// also sends SHUTDOWN and exits unless $POWERBUTTON is "ignore".
+const qmpStandIn = `
+qmp_greet() {
+	printf '%s\n' '{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}' >&3
+}
+qmp_serve() {
+	while read -r line <&3; do
+		printf '{"return": {}}\n' >&3
+		case $line in
+		*'"quit"'*) exit 0;;
+		*system_powerdown*)
+			if [ "$POWERBUTTON" != ignore ]; then
+				printf '%s\n' '{"event": "SHUTDOWN", "data": {"guest": true}, "timestamp": {"seconds": 1, "microseconds": 2}}' >&3
+				exit 0
+			fi;;
+		esac
+	done
+}
+`
+
+// checkReaped fails the test unless the process is gone from /proc: reaped,
+// not a zombie.
+func checkReaped(t *testing.T, pid int) {
+	t.Helper()
+	if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); err == nil {
+		stat, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		t.Errorf("process %d still exists: %s", pid, stat)
+	}
+}
+
+// checkNoGoroutines fails the test if a goroutine of an Instance or a QMP
+// session is left.
+func checkNoGoroutines(t *testing.T) {
+	t.Helper()
+	if gs := lingeringSessionGoroutines(); gs != "" {
+		t.Errorf("goroutines left:\n%s", gs)
+	}
+}
+
+func stopWithin(t *testing.T, inst *Instance, d time.Duration) StopStep {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	step, err := inst.Stop(ctx)
+	if err != nil {
+		t.Fatalf("Stop: %v (step %v)", err, step)
+	}
+	return step
+}
+
+func TestInstanceStandInPowerdown(t *testing.T) {
+	path, _ := standIn(t, "qemu", qmpStandIn+`
+echo "qemu: starting" >&2
+qmp_greet
+qmp_serve`)
+	events := make(chan QMPEvent, 4)
+	inst, err := StartCustomInstance(context.Background(), path, []string{"-name", "it's a test"}, nil,
+		InstanceOptions{EventCh: events})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	want := path + ` -name 'it'\''s a test' -chardev socket,id=instance-qmp,fd=3 -mon chardev=instance-qmp,mode=control`
+	if got := inst.CommandLine(); got != want {
+		t.Errorf("CommandLine() = %s\nwant %s", got, want)
+	}
+	if v := inst.Version(); v.Major != 7 || v.Minor != 2 {
+		t.Errorf("Version() = %+v", v)
+	}
+	if err := inst.QMP().ExecuteCommand(context.Background(), "query-status", nil, nil); err != nil {
+		t.Errorf("query-status: %v", err)
+	}
+	if step := stopWithin(t, inst, 10*time.Second); step != StopPowerdown {
+		t.Errorf("Stop ended at %v, want powerdown", step)
+	}
+	state, err := inst.Wait(context.Background())
+	if err != nil || !state.Success() {
+		t.Errorf("Wait = %v, %v; want exit status 0", state, err)
+	}
+	if ev, ok := <-events; !ok || ev.Name != "SHUTDOWN" {
+		t.Errorf("first event: %+v (open %v), want SHUTDOWN", ev, ok)
+	}
+	if got := inst.Stderr(); got != "qemu: starting\n" {
+		t.Errorf("Stderr() = %q", got)
+	}
+	if step := stopWithin(t, inst, time.Second); step != StopExited {
+		t.Errorf("second Stop ended at %v, want exited", step)
+	}
+	checkReaped(t, inst.Pid())
+	if err := inst.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	if err := inst.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+	if err := inst.QMP().ExecuteCont(context.Background()); err == nil {
+		t.Error("a command after Close succeeded")
+	}
+	checkNoGoroutines(t)
+}
+
+// countingWriter counts what is written to it, optionally blocking each
+// write until release is closed.
+type countingWriter struct {
+	release chan struct{}
+	mu      sync.Mutex
+	n       int
+	dropped int // writes that said bytes were dropped
+	tail    []byte
+}
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	if w.release != nil {
+		<-w.release
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.n += len(p)
+	if strings.Contains(string(p), "bytes of stderr dropped") {
+		w.dropped++
+	}
+	w.tail = append(w.tail, p...)
+	if len(w.tail) > 4096 {
+		w.tail = append(w.tail[:0], w.tail[len(w.tail)-4096:]...)
+	}
+	return len(p), nil
+}
+
+func (w *countingWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return string(w.tail)
+}
+
+// floodStandIn writes 5 MB to stderr before it speaks QMP.
+const floodStandIn = qmpStandIn + `
+head -c 5000000 /dev/zero | tr '\0' x >&2
+echo >&2
+echo "qemu: last words" >&2
+qmp_greet
+qmp_serve`
+
+func TestInstanceStderrFlood(t *testing.T) {
+	path, _ := standIn(t, "qemu", floodStandIn)
+	w := &countingWriter{}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	inst, err := StartCustomInstance(ctx, path, nil, nil, InstanceOptions{Stderr: w})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	stopWithin(t, inst, 10*time.Second)
+	if _, err := inst.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	inst.Close()
+	tail := inst.Stderr()
+	if len(tail) != maxStderr || !strings.HasSuffix(tail, "x\nqemu: last words\n") {
+		t.Errorf("Stderr() holds %d bytes ending %q; want %d ending with the last words", len(tail), lastLines(tail, 1), maxStderr)
+	}
+	if want := 5000000 + len("\nqemu: last words\n"); w.n != want {
+		t.Errorf("InstanceOptions.Stderr got %d bytes, want %d", w.n, want)
+	}
+	checkNoGoroutines(t)
+}
+
+func TestInstanceSlowStderrWriterDoesNotStallQEMU(t *testing.T) {
+	path, _ := standIn(t, "qemu", floodStandIn)
+	w := &countingWriter{release: make(chan struct{})}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// The writer blocks until QEMU has spoken QMP, which it does only once
+	// all its stderr has been written.
+	inst, err := StartCustomInstance(ctx, path, nil, nil, InstanceOptions{Stderr: w})
+	close(w.release)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	stopWithin(t, inst, 10*time.Second)
+	if _, err := inst.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	inst.Close()
+	got := w.String()
+	if w.dropped == 0 || !strings.HasSuffix(got, "qemu: last words\n") {
+		t.Errorf("the slow writer saw %d notices of dropped bytes; its last output: %q", w.dropped, lastLines(got, 1))
+	}
+	if w.n > 2*maxStderr+200 {
+		t.Errorf("the slow writer got %d bytes, more than the backlog holds", w.n)
+	}
+	checkNoGoroutines(t)
+}
+
+func TestInstanceStopKillsWhatIgnoresEverything(t *testing.T) {
+	path, _ := standIn(t, "qemu", qmpStandIn+`
+trap '' TERM
+qmp_greet
+read -r line <&3
+printf '{"return": {}}\n' >&3
+exec sleep 600`)
+	inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{
+		PowerdownTimeout: 200 * time.Millisecond,
+		QuitTimeout:      200 * time.Millisecond,
+		TermTimeout:      300 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	if step := stopWithin(t, inst, 30*time.Second); step != StopKill {
+		t.Errorf("Stop ended at %v, want SIGKILL", step)
+	}
+	state, err := inst.Wait(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ws, ok := state.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
+		t.Errorf("Wait = %v, want killed by SIGKILL", state)
+	}
+	checkReaped(t, inst.Pid())
+	inst.Close()
+	checkNoGoroutines(t)
+}
+
+func TestInstanceStopWithDoneContextKills(t *testing.T) {
+	path, _ := standIn(t, "qemu", qmpStandIn+`
+qmp_greet
+qmp_serve`)
+	inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	step, err := inst.Stop(ctx)
+	if step != StopKill || !errors.Is(err, context.Canceled) {
+		t.Errorf("Stop with a cancelled context = %v, %v; want SIGKILL and context.Canceled", step, err)
+	}
+	checkReaped(t, inst.Pid())
+}
+
+func TestInstanceExitBeforeQMP(t *testing.T) {
+	path, _ := standIn(t, "qemu", `echo "qemu: warming up" >&2
+echo "qemu: -frobnicate: invalid option" >&2
+exit 3`)
+	events := make(chan QMPEvent)
+	_, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{EventCh: events})
+	if err == nil {
+		t.Fatal("started")
+	}
+	var exitErr *exec.ExitError
+	if !errors.As(err, &exitErr) || exitErr.ExitCode() != 3 {
+		t.Errorf("error %v does not carry exit status 3", err)
+	}
+	if !strings.Contains(err.Error(), "qemu: warming up | qemu: -frobnicate: invalid option") {
+		t.Errorf("error %q does not carry QEMU's last lines", err)
+	}
+	if _, ok := <-events; ok {
+		t.Error("EventCh got an event")
+	}
+	checkNoGoroutines(t)
+}
+
+func TestInstanceNotQMP(t *testing.T) {
+	path, dir := standIn(t, "qemu", `echo $$ > "$DIR/pid"
+echo "this is not QMP" >&3
+exec sleep 600`)
+	_, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{})
+	if err == nil || !strings.Contains(err.Error(), "not a QMP greeting") {
+		t.Fatalf("start: %v", err)
+	}
+	b, _ := os.ReadFile(filepath.Join(dir, "pid"))
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	checkReaped(t, pid)
+	checkNoGoroutines(t)
+}
+
+func TestInstanceStartCancelledKillsQEMU(t *testing.T) {
+	path, dir := standIn(t, "qemu", `echo $$ > "$DIR/pid.tmp" && mv "$DIR/pid.tmp" "$DIR/pid"
+exec sleep 600`)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	type result struct {
+		inst *Instance
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		inst, err := StartCustomInstance(ctx, path, nil, nil, InstanceOptions{})
+		done <- result{inst, err}
+	}()
+	pid := waitForPID(t, filepath.Join(dir, "pid"), done)
+	cancel()
+	r := <-done
+	if r.err == nil {
+		r.inst.Close()
+		t.Fatal("started")
+	}
+	if !errors.Is(r.err, context.Canceled) || !strings.Contains(r.err.Error(), "QEMU killed") {
+		t.Errorf("start: %v", r.err)
+	}
+	checkReaped(t, pid)
+	checkNoGoroutines(t)
+}
+
+func TestInstanceRealQEMUBadOption(t *testing.T) {
+	bin, firmware := requireQEMU(t)
+	params := append([]string{"-machine", "none", "-nodefaults", "-display", "none",
+		"-device", "no-such-driver"}, firmware...)
+	_, err := StartCustomInstance(context.Background(), bin, params, nil, InstanceOptions{})
+	if err == nil {
+		t.Fatal("started")
+	}
+	var exitErr *exec.ExitError
+	if !errors.As(err, &exitErr) || exitErr.ExitCode() != 1 {
+		t.Errorf("error %v does not carry exit status 1", err)
+	}
+	if !strings.Contains(err.Error(), "'no-such-driver' is not a valid device model name") {
+		t.Errorf("error %q does not carry QEMU's message", err)
+	}
+	checkNoGoroutines(t)
+}
+
+func TestInstanceRealQEMUStartContextEndsWithStart(t *testing.T) {
+	bin, firmware := requireQEMU(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	params := append([]string{"-S", "-machine", "none", "-nodefaults", "-display", "none"}, firmware...)
+	inst, err := StartCustomInstance(ctx, bin, params, nil, InstanceOptions{PowerdownTimeout: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	cancel()
+	var status struct {
+		Status string `json:"status"`
+	}
+	qctx, qcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer qcancel()
+	if err := inst.QMP().ExecuteCommand(qctx, "query-status", nil, &status); err != nil || status.Status != "prelaunch" {
+		t.Errorf("query-status after the start context ended: %q, %v", status.Status, err)
+	}
+	select {
+	case <-inst.Done():
+		t.Fatal("QEMU exited when the start context ended")
+	default:
+	}
+	// -machine none has no power button, so powerdown ends nothing.
+	if step := stopWithin(t, inst, 30*time.Second); step != StopQuit {
+		t.Errorf("Stop ended at %v, want quit", step)
+	}
+	checkReaped(t, inst.Pid())
+}
+
+// startGuestInstance boots the test guest as an Instance, its serial
+// console on a socket pair passed as QEMU's descriptor 3, and waits until
+// the guest is ready.
+func startGuestInstance(t *testing.T, kernelParams string, opts InstanceOptions) (*Instance, net.Conn) {
+	t.Helper()
+	kernel, initrd := requireGuest(t)
+	_, firmware := requireQEMU(t)
+	accel, _ := guestAccel()
+	ours, theirs, err := socketPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	console, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		theirs.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { console.Close() })
+	params := []string{"-machine", "q35", "-m", "256", "-nodefaults", "-display", "none", "-no-user-config",
+		"-chardev", "socket,id=con,fd=3", "-serial", "chardev:con",
+		"-kernel", kernel, "-initrd", initrd, "-append", strings.TrimSpace(guestKernelParams + " " + kernelParams)}
+	params = append(append(params, accel...), firmware...)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	inst, err := StartCustomInstance(ctx, realVM.bin, params, []*os.File{theirs}, opts)
+	theirs.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { inst.Close() })
+	if err := readUntil(console, guestReadyLine, 2*time.Minute); err != nil {
+		t.Fatalf("%v; QEMU's stderr: %s", err, inst.Stderr())
+	}
+	return inst, console
+}
+
+// readUntil reads conn until a line contains substr.
+func readUntil(conn net.Conn, substr string, timeout time.Duration) error {
+	conn.SetReadDeadline(time.Now().Add(timeout))
+	defer conn.SetReadDeadline(time.Time{})
+	sc := bufio.NewScanner(conn)
+	var seen []string
+	for sc.Scan() {
+		if strings.Contains(sc.Text(), substr) {
+			return nil
+		}
+		seen = append(seen, sc.Text())
+	}
+	return fmt.Errorf("no line with %q (%v); read:\n%s", substr, sc.Err(), strings.Join(seen, "\n"))
+}
+
+func TestInstanceRealQEMUStopSteps(t *testing.T) {
+	requireGuest(t)
+	short := InstanceOptions{
+		PowerdownTimeout: 3 * time.Second,
+		QuitTimeout:      2 * time.Second,
+		TermTimeout:      10 * time.Second,
+	}
+	t.Run("powerdown", func(t *testing.T) {
+		inst, _ := startGuestInstance(t, "", InstanceOptions{})
+		if step := stopWithin(t, inst, time.Minute); step != StopPowerdown {
+			t.Errorf("Stop ended at %v, want powerdown", step)
+		}
+		if state, err := inst.Wait(context.Background()); err != nil || !state.Success() {
+			t.Errorf("Wait = %v, %v", state, err)
+		}
+		checkReaped(t, inst.Pid())
+	})
+	t.Run("quit", func(t *testing.T) {
+		inst, _ := startGuestInstance(t, "testguest.powerbutton=ignore", short)
+		if step := stopWithin(t, inst, time.Minute); step != StopQuit {
+			t.Errorf("Stop ended at %v, want quit", step)
+		}
+		checkReaped(t, inst.Pid())
+	})
+	t.Run("stopped", func(t *testing.T) {
+		inst, _ := startGuestInstance(t, "", short)
+		if err := syscall.Kill(inst.Pid(), syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		step := stopWithin(t, inst, time.Minute)
+		if step != StopTerm && step != StopKill {
+			t.Errorf("Stop ended at %v, want SIGTERM or SIGKILL", step)
+		}
+		state, err := inst.Wait(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("a stopped QEMU: Stop ended at %v, QEMU %v", step, state)
+		checkReaped(t, inst.Pid())
+	})
+	checkNoGoroutines(t)
+}
