@@ -134,11 +134,12 @@ type Instance struct {
 // there is no socket path to wait for. config.QMPSockets, if any, are
 // added as usual.
 func StartInstance(ctx context.Context, config Config, opts InstanceOptions) (*Instance, error) {
-	if err := checkConfig(&config); err != nil {
-		return nil, err
+	err := checkConfig(&config)
+	if err == nil && config.Knobs.Daemonize {
+		err = errors.New("qemu: start: Knobs.Daemonize is set, but an Instance runs QEMU in the foreground")
 	}
-	if config.Knobs.Daemonize {
-		return nil, errors.New("qemu: start: Knobs.Daemonize is set, but an Instance runs QEMU in the foreground")
+	if err != nil {
+		return nil, abandonEvents(opts, err)
 	}
 	params, fds := renderConfig(config, opts.Logger)
 	return StartCustomInstance(ctx, config.Path, params, fds, opts)
@@ -161,30 +162,44 @@ func StartCustomInstance(ctx context.Context, path string, params []string, fds 
 	if path == "" {
 		path = defaultQEMU
 	}
-	for i, f := range fds {
-		if f == nil {
-			return nil, fmt.Errorf("qemu: start %s: fds[%d] is nil", path, i)
-		}
-	}
-	for _, p := range params {
-		if p == "-daemonize" || p == "--daemonize" {
-			return nil, fmt.Errorf("qemu: start %s: %s in params, but an Instance runs QEMU in the foreground", path, p)
-		}
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("qemu: start %s: %w", path, err)
+	if err := checkStart(ctx, path, params, fds); err != nil {
+		return nil, abandonEvents(opts, err)
 	}
 	inst, ours, err := startProcess(path, params, fds, opts)
 	if err != nil {
-		if opts.EventCh != nil {
-			close(opts.EventCh)
-		}
-		return nil, err
+		return nil, abandonEvents(opts, err)
 	}
 	if err := inst.connect(ctx, ours); err != nil {
 		return nil, inst.failStart(ctx, err)
 	}
 	return inst, nil
+}
+
+// checkStart refuses what StartCustomInstance cannot start.
+func checkStart(ctx context.Context, path string, params []string, fds []*os.File) error {
+	for i, f := range fds {
+		if f == nil {
+			return fmt.Errorf("qemu: start %s: fds[%d] is nil", path, i)
+		}
+	}
+	for _, p := range params {
+		if p == "-daemonize" || p == "--daemonize" {
+			return fmt.Errorf("qemu: start %s: %s in params, but an Instance runs QEMU in the foreground", path, p)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("qemu: start %s: %w", path, err)
+	}
+	return nil
+}
+
+// abandonEvents closes the caller's EventCh for a start that failed before
+// a QMP session could own it, and returns err.
+func abandonEvents(opts InstanceOptions, err error) error {
+	if opts.EventCh != nil {
+		close(opts.EventCh)
+	}
+	return err
 }
 
 // startProcess starts QEMU with the QMP channel and a stderr pipe. It
@@ -260,32 +275,20 @@ func socketPair() (ours, theirs *os.File, err error) {
 }
 
 // connect runs the QMP session over our end of the channel and negotiates
-// it.
+// it. inst.qmp is set once the session exists, negotiated or not.
 func (inst *Instance) connect(ctx context.Context, ours *os.File) error {
 	conn, err := net.FileConn(ours)
 	ours.Close()
 	if err != nil {
-		if inst.opts.EventCh != nil {
-			close(inst.opts.EventCh)
-		}
 		return err
 	}
 	cfg := QMPConfig{Logger: inst.opts.Logger, EventCh: inst.opts.EventCh}
 	q, version, err := qmpStartConn(ctx, conn, cfg, nil)
 	if err != nil {
-		// qmpStartConn leaves EventCh open; an Instance promises to
-		// close it whenever the session is over.
-		if inst.opts.EventCh != nil {
-			close(inst.opts.EventCh)
-		}
-		return err
-	}
-	if err := q.ExecuteQMPCapabilities(ctx); err != nil {
-		q.Shutdown()
 		return err
 	}
 	inst.qmp, inst.version = q, *version
-	return nil
+	return q.ExecuteQMPCapabilities(ctx)
 }
 
 // failStart ends a start that failed with cause: it makes sure QEMU is
@@ -293,6 +296,11 @@ func (inst *Instance) connect(ctx context.Context, ours *os.File) error {
 // QEMU exited by itself.
 func (inst *Instance) failStart(ctx context.Context, cause error) error {
 	path := inst.cmd.Path
+	if inst.qmp != nil {
+		inst.qmp.Shutdown() // which closes EventCh
+	} else {
+		abandonEvents(inst.opts, nil)
+	}
 	if ctx.Err() == nil && closedByQEMU(cause) {
 		// QEMU closes its end of the channel when it exits: give it a
 		// moment to finish, so that its status and message can be
@@ -301,20 +309,11 @@ func (inst *Instance) failStart(ctx context.Context, cause error) error {
 		inst.waitExited(wctx)
 		cancel()
 	}
-	select {
-	case <-inst.exited:
-		if inst.sink != nil {
-			<-inst.sink.done
-		}
-		if ctx.Err() == nil {
-			return inst.exitedAtStart()
-		}
-	default:
-		inst.cmd.Process.Kill()
-		<-inst.exited
+	if inst.hasExited() && ctx.Err() == nil {
+		return inst.exitedAtStart()
 	}
-	if inst.sink != nil {
-		<-inst.sink.done
+	if err := inst.kill(context.Background()); err != nil {
+		return fmt.Errorf("qemu: start %s: QMP: %w; %w", path, cause, err)
 	}
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("qemu: start %s: QMP not ready: %w (QEMU killed)", path, err)

@@ -63,43 +63,51 @@ func TestStopStepString(t *testing.T) {
 func TestStartInstanceRefusesBadInput(t *testing.T) {
 	path, dir := standIn(t, "qemu", `touch "$DIR/ran"`)
 	ctx := context.Background()
-	events := make(chan QMPEvent)
-	cases := map[string]func() (*Instance, error){
-		"daemonize knob": func() (*Instance, error) {
-			return StartInstance(ctx, Config{Path: path, Knobs: Knobs{Daemonize: true}}, InstanceOptions{})
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	cases := map[string]func(InstanceOptions) (*Instance, error){
+		"daemonize knob": func(o InstanceOptions) (*Instance, error) {
+			return StartInstance(ctx, Config{Path: path, Knobs: Knobs{Daemonize: true}}, o)
 		},
-		"daemonize param": func() (*Instance, error) {
-			return StartCustomInstance(ctx, path, []string{"-S", "-daemonize"}, nil, InstanceOptions{})
+		"daemonize param": func(o InstanceOptions) (*Instance, error) {
+			return StartCustomInstance(ctx, path, []string{"-S", "-daemonize"}, nil, o)
 		},
-		"nil fd": func() (*Instance, error) {
-			return StartCustomInstance(ctx, path, nil, []*os.File{nil}, InstanceOptions{})
+		"nil fd": func(o InstanceOptions) (*Instance, error) {
+			return StartCustomInstance(ctx, path, nil, []*os.File{nil}, o)
 		},
-		"newline in name": func() (*Instance, error) {
-			return StartInstance(ctx, Config{Path: path, Name: "a\nb"}, InstanceOptions{})
+		"newline in name": func(o InstanceOptions) (*Instance, error) {
+			return StartInstance(ctx, Config{Path: path, Name: "a\nb"}, o)
 		},
-		"missing binary": func() (*Instance, error) {
-			return StartCustomInstance(ctx, filepath.Join(dir, "nope"), nil, nil, InstanceOptions{EventCh: events})
+		"missing binary": func(o InstanceOptions) (*Instance, error) {
+			return StartCustomInstance(ctx, filepath.Join(dir, "nope"), nil, nil, o)
+		},
+		"cancelled context": func(o InstanceOptions) (*Instance, error) {
+			return StartCustomInstance(cancelled, path, nil, nil, o)
 		},
 	}
 	for name, start := range cases {
-		inst, err := start()
+		events := make(chan QMPEvent)
+		inst, err := start(InstanceOptions{EventCh: events})
 		if err == nil {
 			inst.Close()
 			t.Errorf("%s: started", name)
 			continue
 		}
 		t.Logf("%s: %v", name, err)
+		if name == "cancelled context" && !errors.Is(err, context.Canceled) {
+			t.Errorf("%s: error does not wrap context.Canceled", name)
+		}
+		select {
+		case _, ok := <-events:
+			if ok {
+				t.Errorf("%s: EventCh got an event", name)
+			}
+		default:
+			t.Errorf("%s: EventCh left open", name)
+		}
 	}
 	if _, err := os.Stat(filepath.Join(dir, "ran")); err == nil {
 		t.Error("a refused start ran the stand-in")
-	}
-	if _, ok := <-events; ok {
-		t.Error("EventCh got an event")
-	}
-	cancelled, cancel := context.WithCancel(ctx)
-	cancel()
-	if _, err := StartCustomInstance(cancelled, path, nil, nil, InstanceOptions{}); !errors.Is(err, context.Canceled) {
-		t.Errorf("start with a cancelled context: %v", err)
 	}
 }
 
@@ -351,25 +359,33 @@ qmp_serve`)
 }
 
 func TestInstanceExitBeforeQMP(t *testing.T) {
-	path, _ := standIn(t, "qemu", `echo "qemu: warming up" >&2
+	for name, body := range map[string]string{
+		"before the greeting": "",
+		"after the greeting":  qmpStandIn + "qmp_greet",
+	} {
+		t.Run(name, func(t *testing.T) {
+			path, _ := standIn(t, "qemu", body+`
+echo "qemu: warming up" >&2
 echo "qemu: -frobnicate: invalid option" >&2
 exit 3`)
-	events := make(chan QMPEvent)
-	_, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{EventCh: events})
-	if err == nil {
-		t.Fatal("started")
+			events := make(chan QMPEvent)
+			_, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{EventCh: events})
+			if err == nil {
+				t.Fatal("started")
+			}
+			var exitErr *exec.ExitError
+			if !errors.As(err, &exitErr) || exitErr.ExitCode() != 3 {
+				t.Errorf("error %v does not carry exit status 3", err)
+			}
+			if !strings.Contains(err.Error(), "qemu: warming up | qemu: -frobnicate: invalid option") {
+				t.Errorf("error %q does not carry QEMU's last lines", err)
+			}
+			if _, ok := <-events; ok {
+				t.Error("EventCh got an event")
+			}
+			checkNoGoroutines(t)
+		})
 	}
-	var exitErr *exec.ExitError
-	if !errors.As(err, &exitErr) || exitErr.ExitCode() != 3 {
-		t.Errorf("error %v does not carry exit status 3", err)
-	}
-	if !strings.Contains(err.Error(), "qemu: warming up | qemu: -frobnicate: invalid option") {
-		t.Errorf("error %q does not carry QEMU's last lines", err)
-	}
-	if _, ok := <-events; ok {
-		t.Error("EventCh got an event")
-	}
-	checkNoGoroutines(t)
 }
 
 func TestInstanceNotQMP(t *testing.T) {

@@ -8,6 +8,11 @@
 // connect to that socket with QMPStart; the returned QMP value runs
 // commands on the VM and reports its events.
 //
+// StartInstance and StartCustomInstance run QEMU in the foreground
+// instead, as an Instance: a process handle whose QMP session is ready
+// when the start returns, whose stderr is always drained, and whose Stop
+// ends the VM in bounded steps, from the power button to SIGKILL.
+//
 // Command lines are built so that no field can change their meaning: every
 // value placed in one of QEMU's comma-separated option lists has its commas
 // doubled, which is QEMU's own escape.
