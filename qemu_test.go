@@ -1350,33 +1350,3 @@ func TestRealQEMUFailure(t *testing.T) {
 		t.Errorf("LaunchCustomQemu = %q, %v; want QEMU's complaint about no-such-device", out, err)
 	}
 }
-
-// BenchmarkRenderConfig renders a Config with 20 devices.
-func BenchmarkRenderConfig(b *testing.B) {
-	f, err := os.Open(os.DevNull)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	config := Config{
-		Name:       "bench",
-		Machine:    Machine{Type: "q35", Acceleration: "kvm"},
-		CPUModel:   "host",
-		QMPSockets: []QMPSocket{{Type: Unix, Name: "/run/q.sock", Server: true, NoWait: true}},
-		Memory:     Memory{Size: "2G", Slots: 2, MaxMem: "4G"},
-		SMP:        SMP{CPUs: 2},
-		Knobs:      Knobs{NoUserConfig: true, NoDefaults: true, NoGraphic: true},
-		Kernel:     Kernel{Path: "/k", InitrdPath: "/i", Params: "console=ttyS0"},
-	}
-	for i := 0; i < 5; i++ {
-		config.Devices = append(config.Devices,
-			BlockDevice{Driver: VirtioBlock, ID: fmt.Sprintf("hd%d", i), File: "/img,1", Format: QCOW2, Interface: NoInterface},
-			NetDevice{Type: TAP, Driver: VirtioNet, ID: fmt.Sprintf("n%d", i), IFName: "t", FDs: []*os.File{f}},
-			CharDevice{Backend: Socket, Driver: VirtioSerialPort, ID: fmt.Sprintf("c%d", i), Path: "/tmp/c.sock"},
-			FSDevice{Driver: Virtio9P, FSDriver: Local, ID: fmt.Sprintf("fs%d", i), Path: "/srv", MountTag: "t"})
-	}
-	b.ReportAllocs()
-	for i := 0; i < b.N; i++ {
-		renderConfig(config, nil)
-	}
-}

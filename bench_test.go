@@ -1,0 +1,784 @@
+package qemu
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Benchmarks against a real, paused QEMU. They skip when QEMU is absent.
+//
+// The ceiling for command throughput is QEMU itself, so every client
+// benchmark is compared with a floor client written here: one goroutine,
+// pre-encoded commands, each in one write, and no decoding beyond finding
+// "return" in a line. QEMU's speed drifts between runs (CPU frequency, the
+// other core's load), so a floor measured in another run would make a
+// ratio of noise. Instead each client benchmark runs its b.N commands in
+// chunks and, after each chunk and with the timer stopped, the floor
+// client runs as many commands on its own connection to the same QEMU. The
+// ratios are over those interleaved halves: same QEMU, same minute, same
+// number of commands.
+//
+// Metrics, all per command:
+//
+//	cmds/s           commands per second of the client
+//	ratio-to-floor   the client's throughput over the floor's (1 = as fast)
+//	qemu-us/cmd      CPU QEMU spent serving the client (utime+stime from
+//	                 /proc/PID/stat, in 10 ms ticks, over the whole run)
+//	client-us/cmd    CPU of this process (getrusage RUSAGE_SELF) while the
+//	                 client ran
+//	qemu-cpu-x       qemu-us/cmd over the same figure for the floor
+//	client-cpu-x     client-us/cmd over the floor client's
+//
+// The Floor sub-benchmarks report the floor's own figures.
+
+// benchChunk is how many commands run between two switches between the
+// client and the floor: long enough that the switch costs nothing, short
+// enough that both see the same QEMU.
+const benchChunk = 256
+
+// clockTick is the unit of utime and stime in /proc/PID/stat: USER_HZ,
+// which is 100 on every Linux architecture this package runs on.
+const clockTick = 10 * time.Millisecond
+
+var (
+	wireQueryStatus  = []byte(`{"execute":"query-status"}` + "\n")
+	wireStop         = []byte(`{"execute":"stop"}` + "\n")
+	wireCont         = []byte(`{"execute":"cont"}` + "\n")
+	wireCapabilities = []byte(`{"execute":"qmp_capabilities"}` + "\n")
+	wireQuit         = []byte(`{"execute":"quit"}` + "\n")
+	keyReturn        = []byte(`"return"`)
+	keyError         = []byte(`"error"`)
+)
+
+// benchQEMU is a paused QEMU with two QMP sockets: QEMU serves one
+// connection per socket at a time, and the floor and the client are
+// connected at once.
+type benchQEMU struct {
+	pid    int
+	floor  string // the floor client's socket
+	client string // the package's socket
+	// running is the VM's run state, so that stop and cont always
+	// alternate, whichever client sent the last one.
+	running bool
+}
+
+// startBenchQEMU starts a paused QEMU with no machine (so that a cont
+// runs no guest code that would compete for the CPU) for the rest of the
+// benchmark; cleanup kills and reaps it.
+func startBenchQEMU(b *testing.B) *benchQEMU {
+	b.Helper()
+	bin, fw := requireQEMU(b)
+	dir := shortTempDir(b)
+	vm := &benchQEMU{floor: filepath.Join(dir, "f.sock"), client: filepath.Join(dir, "c.sock")}
+	args := []string{"-S", "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
+		"-qmp", "unix:" + vm.floor + ",server=on,wait=off",
+		"-qmp", "unix:" + vm.client + ",server=on,wait=off"}
+	cmd := exec.Command(bin, append(args, fw...)...)
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	cmd.WaitDelay = time.Second
+	if err := cmd.Start(); err != nil {
+		b.Fatalf("start qemu: %v", err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	b.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+	})
+	vm.pid = cmd.Process.Pid
+	deadline := time.Now().Add(10 * time.Second)
+	for _, sock := range []string{vm.floor, vm.client} {
+		for {
+			if _, err := os.Stat(sock); err == nil {
+				break
+			}
+			select {
+			case <-exited:
+				b.Fatalf("qemu exited at start: %s", stderr.String())
+			default:
+			}
+			if time.Now().After(deadline) {
+				b.Fatalf("qemu did not create %s", sock)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	return vm
+}
+
+// next returns the command that changes the run state, stop or cont.
+func (vm *benchQEMU) next() []byte {
+	vm.running = !vm.running
+	if vm.running {
+		return wireCont
+	}
+	return wireStop
+}
+
+// connect opens a session on the package's socket.
+func (vm *benchQEMU) connect(b *testing.B, events chan QMPEvent) *QMP {
+	b.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	q, _, err := QMPStart(ctx, vm.client, QMPConfig{EventCh: events}, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := q.ExecuteQMPCapabilities(ctx); err != nil {
+		q.Shutdown()
+		b.Fatal(err)
+	}
+	return q
+}
+
+// floorConn is the floor client.
+type floorConn struct {
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+// dialFloor connects, reads the greeting and negotiates capabilities.
+func dialFloor(sock string) (*floorConn, error) {
+	conn, err := net.Dial("unix", sock)
+	if err != nil {
+		return nil, err
+	}
+	f := &floorConn{conn: conn, r: bufio.NewReaderSize(conn, 64<<10)}
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := f.r.ReadSlice('\n'); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("floor: greeting: %w", err)
+	}
+	if err := f.roundTrip(wireCapabilities); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	conn.SetDeadline(time.Time{})
+	return f, nil
+}
+
+func mustDialFloor(b *testing.B, sock string) *floorConn {
+	b.Helper()
+	f, err := dialFloor(sock)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return f
+}
+
+// roundTrip writes cmd and reads lines until its reply, skipping events.
+func (f *floorConn) roundTrip(cmd []byte) error {
+	if _, err := f.conn.Write(cmd); err != nil {
+		return fmt.Errorf("floor: %w", err)
+	}
+	for {
+		line, err := f.r.ReadSlice('\n')
+		if err != nil {
+			return fmt.Errorf("floor: %w", err)
+		}
+		if bytes.Contains(line, keyReturn) {
+			return nil
+		}
+		if bytes.Contains(line, keyError) && !bytes.Contains(line, []byte(`"event"`)) {
+			return fmt.Errorf("floor: %s", bytes.TrimSpace(line))
+		}
+	}
+}
+
+// eventRoundTrip is roundTrip for a stop or cont, which also waits for the
+// command's event and returns how long it took from QEMU's timestamp to
+// being read. Events stamped before the command was written are another
+// connection's and are skipped.
+func (f *floorConn) eventRoundTrip(cmd []byte) (time.Duration, error) {
+	sent := time.Now().Truncate(time.Microsecond)
+	if _, err := f.conn.Write(cmd); err != nil {
+		return 0, fmt.Errorf("floor: %w", err)
+	}
+	var latency time.Duration
+	gotEvent, gotReturn := false, false
+	for !gotEvent || !gotReturn {
+		line, err := f.r.ReadSlice('\n')
+		if err != nil {
+			return 0, fmt.Errorf("floor: %w", err)
+		}
+		now := time.Now()
+		switch {
+		case bytes.Contains(line, keyReturn):
+			gotReturn = true
+		case bytes.Contains(line, []byte(`"event"`)):
+			ts, ok := rawTimestamp(line)
+			if ok && !ts.Before(sent) {
+				latency = now.Sub(ts)
+				gotEvent = true
+			}
+		default:
+			return 0, fmt.Errorf("floor: %s", bytes.TrimSpace(line))
+		}
+	}
+	return latency, nil
+}
+
+// rawTimestamp finds an event's timestamp without decoding the line.
+func rawTimestamp(line []byte) (time.Time, bool) {
+	sec, ok1 := rawNumber(line, `"seconds":`)
+	usec, ok2 := rawNumber(line, `"microseconds":`)
+	return time.Unix(sec, usec*int64(time.Microsecond)), ok1 && ok2
+}
+
+func rawNumber(line []byte, key string) (int64, bool) {
+	i := bytes.Index(line, []byte(key))
+	if i < 0 {
+		return 0, false
+	}
+	rest := bytes.TrimLeft(line[i+len(key):], " ")
+	j := 0
+	for j < len(rest) && rest[j] >= '0' && rest[j] <= '9' {
+		j++
+	}
+	n, err := strconv.ParseInt(string(rest[:j]), 10, 64)
+	return n, err == nil
+}
+
+// cpuSample is a point in time with the CPU used so far by this process
+// and by QEMU.
+type cpuSample struct {
+	wall time.Time
+	self time.Duration
+	qemu int64 // clock ticks
+}
+
+func sampleCPU(b *testing.B, pid int) cpuSample {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	ticks, err := processTicks(pid)
+	if err != nil {
+		b.Fatal(err)
+	}
+	self := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	return cpuSample{wall: time.Now(), self: self, qemu: ticks}
+}
+
+// processTicks returns utime+stime of a process, fields 14 and 15 of
+// /proc/PID/stat.
+func processTicks(pid int) (int64, error) {
+	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may hold spaces; fields after it are
+	// counted from the last ')'.
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("malformed /proc/%d/stat", pid)
+	}
+	fields := bytes.Fields(stat[i+1:])
+	if len(fields) < 13 {
+		return 0, fmt.Errorf("malformed /proc/%d/stat", pid)
+	}
+	utime, err1 := strconv.ParseInt(string(fields[11]), 10, 64)
+	stime, err2 := strconv.ParseInt(string(fields[12]), 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return 0, fmt.Errorf("malformed /proc/%d/stat: %w", pid, err)
+	}
+	return utime + stime, nil
+}
+
+// tally sums the commands and the time and CPU they took.
+type tally struct {
+	n         int
+	wall      time.Duration
+	self      time.Duration
+	qemuTicks int64
+}
+
+func (t *tally) add(n int, from, to cpuSample) {
+	t.n += n
+	t.wall += to.wall.Sub(from.wall)
+	t.self += to.self - from.self
+	t.qemuTicks += to.qemu - from.qemu
+}
+
+func (t *tally) perCmd(d time.Duration) float64 {
+	return float64(d) / float64(time.Microsecond) / float64(t.n)
+}
+
+func (t *tally) rate() float64       { return float64(t.n) / t.wall.Seconds() }
+func (t *tally) qemuUs() float64     { return t.perCmd(time.Duration(t.qemuTicks) * clockTick) }
+func (t *tally) selfUs() float64     { return t.perCmd(t.self) }
+func (t *tally) report(b *testing.B) { t.reportAs(b, "") }
+
+func (t *tally) reportAs(b *testing.B, prefix string) {
+	if t.n == 0 || t.wall <= 0 {
+		return
+	}
+	b.ReportMetric(t.rate(), prefix+"cmds/s")
+	b.ReportMetric(t.qemuUs(), prefix+"qemu-us/cmd")
+	b.ReportMetric(t.selfUs(), prefix+"client-us/cmd")
+}
+
+// reportAgainst reports the client's figures and its ratios to the
+// floor's.
+func (t *tally) reportAgainst(b *testing.B, floor *tally) {
+	t.report(b)
+	if floor.n == 0 || t.wall <= 0 {
+		return
+	}
+	b.ReportMetric(t.rate()/floor.rate(), "ratio-to-floor")
+	if floor.qemuTicks > 0 {
+		b.ReportMetric(t.qemuUs()/floor.qemuUs(), "qemu-cpu-x")
+	}
+	if floor.self > 0 {
+		b.ReportMetric(t.selfUs()/floor.selfUs(), "client-cpu-x")
+	}
+}
+
+// interleave runs b.N commands through client in chunks of benchChunk,
+// each followed, with the timer stopped, by as many through floor. Both
+// are given the number of commands to run. It returns the two tallies.
+func interleave(b *testing.B, pid int, client, floor func(n int) error) (c, f tally) {
+	b.ReportAllocs()
+	b.ResetTimer()
+	for done := 0; done < b.N; {
+		n := min(benchChunk, b.N-done)
+		from := sampleCPU(b, pid)
+		if err := client(n); err != nil {
+			b.Fatal(err)
+		}
+		to := sampleCPU(b, pid)
+		c.add(n, from, to)
+		b.StopTimer()
+		from = sampleCPU(b, pid)
+		if err := floor(n); err != nil {
+			b.Fatal(err)
+		}
+		to = sampleCPU(b, pid)
+		f.add(n, from, to)
+		b.StartTimer()
+		done += n
+	}
+	b.StopTimer()
+	return c, f
+}
+
+// floorRunner returns the floor's side of interleave: n round trips of the
+// command cmd returns.
+func floorRunner(fc *floorConn, cmd func() []byte) func(n int) error {
+	return func(n int) error {
+		for i := 0; i < n; i++ {
+			if err := fc.roundTrip(cmd()); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
+func queryStatus() []byte { return wireQueryStatus }
+
+// BenchmarkQMP measures command round trips through the package against
+// the floor client, on one paused QEMU.
+func BenchmarkQMP(b *testing.B) {
+	vm := startBenchQEMU(b)
+	ctx := context.Background()
+
+	b.Run("Floor", func(b *testing.B) {
+		fc := mustDialFloor(b, vm.floor)
+		defer fc.conn.Close()
+		b.ReportAllocs()
+		b.ResetTimer()
+		from := sampleCPU(b, vm.pid)
+		if err := floorRunner(fc, queryStatus)(b.N); err != nil {
+			b.Fatal(err)
+		}
+		to := sampleCPU(b, vm.pid)
+		b.StopTimer()
+		var t tally
+		t.add(b.N, from, to)
+		t.report(b)
+	})
+
+	// query-status through the generic method, its reply discarded.
+	b.Run("ExecuteCommand", func(b *testing.B) {
+		q := vm.connect(b, nil)
+		defer q.Shutdown()
+		fc := mustDialFloor(b, vm.floor)
+		defer fc.conn.Close()
+		c, f := interleave(b, vm.pid, func(n int) error {
+			for i := 0; i < n; i++ {
+				if err := q.ExecuteCommand(ctx, "query-status", nil, nil); err != nil {
+					return err
+				}
+			}
+			return nil
+		}, floorRunner(fc, queryStatus))
+		c.reportAgainst(b, &f)
+	})
+
+	// query-status through the generic method, its reply decoded.
+	b.Run("ExecuteCommandResult", func(b *testing.B) {
+		q := vm.connect(b, nil)
+		defer q.Shutdown()
+		fc := mustDialFloor(b, vm.floor)
+		defer fc.conn.Close()
+		var status struct {
+			Status  string `json:"status"`
+			Running bool   `json:"running"`
+		}
+		c, f := interleave(b, vm.pid, func(n int) error {
+			for i := 0; i < n; i++ {
+				if err := q.ExecuteCommand(ctx, "query-status", nil, &status); err != nil {
+					return err
+				}
+			}
+			return nil
+		}, floorRunner(fc, queryStatus))
+		if status.Status == "" {
+			b.Fatalf("query-status decoded to %+v", status)
+		}
+		c.reportAgainst(b, &f)
+	})
+
+	// The documented methods: alternate ExecuteStop and ExecuteCont, one
+	// command per op, against the floor sending the same commands. QEMU
+	// sends STOP or RESUME with each, which both clients read and skip.
+	b.Run("StopCont", func(b *testing.B) {
+		q := vm.connect(b, nil)
+		defer q.Shutdown()
+		fc := mustDialFloor(b, vm.floor)
+		defer fc.conn.Close()
+		c, f := interleave(b, vm.pid, func(n int) error {
+			for i := 0; i < n; i++ {
+				var err error
+				if bytes.Equal(vm.next(), wireCont) {
+					err = q.ExecuteCont(ctx)
+				} else {
+					err = q.ExecuteStop(ctx)
+				}
+				if err != nil {
+					return err
+				}
+			}
+			return nil
+		}, floorRunner(fc, vm.next))
+		c.reportAgainst(b, &f)
+	})
+
+	// 16 goroutines share one session. The client still runs one command
+	// at a time, so the floor it is compared with is the sequential one.
+	b.Run("Parallel16", func(b *testing.B) {
+		q := vm.connect(b, nil)
+		defer q.Shutdown()
+		fc := mustDialFloor(b, vm.floor)
+		defer fc.conn.Close()
+		c, f := interleave(b, vm.pid, func(n int) error {
+			var left atomic.Int64
+			left.Store(int64(n))
+			var wg sync.WaitGroup
+			errs := make(chan error, 16)
+			for g := 0; g < 16; g++ {
+				wg.Go(func() {
+					for left.Add(-1) >= 0 {
+						if err := q.ExecuteCommand(ctx, "query-status", nil, nil); err != nil {
+							errs <- err
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			select {
+			case err := <-errs:
+				return err
+			default:
+				return nil
+			}
+		}, floorRunner(fc, queryStatus))
+		c.reportAgainst(b, &f)
+	})
+
+	b.Run("Events", func(b *testing.B) { benchEvents(b, vm) })
+}
+
+// benchEvents alternates stop and cont and reads each one's STOP or RESUME
+// from EventCh in a goroutine of its own, as a user would. The latency of
+// an event is from QEMU's timestamp to its receipt from EventCh; the floor
+// reads its events raw from the socket. Every client command's event must
+// arrive. Events stamped during a floor chunk (the two connections see
+// each other's events) are told apart by time.
+func benchEvents(b *testing.B, vm *benchQEMU) {
+	ctx := context.Background()
+	events := make(chan QMPEvent)
+	q := vm.connect(b, events)
+	defer q.Shutdown()
+	fc := mustDialFloor(b, vm.floor)
+	defer fc.conn.Close()
+
+	type receipt struct{ stamp, at time.Time }
+	var mu sync.Mutex
+	got := make([]receipt, 0, 2*b.N+16)
+	received := make(chan struct{})
+	go func() {
+		defer close(received)
+		for ev := range events {
+			at := time.Now()
+			mu.Lock()
+			got = append(got, receipt{ev.Timestamp, at})
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		q.Shutdown()
+		<-received
+	}()
+
+	type span struct{ from, to time.Time }
+	spans := make([]span, 0, b.N/benchChunk+2)
+	floorLatency := make([]time.Duration, 0, b.N)
+	c, f := interleave(b, vm.pid, func(n int) error {
+		from := time.Now().Truncate(time.Microsecond)
+		for i := 0; i < n; i++ {
+			var err error
+			if bytes.Equal(vm.next(), wireCont) {
+				err = q.ExecuteCont(ctx)
+			} else {
+				err = q.ExecuteStop(ctx)
+			}
+			if err != nil {
+				return err
+			}
+		}
+		spans = append(spans, span{from, time.Now()})
+		return nil
+	}, func(n int) error {
+		for i := 0; i < n; i++ {
+			d, err := fc.eventRoundTrip(vm.next())
+			if err != nil {
+				return err
+			}
+			floorLatency = append(floorLatency, d)
+		}
+		return nil
+	})
+
+	// Collect the client's events: those stamped within one of its spans.
+	var latency []time.Duration
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		latency = latency[:0]
+		mu.Lock()
+		for _, r := range got {
+			for _, s := range spans {
+				if !r.stamp.Before(s.from) && !r.stamp.After(s.to) {
+					latency = append(latency, r.at.Sub(r.stamp))
+					break
+				}
+			}
+		}
+		mu.Unlock()
+		if len(latency) >= b.N || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if len(latency) != b.N {
+		b.Fatalf("%d events from EventCh for %d commands", len(latency), b.N)
+	}
+	c.reportAgainst(b, &f)
+	p50, p99 := percentiles(latency)
+	fp50, fp99 := percentiles(floorLatency)
+	b.ReportMetric(us(p50), "event-p50-us")
+	b.ReportMetric(us(p99), "event-p99-us")
+	b.ReportMetric(us(fp50), "floor-event-p50-us")
+	b.ReportMetric(us(fp99), "floor-event-p99-us")
+	if fp99 > 0 {
+		b.ReportMetric(float64(p99)/float64(fp99), "event-p99-x")
+	}
+}
+
+func percentiles(d []time.Duration) (p50, p99 time.Duration) {
+	if len(d) == 0 {
+		return 0, 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[len(s)/2], s[(len(s)*99)/100]
+}
+
+func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+// BenchmarkConnect measures a whole session start: dial, greeting,
+// qmp_capabilities and close, through QMPStart, ExecuteQMPCapabilities and
+// Shutdown, interleaved with the floor client doing the same.
+func BenchmarkConnect(b *testing.B) {
+	vm := startBenchQEMU(b)
+	ctx := context.Background()
+	sock := vm.client
+	var c, f tally
+	b.ReportAllocs()
+	b.ResetTimer()
+	for done := 0; done < b.N; {
+		n := min(16, b.N-done)
+		from := sampleCPU(b, vm.pid)
+		for i := 0; i < n; i++ {
+			q, _, err := QMPStart(ctx, sock, QMPConfig{}, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			err = q.ExecuteQMPCapabilities(ctx)
+			q.Shutdown()
+			if err != nil {
+				b.Fatal(err)
+			}
+		}
+		to := sampleCPU(b, vm.pid)
+		c.add(n, from, to)
+		b.StopTimer()
+		from = sampleCPU(b, vm.pid)
+		for i := 0; i < n; i++ {
+			fc, err := dialFloor(sock)
+			if err != nil {
+				b.Fatal(err)
+			}
+			fc.conn.Close()
+		}
+		to = sampleCPU(b, vm.pid)
+		f.add(n, from, to)
+		b.StartTimer()
+		done += n
+	}
+	b.StopTimer()
+	c.reportAgainst(b, &f)
+}
+
+// BenchmarkLaunch measures LaunchQemu of a typical Config with Daemonize,
+// to the QMP greeting, against running the same argv with os/exec by hand.
+// The two alternate; the timer runs for LaunchQemu only, and
+// launch-overhead-us is the difference of the medians. Each QEMU is told to
+// quit once its greeting has come.
+func BenchmarkLaunch(b *testing.B) {
+	bin, _ := requireQEMU(b)
+	dir := shortTempDir(b)
+	b.Cleanup(func() {
+		// A daemon left by a failed iteration is not a child of this
+		// process; find it by its socket path.
+		for _, pid := range processesWithArg(dir) {
+			if p, err := os.FindProcess(pid); err == nil {
+				p.Kill()
+			}
+		}
+	})
+	config := func(i int) Config {
+		return Config{
+			Path:    bin,
+			Name:    "bench",
+			Machine: Machine{Type: "q35", Acceleration: "tcg"},
+			Memory:  Memory{Size: "128M"},
+			SMP:     SMP{CPUs: 1},
+			QMPSockets: []QMPSocket{
+				{Type: Unix, Name: filepath.Join(dir, strconv.Itoa(i)+".sock"), Server: true, NoWait: true},
+			},
+			Knobs: Knobs{NoUserConfig: true, NoDefaults: true, NoGraphic: true, Daemonize: true},
+		}
+	}
+	byLibrary := func(i int) error {
+		_, err := LaunchQemu(config(i), nil)
+		return err
+	}
+	byHand := func(i int) error {
+		params, _ := renderConfig(config(i), nil)
+		cmd := exec.Command(bin, params...)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("%w: %s", err, stderr.String())
+		}
+		return nil
+	}
+	var lib, hand []time.Duration
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.StopTimer()
+	for i := 0; i < 2*b.N; i++ {
+		sock := filepath.Join(dir, strconv.Itoa(i)+".sock")
+		library := i%2 == 0
+		start := time.Now()
+		var err error
+		if library {
+			b.StartTimer()
+			err = byLibrary(i)
+		} else {
+			err = byHand(i)
+		}
+		var fc *floorConn
+		if err == nil {
+			fc, err = dialGreeting(sock)
+		}
+		elapsed := time.Since(start)
+		if library {
+			b.StopTimer()
+			lib = append(lib, elapsed)
+		} else {
+			hand = append(hand, elapsed)
+		}
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := fc.quit(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	libMedian, _ := percentiles(lib)
+	handMedian, _ := percentiles(hand)
+	b.ReportMetric(float64(libMedian)/float64(time.Millisecond), "launch-ms")
+	b.ReportMetric(float64(handMedian)/float64(time.Millisecond), "byhand-ms")
+	b.ReportMetric(us(libMedian-handMedian), "launch-overhead-us")
+}
+
+// dialGreeting connects to a QMP socket and reads the greeting: QMP is
+// ready.
+func dialGreeting(sock string) (*floorConn, error) {
+	conn, err := net.Dial("unix", sock)
+	if err != nil {
+		return nil, err
+	}
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	f := &floorConn{conn: conn, r: bufio.NewReader(conn)}
+	if _, err := f.r.ReadSlice('\n'); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("greeting: %w", err)
+	}
+	return f, nil
+}
+
+// quit makes QEMU exit and waits until it has closed the connection.
+func (f *floorConn) quit() error {
+	defer f.conn.Close()
+	if err := f.roundTrip(wireCapabilities); err != nil {
+		return err
+	}
+	if _, err := f.conn.Write(wireQuit); err != nil {
+		return err
+	}
+	if _, err := io.Copy(io.Discard, f.r); err != nil {
+		return fmt.Errorf("waiting for qemu to quit: %w", err)
+	}
+	return nil
+}
