@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -36,7 +37,7 @@ const instanceMonitor = "instance-qmp"
 type InstanceOptions struct {
 	// Stderr, if not nil, receives a copy of everything QEMU writes to
 	// its stderr, in order. It is written from a goroutine of its own
-	// through a backlog of at most 2 MiB, so a slow Stderr never stalls
+	// through a backlog of about 2 MiB, so a slow Stderr never stalls
 	// QEMU: when the backlog is full its oldest bytes are dropped and a
 	// line saying how many is written in their place.
 	Stderr io.Writer
@@ -97,6 +98,10 @@ func (s StopStep) String() string {
 // as a child of this process: Wait reports how it ended, Stop ends it, and
 // it is always reaped. An Instance's methods may be called from any number
 // of goroutines.
+//
+// QEMU runs in a process group of its own, so a terminal's Ctrl-C does not
+// reach it and Stop and Close signal whatever it started too; when QEMU
+// exits, anything left in its group is killed.
 type Instance struct {
 	cmd     *exec.Cmd
 	qmp     *QMP
@@ -113,7 +118,8 @@ type Instance struct {
 	state   *os.ProcessState
 	waitErr error // what cmd.Wait returned
 
-	stopMu    sync.Mutex // one Stop at a time
+	stopTurn  chan struct{} // holds a token while a Stop runs
+	killed    atomic.Bool   // SIGKILL was sent to a running QEMU
 	closeOnce sync.Once
 }
 
@@ -169,10 +175,25 @@ func StartCustomInstance(ctx context.Context, path string, params []string, fds 
 	if err != nil {
 		return nil, abandonEvents(opts, err)
 	}
-	if err := inst.connect(ctx, ours); err != nil {
+	// QEMU exiting must end the wait for QMP even when something it left
+	// behind keeps the channel open.
+	cctx, cancel := context.WithCancel(ctx)
+	go inst.cancelOnExit(cctx, cancel)
+	err = inst.connect(cctx, ours)
+	cancel()
+	if err != nil {
 		return nil, inst.failStart(ctx, err)
 	}
 	return inst, nil
+}
+
+// cancelOnExit cancels ctx if QEMU exits before ctx is done.
+func (inst *Instance) cancelOnExit(ctx context.Context, cancel context.CancelFunc) {
+	select {
+	case <-inst.exited:
+		cancel()
+	case <-ctx.Done():
+	}
 }
 
 // checkStart refuses what StartCustomInstance cannot start.
@@ -225,6 +246,9 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 	// An *os.File, so that os/exec starts no copying goroutine that Wait
 	// would wait for; the Instance drains the pipe itself.
 	cmd.Stderr = stderrW
+	// Its own process group, so that Stop and Close can signal whatever
+	// QEMU (or a wrapper script standing for it) has started, too.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 
 	inst := &Instance{
 		cmd:        cmd,
@@ -234,6 +258,7 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 		stderrR:    stderrR,
 		stderrRead: make(chan struct{}),
 		exited:     make(chan struct{}),
+		stopTurn:   make(chan struct{}, 1),
 	}
 	inst.log.Infof("qemu: starting %s", inst.CommandLine())
 	err = cmd.Start()
@@ -312,9 +337,7 @@ func (inst *Instance) failStart(ctx context.Context, cause error) error {
 	if inst.hasExited() && ctx.Err() == nil {
 		return inst.exitedAtStart()
 	}
-	if err := inst.kill(context.Background()); err != nil {
-		return fmt.Errorf("qemu: start %s: QMP: %w; %w", path, cause, err)
-	}
+	inst.kill(context.Background())
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("qemu: start %s: QMP not ready: %w (QEMU killed)", path, err)
 	}
@@ -396,6 +419,10 @@ func (inst *Instance) readStderr() {
 // reap waits for QEMU to exit, exactly once, and for the end of its stderr.
 func (inst *Instance) reap() {
 	err := inst.cmd.Wait()
+	// Whatever QEMU started and left in its group goes with it. QEMU's
+	// pid was free for reuse only from the line above, so the group id
+	// is still QEMU's.
+	syscall.Kill(-inst.cmd.Process.Pid, syscall.SIGKILL)
 	select {
 	case <-inst.stderrRead:
 	case <-time.After(stderrGrace):
@@ -461,18 +488,23 @@ func (inst *Instance) Done() <-chan struct{} { return inst.exited }
 // Wait waits for QEMU to exit and returns how it ended: its exit status or
 // the signal that killed it. Any number of goroutines may wait, before or
 // after QEMU exits; it is reaped once whatever they do. With
-// InstanceOptions.Stderr, Wait also waits until Stderr has been given all
-// of QEMU's output. If ctx ends first, Wait returns an error that wraps
-// ctx.Err().
+// InstanceOptions.Stderr, Wait also waits, as os/exec does, until that
+// writer has been given all of QEMU's output, or Close is called. If ctx
+// ends first, Wait returns an error that wraps ctx.Err(). A nil ctx means
+// context.Background().
 func (inst *Instance) Wait(ctx context.Context) (*os.ProcessState, error) {
-	select {
-	case <-inst.exited:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("qemu: wait for pid %d: %w", inst.Pid(), ctx.Err())
+	ctx = orBackground(ctx)
+	if !inst.hasExited() {
+		select {
+		case <-inst.exited:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("qemu: wait for pid %d: %w", inst.Pid(), ctx.Err())
+		}
 	}
 	if inst.sink != nil {
 		select {
 		case <-inst.sink.done:
+		case <-inst.sink.abandoned:
 		case <-ctx.Done():
 			return nil, fmt.Errorf("qemu: wait for pid %d: copying stderr: %w", inst.Pid(), ctx.Err())
 		}
@@ -483,41 +515,74 @@ func (inst *Instance) Wait(ctx context.Context) (*os.ProcessState, error) {
 	return inst.state, nil
 }
 
+func orBackground(ctx context.Context) context.Context {
+	if ctx == nil {
+		return context.Background()
+	}
+	return ctx
+}
+
 // Stop ends QEMU, gracefully when it can: it sends system_powerdown and
 // waits up to PowerdownTimeout for the guest to shut down (the SHUTDOWN
 // event or QEMU's exit); then sends quit and waits up to QuitTimeout; then
 // SIGTERM (with SIGCONT, so that a stopped QEMU can act on it) and waits up
-// to TermTimeout; then SIGKILL. It returns once QEMU has exited and been
-// reaped, with the step that ended it. After a SHUTDOWN, Stop sends quit at
-// once, since QEMU started with -no-shutdown would otherwise stay; the step
-// is still StopPowerdown.
+// to TermTimeout; then SIGKILL. Signals go to QEMU's process group, which
+// also holds whatever QEMU started. Stop returns once QEMU has exited and
+// been reaped, with the step that ended it.
 //
-// Stop on a QEMU that has already exited returns StopExited at once. If ctx
+// After a SHUTDOWN, Stop sends quit at once, since QEMU started with
+// -no-shutdown would otherwise stay; the step is still StopPowerdown. When
+// the QMP session has already ended, Stop starts at SIGTERM.
+//
+// Stop returns StopExited when QEMU exited by itself: before Stop was
+// called (at once, then) or during a step that did not cause it. If ctx
 // ends before QEMU has exited, Stop goes straight to SIGKILL and returns
 // StopKill with an error that wraps ctx.Err(). Calls to Stop are
-// serialised.
+// serialised; one that waits for another also goes to SIGKILL when its ctx
+// ends. A nil ctx means context.Background().
 func (inst *Instance) Stop(ctx context.Context) (StopStep, error) {
-	inst.stopMu.Lock()
-	defer inst.stopMu.Unlock()
+	ctx = orBackground(ctx)
+	select {
+	case inst.stopTurn <- struct{}{}:
+		defer func() { <-inst.stopTurn }()
+	case <-ctx.Done():
+		return StopKill, inst.kill(ctx)
+	}
 	if inst.hasExited() {
 		return StopExited, nil
 	}
-	if ctx.Err() == nil {
-		if inst.powerdown(ctx) {
-			return StopPowerdown, nil
+	step := inst.runLadder(ctx)
+	if step == StopKill || ctx.Err() != nil {
+		return StopKill, inst.kill(ctx)
+	}
+	if inst.killed.Load() {
+		// Close killed QEMU while a step was waiting.
+		return StopKill, nil
+	}
+	return step, nil
+}
+
+// runLadder runs Stop's graceful steps and returns the one that ended
+// QEMU, or StopKill when none did.
+func (inst *Instance) runLadder(ctx context.Context) StopStep {
+	if inst.qmp.sessionErr() == nil {
+		exited, guestDown := inst.powerdown(ctx)
+		switch {
+		case exited && guestDown:
+			return StopPowerdown
+		case exited:
+			return StopExited
+		case !guestDown && ctx.Err() == nil && inst.quit(ctx):
+			return StopQuit
 		}
 	}
-	if ctx.Err() == nil {
-		if inst.quit(ctx) {
-			return StopQuit, nil
-		}
+	if ctx.Err() == nil && inst.terminate(ctx) {
+		return StopTerm
 	}
-	if ctx.Err() == nil {
-		if inst.terminate(ctx) {
-			return StopTerm, nil
-		}
+	if inst.hasExited() {
+		return StopExited
 	}
-	return StopKill, inst.kill(ctx)
+	return StopKill
 }
 
 func (inst *Instance) hasExited() bool {
@@ -548,27 +613,30 @@ func withTimeout(ctx context.Context, d, def time.Duration) (context.Context, co
 	return context.WithTimeout(ctx, d)
 }
 
-// powerdown is Stop's first step. It reports whether QEMU has exited.
-func (inst *Instance) powerdown(ctx context.Context) bool {
+// powerdown is Stop's first step. It reports whether QEMU has exited and
+// whether the guest shut down.
+func (inst *Instance) powerdown(ctx context.Context) (exited, guestDown bool) {
 	pctx, cancel := withTimeout(ctx, inst.opts.PowerdownTimeout, DefaultPowerdownTimeout)
 	defer cancel()
-	// The call returns on SHUTDOWN, on QEMU closing the connection, on an
-	// error or when pctx ends.
-	if err := inst.qmp.ExecuteSystemPowerdown(pctx); err != nil {
-		inst.log.Infof("qemu: stop pid %d: %v", inst.Pid(), err)
-		var qmpErr *QMPError
-		if errors.As(err, &qmpErr) {
-			return inst.hasExited()
+	// The call returns on SHUTDOWN (also when QEMU then closes the
+	// connection), on QEMU closing the connection without it, on an error
+	// or when pctx ends.
+	err := inst.qmp.ExecuteSystemPowerdown(pctx)
+	if err == nil {
+		if inst.hasExited() {
+			return true, true
 		}
-		return inst.waitExited(pctx)
+		qctx, qcancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+		defer qcancel()
+		inst.qmp.ExecuteQuit(qctx)
+		return inst.waitExited(qctx), true
 	}
-	if inst.hasExited() {
-		return true
+	inst.log.Infof("qemu: stop pid %d: %v", inst.Pid(), err)
+	if lostToQEMU(err) {
+		// QEMU went away without a SHUTDOWN: it is exiting.
+		return inst.waitExited(pctx), false
 	}
-	qctx, qcancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
-	defer qcancel()
-	inst.qmp.ExecuteQuit(qctx)
-	return inst.waitExited(qctx)
+	return inst.hasExited(), false
 }
 
 // quit is Stop's second step.
@@ -577,26 +645,44 @@ func (inst *Instance) quit(ctx context.Context) bool {
 	defer cancel()
 	if err := inst.qmp.ExecuteQuit(qctx); err != nil {
 		inst.log.Infof("qemu: stop pid %d: %v", inst.Pid(), err)
+		return inst.hasExited()
 	}
 	return inst.waitExited(qctx)
 }
 
 // terminate is Stop's third step.
 func (inst *Instance) terminate(ctx context.Context) bool {
+	if inst.hasExited() {
+		return true
+	}
 	inst.log.Warningf("qemu: stop pid %d: sending SIGTERM", inst.Pid())
-	inst.cmd.Process.Signal(syscall.SIGTERM)
-	inst.cmd.Process.Signal(syscall.SIGCONT)
+	inst.signalGroup(syscall.SIGTERM)
+	inst.signalGroup(syscall.SIGCONT)
 	tctx, cancel := withTimeout(ctx, inst.opts.TermTimeout, DefaultTermTimeout)
 	defer cancel()
 	return inst.waitExited(tctx)
 }
 
-// kill is Stop's last step, and Close's only one.
-func (inst *Instance) kill(ctx context.Context) error {
+// signalGroup sends sig to QEMU's process group, unless QEMU has been
+// reaped: its pid, the group's id, may then belong to another process.
+func (inst *Instance) signalGroup(sig syscall.Signal) {
 	if !inst.hasExited() {
-		inst.log.Warningf("qemu: stop pid %d: sending SIGKILL", inst.Pid())
+		syscall.Kill(-inst.Pid(), sig)
 	}
-	inst.cmd.Process.Kill()
+}
+
+// kill is Stop's last step, and Close's only one: SIGKILL to QEMU's
+// process group, then wait until QEMU has been reaped. Once ctx has ended
+// it waits at most killWait.
+func (inst *Instance) kill(ctx context.Context) error {
+	running := !inst.hasExited()
+	if running {
+		inst.log.Warningf("qemu: stop pid %d: sending SIGKILL", inst.Pid())
+		inst.killed.Store(true)
+	}
+	if running {
+		inst.signalGroup(syscall.SIGKILL)
+	}
 	select {
 	case <-inst.exited:
 	case <-ctx.Done():
@@ -607,20 +693,28 @@ func (inst *Instance) kill(ctx context.Context) error {
 		}
 	}
 	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("qemu: stop pid %d: %w (QEMU killed)", inst.Pid(), err)
+		if running {
+			return fmt.Errorf("qemu: stop pid %d: %w (QEMU killed)", inst.Pid(), err)
+		}
+		return fmt.Errorf("qemu: stop pid %d: %w", inst.Pid(), err)
 	}
 	return nil
 }
 
-// Close kills QEMU if it is still running (use Stop first for a graceful
-// end), waits until it has been reaped, and shuts the QMP session down. It
-// may be called more than once, and concurrently with any other method;
-// calls after the first return nil and do nothing.
+// Close kills QEMU and what it started if it is still running (use Stop
+// first for a graceful end), waits until QEMU has been reaped, and shuts
+// the QMP session down. InstanceOptions.Stderr gets nothing more, though a
+// Write in progress cannot be interrupted. Close may be called more than
+// once, and concurrently with any other method; calls after the first
+// return nil and do nothing.
 func (inst *Instance) Close() error {
 	var err error
 	inst.closeOnce.Do(func() {
 		err = inst.kill(context.Background())
 		inst.qmp.Shutdown()
+		if inst.sink != nil {
+			inst.sink.abandon()
+		}
 	})
 	return err
 }
@@ -648,24 +742,36 @@ func (t *stderrTail) String() string {
 // of its own, through a bounded backlog, so that the writer's speed never
 // matters to QEMU.
 type stderrSink struct {
-	w     io.Writer
-	ready chan struct{} // wakes run
-	done  chan struct{} // closed when run has returned
+	w         io.Writer
+	ready     chan struct{} // wakes run
+	done      chan struct{} // closed when run has returned
+	abandoned chan struct{} // closed by abandon
+	once      sync.Once
 
 	mu       sync.Mutex // guards the fields below
 	backlog  []byte
 	dropped  int64
 	finished bool // no more input
-	failed   bool // w returned an error: discard from now on
+	discard  bool // w failed or the sink was abandoned
 }
 
 func newStderrSink(w io.Writer) *stderrSink {
-	return &stderrSink{w: w, ready: make(chan struct{}, 1), done: make(chan struct{})}
+	return &stderrSink{w: w, ready: make(chan struct{}, 1), done: make(chan struct{}), abandoned: make(chan struct{})}
+}
+
+// abandon makes the sink write nothing more.
+func (s *stderrSink) abandon() {
+	s.mu.Lock()
+	s.discard = true
+	s.backlog = nil
+	s.mu.Unlock()
+	s.once.Do(func() { close(s.abandoned) })
+	s.wake()
 }
 
 func (s *stderrSink) add(p []byte) {
 	s.mu.Lock()
-	if !s.failed {
+	if !s.discard {
 		s.backlog = append(s.backlog, p...)
 		// Trim to half the limit, so that each byte is moved a bounded
 		// number of times.
@@ -701,9 +807,12 @@ func (s *stderrSink) run() {
 	for {
 		s.mu.Lock()
 		chunk, s.backlog = s.backlog, chunk[:0]
-		dropped, finished := s.dropped, s.finished
+		dropped, finished, discard := s.dropped, s.finished, s.discard
 		s.dropped = 0
 		s.mu.Unlock()
+		if discard {
+			return
+		}
 		if dropped > 0 {
 			notice := fmt.Sprintf("[qemu: %d bytes of stderr dropped: the writer was too slow]\n", dropped)
 			if !s.write([]byte(notice)) {
@@ -726,7 +835,7 @@ func (s *stderrSink) run() {
 func (s *stderrSink) write(p []byte) bool {
 	if _, err := s.w.Write(p); err != nil {
 		s.mu.Lock()
-		s.failed = true
+		s.discard = true
 		s.backlog = nil
 		s.mu.Unlock()
 		return false

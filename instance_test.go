@@ -112,21 +112,24 @@ func TestStartInstanceRefusesBadInput(t *testing.T) {
 }
 
 // qmpStandIn is a shell fragment that makes a stand-in speak QMP on its
-// descriptor 3: qmp_greet sends the greeting, qmp_serve answers every
-// command with an empty return, exits on quit, and on system_powerdown
-// also sends SHUTDOWN and exits unless $POWERBUTTON is "ignore".
+// descriptor $QMP (3 unless set): qmp_greet sends the greeting, qmp_serve
+// answers every command with an empty return, exits on quit, and on
+// system_powerdown touches $DIR/powerdown, then sends SHUTDOWN and exits
+// unless $POWERBUTTON is "ignore".
 const qmpStandIn = `
+QMP=${QMP:-3}
 qmp_greet() {
-	printf '%s\n' '{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}' >&3
+	printf '%s\n' '{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}' >&$QMP
 }
 qmp_serve() {
-	while read -r line <&3; do
-		printf '{"return": {}}\n' >&3
+	while read -r line <&$QMP; do
+		printf '{"return": {}}\n' >&$QMP
 		case $line in
 		*'"quit"'*) exit 0;;
 		*system_powerdown*)
+			touch "$DIR/powerdown"
 			if [ "$POWERBUTTON" != ignore ]; then
-				printf '%s\n' '{"event": "SHUTDOWN", "data": {"guest": true}, "timestamp": {"seconds": 1, "microseconds": 2}}' >&3
+				printf '%s\n' '{"event": "SHUTDOWN", "data": {"guest": true}, "timestamp": {"seconds": 1, "microseconds": 2}}' >&$QMP
 				exit 0
 			fi;;
 		esac
@@ -355,10 +358,131 @@ qmp_serve`)
 	if step != StopKill || !errors.Is(err, context.Canceled) {
 		t.Errorf("Stop with a cancelled context = %v, %v; want SIGKILL and context.Canceled", step, err)
 	}
+	// Once QEMU has exited, a done context does not hide how it ended.
+	for i := 0; i < 100; i++ {
+		if state, err := inst.Wait(ctx); err != nil || state == nil {
+			t.Fatalf("Wait with a done context after the exit = %v, %v", state, err)
+		}
+	}
 	checkReaped(t, inst.Pid())
+	inst.Close()
+	checkNoGoroutines(t)
+}
+
+func TestInstanceFilesAndConfig(t *testing.T) {
+	path, _ := standIn(t, "qemu", qmpStandIn+`
+QMP=4
+[ -e /proc/self/fd/3 ] || { echo "no fd 3" >&2; exit 1; }
+qmp_greet
+qmp_serve`)
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	config := Config{Path: path, Name: "vm1",
+		Devices: []Device{NetDevice{Type: TAP, Driver: VirtioNet, ID: "n0", IFName: "t0", FDs: []*os.File{f}}}}
+	inst, err := StartInstance(context.Background(), config, InstanceOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	args := inst.Args()
+	if got := strings.Join(args[len(args)-4:], " "); got != "-chardev socket,id=instance-qmp,fd=4 -mon chardev=instance-qmp,mode=control" {
+		t.Errorf("QMP channel arguments: %s", got)
+	}
+	if !strings.Contains(inst.CommandLine(), "fds=3") {
+		t.Errorf("the device's file is not descriptor 3: %s", inst.CommandLine())
+	}
+	if step := stopWithin(t, inst, 10*time.Second); step != StopPowerdown {
+		t.Errorf("Stop ended at %v, want powerdown", step)
+	}
+	inst.Close()
+	checkNoGoroutines(t)
+}
+
+// waitForFile waits for a stand-in to create file.
+func waitForFile(t *testing.T, file string) {
+	t.Helper()
+	for i := 0; i < 1000; i++ {
+		if _, err := os.Stat(file); err == nil {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("%s never appeared", file)
+}
+
+func TestInstanceConcurrentStops(t *testing.T) {
+	path, dir := standIn(t, "qemu", qmpStandIn+`
+POWERBUTTON=ignore
+qmp_greet
+qmp_serve`)
+	inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{PowerdownTimeout: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		step StopStep
+		err  error
+	}
+	first := make(chan result, 1)
+	go func() {
+		step, err := inst.Stop(context.Background())
+		first <- result{step, err}
+	}()
+	waitForFile(t, filepath.Join(dir, "powerdown"))
+
+	// A second Stop waits for the first, but not past its context.
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	step, err := inst.Stop(ctx)
+	if step != StopKill || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("second Stop = %v, %v; want SIGKILL and the deadline", step, err)
+	}
+	if r := <-first; r.step != StopKill || r.err != nil {
+		t.Errorf("first Stop = %v, %v; want SIGKILL, since QEMU was killed", r.step, r.err)
+	}
+	state, err := inst.Wait(context.Background())
+	if ws, ok := state.Sys().(syscall.WaitStatus); err != nil || !ok || ws.Signal() != syscall.SIGKILL {
+		t.Errorf("Wait = %v, %v; want killed by SIGKILL", state, err)
+	}
+	if err := inst.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	checkNoGoroutines(t)
+}
+
+func TestInstanceCloseAbandonsBlockedStderr(t *testing.T) {
+	path, _ := standIn(t, "qemu", qmpStandIn+`
+echo "qemu: a line" >&2
+qmp_greet
+qmp_serve`)
+	w := &countingWriter{release: make(chan struct{})}
+	inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{Stderr: w})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopWithin(t, inst, 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if _, err := inst.Wait(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Wait with the writer blocked = %v, want the deadline", err)
+	}
+	inst.Close()
+	if state, err := inst.Wait(context.Background()); err != nil || !state.Success() {
+		t.Errorf("Wait after Close = %v, %v", state, err)
+	}
+	close(w.release)
+	checkNoGoroutines(t)
 }
 
 func TestInstanceExitBeforeQMP(t *testing.T) {
+	path, _ := standIn(t, "qemu", "exit 0")
+	if _, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{}); err == nil ||
+		!strings.Contains(err.Error(), "exited before QMP was ready (exit status 0): (nothing on stderr)") {
+		t.Errorf("start of a stand-in that exits at once: %v", err)
+	}
 	for name, body := range map[string]string{
 		"before the greeting": "",
 		"after the greeting":  qmpStandIn + "qmp_greet",
@@ -386,6 +510,47 @@ exit 3`)
 			checkNoGoroutines(t)
 		})
 	}
+}
+
+func TestInstanceExitLeavingAChild(t *testing.T) {
+	for name, body := range map[string]string{
+		"before the greeting": "",
+		"after the greeting":  qmpStandIn + "qmp_greet",
+	} {
+		t.Run(name, func(t *testing.T) {
+			// The child holds the QMP channel and stderr open.
+			path, dir := standIn(t, "qemu", body+`
+sleep 600 &
+echo $! > "$DIR/child"
+echo "qemu: leaving a child" >&2
+exit 3`)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			_, err := StartCustomInstance(ctx, path, nil, nil, InstanceOptions{})
+			var exitErr *exec.ExitError
+			if !errors.As(err, &exitErr) || exitErr.ExitCode() != 3 || !strings.Contains(err.Error(), "leaving a child") {
+				t.Errorf("start: %v; want exit status 3 and the stand-in's message", err)
+			}
+			b, _ := os.ReadFile(filepath.Join(dir, "child"))
+			child, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+			waitGone(t, child)
+			checkNoGoroutines(t)
+		})
+	}
+}
+
+// waitGone waits for a process that is not this one's child to end (its
+// new parent reaps it).
+func waitGone(t *testing.T, pid int) {
+	t.Helper()
+	for i := 0; i < 500; i++ {
+		stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		if err != nil || zombie(stat) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Errorf("process %d outlived its QEMU", pid)
 }
 
 func TestInstanceNotQMP(t *testing.T) {
