@@ -141,9 +141,11 @@ func (e *lostReplyError) Unwrap() error { return e.err }
 // A QMP session has one reader goroutine, which decodes every line from
 // QEMU, and, when QMPConfig.EventCh is set, one goroutine that forwards
 // queued events to it. Commands are written by their callers, one at a time:
-// a caller takes the turn, writes its command in one write and waits; the
-// reader gives the turn back when the reply has been read, so exactly one
-// command is ever in flight and every reply belongs to it.
+// a caller takes the turn, writes its command in one write, waits for the
+// reply and gives the turn back once it has read it. A caller that gives up
+// leaves the turn to the reader, which gives it back when the late reply has
+// come. So exactly one command is ever in flight and every reply belongs to
+// it.
 type QMP struct {
 	conn    net.Conn
 	log     QMPLog
@@ -156,6 +158,14 @@ type QMP struct {
 	turn chan struct{}
 	// wbuf is the write buffer, owned by whoever holds the turn.
 	wbuf []byte
+	// replies carries the reply to the caller of the command in flight.
+	// It is empty whenever the turn is free: each reply put in it is
+	// taken out by that command's caller, also one that gave up.
+	replies chan reply
+	// rbuf holds the "return" value of the reply in flight, copied out of
+	// the reader's buffer; the reader fills it for the command in flight,
+	// whose caller reads it before giving the turn back.
+	rbuf []byte
 	// msg is the reader's decode target, reused for every line.
 	msg message
 
@@ -168,12 +178,16 @@ type QMP struct {
 	// eventReady wakes the event forwarder.
 	eventReady chan struct{}
 
-	mu      sync.Mutex // guards the fields below
-	err     error
-	pending chan reply
-	waiters []*eventWaiter
-	events  []QMPEvent
-	ended   bool
+	mu  sync.Mutex // guards the fields below
+	err error
+	// pending is set while a command's caller waits for its reply;
+	// abandoned while the reply of a command whose caller gave up is
+	// still to come.
+	pending   bool
+	abandoned bool
+	waiters   []*eventWaiter
+	events    []QMPEvent
+	ended     bool
 }
 
 // reply is what the reader hands to the caller of the command in flight.
@@ -240,6 +254,7 @@ func qmpStartConn(ctx context.Context, conn net.Conn, cfg QMPConfig, disconnecte
 		log:        orNullLogger(cfg.Logger),
 		eventCh:    cfg.EventCh,
 		turn:       make(chan struct{}, 1),
+		replies:    make(chan reply, 1),
 		done:       make(chan struct{}),
 		stop:       make(chan struct{}),
 		eventReady: make(chan struct{}, 1),
@@ -373,6 +388,10 @@ func (q *QMP) dispatch(line []byte) {
 	if len(line) == 0 {
 		return
 	}
+	if ret, ok := plainReturn(line); ok {
+		q.handleReply(reply{ret: ret}, true)
+		return
+	}
 	q.msg = message{}
 	if err := json.Unmarshal(line, &q.msg); err != nil {
 		q.log.Warningf("qmp: skipping a line that is not a JSON object: %q", truncate(line))
@@ -387,28 +406,54 @@ func (q *QMP) dispatch(line []byte) {
 			Timestamp: time.Unix(m.Timestamp.Seconds, m.Timestamp.Microseconds*int64(time.Microsecond)),
 		})
 	case m.Error != nil:
-		q.handleReply(reply{err: m.Error})
+		q.handleReply(reply{err: m.Error}, false)
 	case m.Return != nil:
-		q.handleReply(reply{ret: m.Return})
+		q.handleReply(reply{ret: m.Return}, false)
 	default:
 		q.log.Warningf("qmp: skipping a line that is neither a reply nor an event: %q", truncate(line))
 	}
 }
 
-// handleReply hands the reply to the command in flight and gives the turn
-// back. The caller may have given up; its channel is buffered, so the late
-// reply is dropped there and can never reach the next command.
-func (q *QMP) handleReply(r reply) {
-	q.mu.Lock()
-	ch := q.pending
-	q.pending = nil
-	q.mu.Unlock()
-	if ch == nil {
-		q.log.Warningf("qmp: skipping a reply with no command in flight")
-		return
+// plainReturnPrefix is how QEMU starts a successful reply to a command
+// sent without an id.
+const plainReturnPrefix = `{"return": `
+
+// plainReturn recognises the common reply, {"return": VALUE}, without
+// decoding it, and returns VALUE. VALUE being valid JSON proves the line is
+// exactly that object with that one key: a top-level comma, which another
+// key would need, is not valid inside a single JSON value. Any other line
+// goes through the full decoder.
+func plainReturn(line []byte) ([]byte, bool) {
+	if !bytes.HasPrefix(line, []byte(plainReturnPrefix)) || line[len(line)-1] != '}' {
+		return nil, false
 	}
-	ch <- r
-	<-q.turn
+	ret := line[len(plainReturnPrefix) : len(line)-1]
+	if !json.Valid(ret) {
+		return nil, false
+	}
+	return ret, true
+}
+
+// handleReply hands the reply to the command in flight, or drops it when
+// its caller gave up, giving the turn back for it. inReadBuf says that
+// r.ret points into the reader's buffer, so it must be copied.
+func (q *QMP) handleReply(r reply, inReadBuf bool) {
+	q.mu.Lock()
+	pending, abandoned := q.pending, q.abandoned
+	q.pending, q.abandoned = false, false
+	q.mu.Unlock()
+	switch {
+	case pending:
+		if inReadBuf {
+			q.rbuf = append(q.rbuf[:0], r.ret...)
+			r.ret = q.rbuf
+		}
+		q.replies <- r
+	case abandoned:
+		<-q.turn
+	default:
+		q.log.Warningf("qmp: skipping a reply with no command in flight")
+	}
 }
 
 // handleEvent wakes the commands waiting for this event and queues it for
@@ -459,13 +504,13 @@ func (q *QMP) end(cause error) {
 			q.err = fmt.Errorf("%w: %w", errDisconnected, cause)
 		}
 	}
-	ch := q.pending
-	q.pending = nil
+	pending := q.pending
+	q.pending, q.abandoned = false, false
 	q.ended = true
 	err := q.err
 	q.mu.Unlock()
-	if ch != nil {
-		ch <- reply{err: &lostReplyError{err}}
+	if pending {
+		q.replies <- reply{err: &lostReplyError{err}}
 	}
 	q.conn.Close()
 	close(q.done)
@@ -536,54 +581,83 @@ func (q *QMP) sessionErr() error {
 	return q.err
 }
 
-// execute sends one command and waits for its reply. args, when not nil,
+// execute sends one command, waits for its reply and decodes the reply's
+// "return" value into result, unless result is nil. args, when not nil,
 // must encode to a JSON object.
-func (q *QMP) execute(ctx context.Context, name string, args interface{}) (json.RawMessage, error) {
+func (q *QMP) execute(ctx context.Context, name string, args, result interface{}) error {
 	var argsJSON []byte
 	if args != nil {
 		var err error
 		if argsJSON, err = json.Marshal(args); err != nil {
-			return nil, fmt.Errorf("encode arguments: %w", err)
+			return fmt.Errorf("encode arguments: %w", err)
 		}
 		if len(argsJSON) == 0 || argsJSON[0] != '{' {
-			return nil, fmt.Errorf("arguments encode to %.20s, not a JSON object", argsJSON)
+			return fmt.Errorf("arguments encode to %.20s, not a JSON object", argsJSON)
 		}
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, err
+		return err
 	}
 	select {
 	case q.turn <- struct{}{}:
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return ctx.Err()
 	case <-q.done:
-		return nil, q.sessionErr()
+		return q.sessionErr()
 	}
-	ch, err := q.send(name, argsJSON)
-	if err != nil {
-		return nil, err
+	if err := q.send(name, argsJSON); err != nil {
+		<-q.turn
+		return err
 	}
 	select {
-	case r := <-ch:
-		return r.ret, r.err
+	case r := <-q.replies:
+		err := r.err
+		if err == nil && result != nil {
+			if err = json.Unmarshal(r.ret, result); err != nil {
+				err = fmt.Errorf("decode reply: %w", err)
+			}
+		}
+		if cap(q.rbuf) > 1<<20 {
+			// Don't hold a huge buffer for the rest of the session
+			// because of one large reply.
+			q.rbuf = nil
+		}
+		<-q.turn
+		return err
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		q.abandon()
+		return ctx.Err()
 	}
 }
 
-// send writes a command while its caller holds the turn, and registers the
-// channel its reply will come on.
-func (q *QMP) send(name string, argsJSON []byte) (chan reply, error) {
-	ch := make(chan reply, 1)
+// abandon is execute giving up on the command in flight. If its reply is
+// still to come, the reader drops it and gives the turn back; if it is
+// already on its way, abandon takes it, so that the next command finds
+// the replies channel empty.
+func (q *QMP) abandon() {
+	q.mu.Lock()
+	waiting := q.pending
+	if waiting {
+		q.pending, q.abandoned = false, true
+	}
+	q.mu.Unlock()
+	if !waiting {
+		<-q.replies
+		<-q.turn
+	}
+}
+
+// send writes a command while its caller holds the turn, after marking it
+// as the command in flight.
+func (q *QMP) send(name string, argsJSON []byte) error {
 	q.mu.Lock()
 	err := q.err
 	if err == nil {
-		q.pending = ch
+		q.pending = true
 	}
 	q.mu.Unlock()
 	if err != nil {
-		<-q.turn
-		return nil, err
+		return err
 	}
 	q.wbuf = appendCommand(q.wbuf[:0], name, argsJSON)
 	if _, err := q.conn.Write(q.wbuf); err != nil {
@@ -592,7 +666,7 @@ func (q *QMP) send(name string, argsJSON []byte) (chan reply, error) {
 		// reader end it and fail this command.
 		q.conn.Close()
 	}
-	return ch, nil
+	return nil
 }
 
 // appendCommand appends the wire form of a command: no id, since only one
@@ -625,13 +699,7 @@ func appendJSONString(buf []byte, s string) []byte {
 // run executes a command for one of the Execute methods, wrapping any error
 // with the command's name and the object it is about.
 func (q *QMP) run(ctx context.Context, name, about string, args, result interface{}) error {
-	ret, err := q.execute(ctx, name, args)
-	if err == nil && result != nil {
-		if err = json.Unmarshal(ret, result); err != nil {
-			err = fmt.Errorf("decode reply: %w", err)
-		}
-	}
-	if err != nil {
+	if err := q.execute(ctx, name, args, result); err != nil {
 		if about != "" {
 			name += " " + about
 		}
@@ -669,7 +737,7 @@ func (q *QMP) ExecuteCont(ctx context.Context) error {
 // closes the connection after the command was sent, since QEMU exiting is
 // what was asked for.
 func (q *QMP) ExecuteQuit(ctx context.Context) error {
-	if _, err := q.execute(ctx, "quit", nil); err != nil && !lostToQEMU(err) {
+	if err := q.execute(ctx, "quit", nil, nil); err != nil && !lostToQEMU(err) {
 		return fmt.Errorf("qmp: quit: %w", err)
 	}
 	return nil
@@ -719,7 +787,7 @@ func (q *QMP) runAndWait(ctx context.Context, name, about string, args interface
 	if about != "" {
 		label += " " + about
 	}
-	_, err := q.execute(ctx, name, args)
+	err := q.execute(ctx, name, args, nil)
 	if err != nil && !(lostToQEMU(err) && q.eventSeen(w)) {
 		return fmt.Errorf("qmp: %s: %w", label, err)
 	}

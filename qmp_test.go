@@ -1007,3 +1007,70 @@ func TestQMPRealQEMU(t *testing.T) {
 		t.Fatal("QEMU did not exit after quit")
 	}
 }
+
+func TestPlainReturn(t *testing.T) {
+	for line, want := range map[string]string{
+		`{"return": {}}`:                       `{}`,
+		`{"return": {"status": "running"}}`:    `{"status": "running"}`,
+		`{"return": "a}"}`:                     `"a}"`,
+		`{"return": [1, {"b": 2}]}`:            `[1, {"b": 2}]`,
+		`{"return": 1, "id": 2}`:               "",
+		`{"return": {"a": 1}, "id": {"b": 2}}`: "",
+		`{"return": {}}}`:                      "",
+		`{"return": }`:                         "",
+		`{"error": {"class": "x"}}`:            "",
+		`{"return":{}}`:                        "",
+	} {
+		ret, ok := plainReturn([]byte(line))
+		if want == "" {
+			if ok {
+				t.Errorf("plainReturn(%s) = %s, want the full decoder", line, ret)
+			}
+		} else if !ok || string(ret) != want {
+			t.Errorf("plainReturn(%s) = %s, %v; want %s", line, ret, ok, want)
+		}
+	}
+}
+
+// TestQMPCancelRacingReply cancels commands at about the moment their
+// replies arrive, so that either the reply or the cancellation wins, and
+// checks that the next command always gets its own reply.
+func TestQMPCancelRacingReply(t *testing.T) {
+	s := connect(t, "7.2.22", nil)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			cmd := s.p.recv()
+			if cmd == "" {
+				return
+			}
+			var c struct {
+				Arguments json.RawMessage `json:"arguments"`
+			}
+			json.Unmarshal([]byte(cmd), &c)
+			s.p.send(`{"return": ` + string(c.Arguments) + `}`)
+		}
+	}()
+	cancelled := 0
+	for i := 0; i < 300; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(i%30)*10*time.Microsecond)
+		var got struct{ N int }
+		err := s.q.ExecuteCommand(ctx, "echo", map[string]int{"n": -i}, &got)
+		cancel()
+		switch {
+		case errors.Is(err, context.DeadlineExceeded):
+			cancelled++
+		case err != nil:
+			t.Fatal(err)
+		case got.N != -i:
+			t.Fatalf("command %d got the reply of %d", -i, got.N)
+		}
+		if err := s.q.ExecuteCommand(context.Background(), "echo", map[string]int{"n": i}, &got); err != nil || got.N != i {
+			t.Fatalf("command %d after a cancelled one: %d, %v", i, got.N, err)
+		}
+	}
+	t.Logf("%d of 300 commands cancelled", cancelled)
+	s.q.Shutdown()
+	<-done
+}
