@@ -168,6 +168,8 @@ type QMP struct {
 	rbuf []byte
 	// msg is the reader's decode target, reused for every line.
 	msg message
+	// eventNames interns event names; only the reader uses it.
+	eventNames map[string]string
 
 	// done is closed when the session has ended; err then says why.
 	done chan struct{}
@@ -187,7 +189,11 @@ type QMP struct {
 	abandoned bool
 	waiters   []*eventWaiter
 	events    []QMPEvent
-	ended     bool
+	// forwarding is set while the forwarder holds events it has taken
+	// from events but not delivered yet, and once it has quit; the
+	// reader then queues every event rather than send it itself.
+	forwarding bool
+	ended      bool
 }
 
 // reply is what the reader hands to the caller of the command in flight.
@@ -259,7 +265,7 @@ func qmpStartConn(ctx context.Context, conn net.Conn, cfg QMPConfig, disconnecte
 		stop:       make(chan struct{}),
 		eventReady: make(chan struct{}, 1),
 	}
-	r := bufio.NewReaderSize(conn, 64<<10)
+	r := bufio.NewReaderSize(conn, 4<<10)
 	version, err := q.readGreeting(ctx, r)
 	if err != nil {
 		conn.Close()
@@ -392,6 +398,10 @@ func (q *QMP) dispatch(line []byte) {
 		q.handleReply(reply{ret: ret}, true)
 		return
 	}
+	if ev, ok := q.plainEvent(line); ok {
+		q.handleEvent(ev)
+		return
+	}
 	q.msg = message{}
 	if err := json.Unmarshal(line, &q.msg); err != nil {
 		q.log.Warningf("qmp: skipping a line that is not a JSON object: %q", truncate(line))
@@ -434,6 +444,116 @@ func plainReturn(line []byte) ([]byte, bool) {
 	return ret, true
 }
 
+// plainEventPrefix and the other pieces below are the layout every QEMU
+// from 2.x to 10 writes an event in:
+//
+//	{"timestamp": {"seconds": S, "microseconds": U}, "event": "NAME"}
+//
+// with , "data": {...} before the closing brace when the event has data.
+const (
+	plainEventPrefix = `{"timestamp": {"seconds": `
+	plainEventMicro  = `, "microseconds": `
+	plainEventName   = `}, "event": "`
+	plainEventData   = `, "data": `
+)
+
+// plainEvent recognises an event in QEMU's layout and decodes only its
+// data, which STOP, RESUME and most other frequent events don't have.
+// Anything that departs from the layout goes through the full decoder.
+func (q *QMP) plainEvent(line []byte) (QMPEvent, bool) {
+	rest, ok := bytes.CutPrefix(line, []byte(plainEventPrefix))
+	if !ok {
+		return QMPEvent{}, false
+	}
+	sec, rest, ok := cutDigits(rest)
+	if !ok {
+		return QMPEvent{}, false
+	}
+	if rest, ok = bytes.CutPrefix(rest, []byte(plainEventMicro)); !ok {
+		return QMPEvent{}, false
+	}
+	usec, rest, ok := cutDigits(rest)
+	if !ok {
+		return QMPEvent{}, false
+	}
+	if rest, ok = bytes.CutPrefix(rest, []byte(plainEventName)); !ok {
+		return QMPEvent{}, false
+	}
+	// QAPI event names are upper case letters, digits and underscores,
+	// so a name with anything else (an escape, say) takes the full path.
+	end := 0
+	for end < len(rest) && (rest[end] >= 'A' && rest[end] <= 'Z' || rest[end] >= '0' && rest[end] <= '9' || rest[end] == '_') {
+		end++
+	}
+	if end == 0 || end == len(rest) || rest[end] != '"' {
+		return QMPEvent{}, false
+	}
+	name, rest := rest[:end], rest[end+1:]
+	var data map[string]interface{}
+	if string(rest) != "}" {
+		if rest, ok = bytes.CutPrefix(rest, []byte(plainEventData)); !ok || len(rest) < 3 ||
+			rest[0] != '{' || rest[len(rest)-1] != '}' {
+			return QMPEvent{}, false
+		}
+		if data, ok = decodeObject(rest[:len(rest)-1]); !ok {
+			return QMPEvent{}, false
+		}
+	}
+	return QMPEvent{
+		Name:      q.internName(name),
+		Data:      data,
+		Timestamp: time.Unix(sec, usec*int64(time.Microsecond)),
+	}, true
+}
+
+// decodeObject decodes an event's data. Unmarshal validates it too, so a
+// line that only looks like an event is refused here and logged by the
+// full path. It is a function of its own, and not inlined, so that the
+// map's pointer, which escapes into Unmarshal, is only allocated for events
+// that have data.
+//
+//go:noinline
+func decodeObject(raw []byte) (map[string]interface{}, bool) {
+	var data map[string]interface{}
+	if json.Unmarshal(raw, &data) != nil {
+		return nil, false
+	}
+	return data, true
+}
+
+// cutDigits parses the unsigned decimal number at the start of b as JSON
+// writes it: no leading zero. More than 18 digits could overflow, and are
+// refused.
+func cutDigits(b []byte) (n int64, rest []byte, ok bool) {
+	i := 0
+	for i < len(b) && b[i] >= '0' && b[i] <= '9' {
+		if i == 18 || i == 1 && b[0] == '0' {
+			return 0, b, false
+		}
+		n = n*10 + int64(b[i]-'0')
+		i++
+	}
+	return n, b[i:], i > 0
+}
+
+// internName returns name as a string, allocating only the first time the
+// session sees it, since a session sees the same few events over and over.
+// The table belongs to the reader goroutine; it is bounded, so that a peer
+// making names up cannot grow it without end.
+func (q *QMP) internName(name []byte) string {
+	if s, ok := q.eventNames[string(name)]; ok {
+		return s
+	}
+	s := string(name)
+	if len(q.eventNames) < 64 {
+		if q.eventNames == nil {
+			q.eventNames = make(map[string]string)
+		}
+		q.eventNames[s] = s
+	}
+	return s
+}
+
 // handleReply hands the reply to the command in flight, or drops it when
 // its caller gave up, giving the turn back for it. inReadBuf says that
 // r.ret points into the reader's buffer, so it must be copied.
@@ -466,13 +586,26 @@ func (q *QMP) handleEvent(ev QMPEvent) {
 			close(w.seen)
 		}
 	}
-	if q.eventCh != nil {
-		q.events = append(q.events, ev)
+	if q.eventCh == nil {
+		q.mu.Unlock()
+		return
 	}
+	if len(q.events) == 0 && !q.forwarding {
+		// Every earlier event has been delivered, so handing this one
+		// to a reader already waiting keeps the order and saves waking
+		// the forwarder, a goroutine switch on the way of every event.
+		// The send never blocks, and the mutex keeps the forwarder from
+		// closing EventCh under it.
+		select {
+		case q.eventCh <- ev:
+			q.mu.Unlock()
+			return
+		default:
+		}
+	}
+	q.events = append(q.events, ev)
 	q.mu.Unlock()
-	if q.eventCh != nil {
-		q.wakeForwarder()
-	}
+	q.wakeForwarder()
 }
 
 func (w *eventWaiter) matches(ev QMPEvent) bool {
@@ -521,11 +654,17 @@ func (q *QMP) end(cause error) {
 // closes it when the session is over.
 func (q *QMP) forwardEvents() {
 	defer q.wg.Done()
-	defer close(q.eventCh)
+	defer func() {
+		q.mu.Lock()
+		q.forwarding = true // for good: the reader must not send any more
+		q.mu.Unlock()
+		close(q.eventCh)
+	}()
 	var batch []QMPEvent
 	for {
 		q.mu.Lock()
 		batch, q.events = q.events, batch[:0]
+		q.forwarding = len(batch) > 0
 		ended := q.ended
 		q.mu.Unlock()
 		for i := range batch {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"strconv"
 	"strings"
@@ -1073,4 +1074,91 @@ func TestQMPCancelRacingReply(t *testing.T) {
 	t.Logf("%d of 300 commands cancelled", cancelled)
 	s.q.Shutdown()
 	<-done
+}
+
+// TestPlainEvent checks the event fast path against the full decoder: a
+// line it takes must give the event the decoder gives, and a line off
+// QEMU's layout must be left to the decoder.
+func TestPlainEvent(t *testing.T) {
+	q := &QMP{}
+	for _, c := range []struct {
+		line string
+		fast bool
+	}{
+		{event("STOP", "", 1795601878, 915017), true},
+		{event("DEVICE_DELETED", `{"path": "/machine/peripheral/d0", "device": "d0"}`, 1, 0), true},
+		{event("BLOCK_JOB_COMPLETED", `{"len": 1e3, "n": [1, null, {"a": "}"}]}`, 1700000000, 999999), true},
+		{event("X", `{}`, 0, 0), true},
+		{`{"timestamp": {"seconds": -1, "microseconds": 0}, "event": "STOP"}`, false},
+		{`{"timestamp": {"seconds": 00, "microseconds": 0}, "event": "STOP"}`, false},
+		{`{"timestamp": {"seconds": 0, "microseconds": 01}, "event": "STOP"}`, false},
+		{`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "st\u004fP"}`, false},
+		{`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "stop"}`, false},
+		{`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": ""}`, false},
+		{`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "A", "data": {"a": 1}, "b": 2}`, false},
+		{`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "A", "data": {"a": 1}}}`, false},
+		{`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "A", "data": [1]}`, false},
+		{`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "A", "data": {"a": }}`, false},
+		{`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "A"}, "b": 1}`, false},
+		{`{"timestamp": {"seconds": 12345678901234567890, "microseconds": 0}, "event": "A"}`, false},
+		{`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "A" }`, false},
+		{`{"event": "A", "timestamp": {"seconds": 1, "microseconds": 0}}`, false},
+		{`{"return": {}}`, false},
+	} {
+		got, ok := q.plainEvent([]byte(c.line))
+		if ok != c.fast {
+			t.Errorf("plainEvent(%s) took it: %v, want %v", c.line, ok, c.fast)
+			continue
+		}
+		if !ok {
+			continue
+		}
+		var m message
+		if err := json.Unmarshal([]byte(c.line), &m); err != nil {
+			t.Fatalf("%s: %v", c.line, err)
+		}
+		want := QMPEvent{Name: m.Event, Data: m.Data,
+			Timestamp: time.Unix(m.Timestamp.Seconds, m.Timestamp.Microseconds*int64(time.Microsecond))}
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("plainEvent(%s) = %+v, want %+v", c.line, got, want)
+		}
+	}
+	name := []byte("STOP")
+	if n := testing.AllocsPerRun(100, func() { q.internName(name) }); n != 0 {
+		t.Errorf("interning a known event name allocates %v times", n)
+	}
+}
+
+// FuzzPlainLines checks that a line either fast path takes is one the full
+// decoder reads as the same reply or event.
+func FuzzPlainLines(f *testing.F) {
+	f.Add(event("STOP", "", 1795601878, 915017))
+	f.Add(event("DEVICE_DELETED", `{"device": "d0", "path": "/x"}`, 1, 2))
+	f.Add(`{"return": {"status": "running", "running": true}}`)
+	f.Add(`{"return": [1, "}"]}`)
+	q := &QMP{}
+	f.Fuzz(func(t *testing.T, line string) {
+		var m message
+		if ev, ok := q.plainEvent([]byte(line)); ok {
+			if err := json.Unmarshal([]byte(line), &m); err != nil {
+				t.Fatalf("plainEvent took %q, which is not JSON: %v", line, err)
+			}
+			want := QMPEvent{Name: m.Event, Data: m.Data,
+				Timestamp: time.Unix(m.Timestamp.Seconds, m.Timestamp.Microseconds*int64(time.Microsecond))}
+			if m.Return != nil || m.Error != nil || m.QMP != nil || !reflect.DeepEqual(ev, want) {
+				t.Fatalf("plainEvent(%q) = %+v, the decoder reads %+v", line, ev, m)
+			}
+		}
+		if ret, ok := plainReturn([]byte(line)); ok {
+			if err := json.Unmarshal([]byte(line), &m); err != nil {
+				t.Fatalf("plainReturn took %q, which is not JSON: %v", line, err)
+			}
+			var got, want interface{}
+			json.Unmarshal(ret, &got)
+			json.Unmarshal(m.Return, &want)
+			if m.Event != "" || m.Error != nil || m.QMP != nil || !reflect.DeepEqual(got, want) {
+				t.Fatalf("plainReturn(%q) = %s, the decoder reads %+v", line, ret, m)
+			}
+		}
+	})
 }
