@@ -37,8 +37,12 @@ import (
 //
 //	cmds/s           commands per second of the client
 //	ratio-to-floor   the client's throughput over the floor's (1 = as fast)
-//	qemu-us/cmd      CPU QEMU spent serving the client (utime+stime from
-//	                 /proc/PID/stat, in 10 ms ticks, over the whole run)
+//	qemu-us/cmd      CPU QEMU spent serving the client: the run time of
+//	                 its threads from /proc/PID/task/*/schedstat, in ns.
+//	                 utime+stime from /proc/PID/stat count 10 ms ticks,
+//	                 too coarse to split a run into chunks of a few ms;
+//	                 the Floor benchmarks report both over a whole run
+//	                 (qemu-stat-us/cmd), as a check that they agree
 //	client-us/cmd    CPU of this process (getrusage RUSAGE_SELF) while the
 //	                 client ran
 //	qemu-cpu-x       qemu-us/cmd over the same figure for the floor
@@ -159,7 +163,7 @@ func dialFloor(sock string) (*floorConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	f := &floorConn{conn: conn, r: bufio.NewReaderSize(conn, 64<<10)}
+	f := &floorConn{conn: conn, r: bufio.NewReader(conn)}
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := f.r.ReadSlice('\n'); err != nil {
 		conn.Close()
@@ -260,7 +264,7 @@ func rawNumber(line []byte, key string) (int64, bool) {
 type cpuSample struct {
 	wall time.Time
 	self time.Duration
-	qemu int64 // clock ticks
+	qemu time.Duration
 }
 
 func sampleCPU(b *testing.B, pid int) cpuSample {
@@ -268,12 +272,39 @@ func sampleCPU(b *testing.B, pid int) cpuSample {
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
 		b.Fatal(err)
 	}
-	ticks, err := processTicks(pid)
+	qemu, err := processRunTime(pid)
 	if err != nil {
 		b.Fatal(err)
 	}
 	self := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-	return cpuSample{wall: time.Now(), self: self, qemu: ticks}
+	return cpuSample{wall: time.Now(), self: self, qemu: qemu}
+}
+
+// processRunTime returns the CPU time a process's threads have used: the
+// first field of each /proc/PID/task/TID/schedstat, in nanoseconds.
+func processRunTime(pid int) (time.Duration, error) {
+	dir := "/proc/" + strconv.Itoa(pid) + "/task"
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	var sum time.Duration
+	for _, task := range tasks {
+		stat, err := os.ReadFile(dir + "/" + task.Name() + "/schedstat")
+		if errors.Is(err, os.ErrNotExist) {
+			continue // the thread has just exited
+		}
+		if err != nil {
+			return 0, err
+		}
+		field, _, _ := bytes.Cut(stat, []byte(" "))
+		ns, err := strconv.ParseInt(string(field), 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("malformed %s/%s/schedstat: %w", dir, task.Name(), err)
+		}
+		sum += time.Duration(ns)
+	}
+	return sum, nil
 }
 
 // processTicks returns utime+stime of a process, fields 14 and 15 of
@@ -303,17 +334,17 @@ func processTicks(pid int) (int64, error) {
 
 // tally sums the commands and the time and CPU they took.
 type tally struct {
-	n         int
-	wall      time.Duration
-	self      time.Duration
-	qemuTicks int64
+	n    int
+	wall time.Duration
+	self time.Duration
+	qemu time.Duration
 }
 
 func (t *tally) add(n int, from, to cpuSample) {
 	t.n += n
 	t.wall += to.wall.Sub(from.wall)
 	t.self += to.self - from.self
-	t.qemuTicks += to.qemu - from.qemu
+	t.qemu += to.qemu - from.qemu
 }
 
 func (t *tally) perCmd(d time.Duration) float64 {
@@ -321,7 +352,7 @@ func (t *tally) perCmd(d time.Duration) float64 {
 }
 
 func (t *tally) rate() float64       { return float64(t.n) / t.wall.Seconds() }
-func (t *tally) qemuUs() float64     { return t.perCmd(time.Duration(t.qemuTicks) * clockTick) }
+func (t *tally) qemuUs() float64     { return t.perCmd(t.qemu) }
 func (t *tally) selfUs() float64     { return t.perCmd(t.self) }
 func (t *tally) report(b *testing.B) { t.reportAs(b, "") }
 
@@ -342,7 +373,7 @@ func (t *tally) reportAgainst(b *testing.B, floor *tally) {
 		return
 	}
 	b.ReportMetric(t.rate()/floor.rate(), "ratio-to-floor")
-	if floor.qemuTicks > 0 {
+	if floor.qemu > 0 {
 		b.ReportMetric(t.qemuUs()/floor.qemuUs(), "qemu-cpu-x")
 	}
 	if floor.self > 0 {
@@ -351,30 +382,45 @@ func (t *tally) reportAgainst(b *testing.B, floor *tally) {
 }
 
 // interleave runs b.N commands through client in chunks of benchChunk,
-// each followed, with the timer stopped, by as many through floor. Both
-// are given the number of commands to run. It returns the two tallies.
+// each paired, with the timer stopped, with as many through floor. Which
+// of the pair goes first alternates, so that neither always inherits the
+// state the other leaves (a QEMU thread just woken, caches, the CPU's
+// clock). Both are given the number of commands to run. It returns the two
+// tallies.
 func interleave(b *testing.B, pid int, client, floor func(n int) error) (c, f tally) {
 	b.ReportAllocs()
 	b.ResetTimer()
-	for done := 0; done < b.N; {
+	b.StopTimer()
+	for chunk, done := 0, 0; done < b.N; chunk++ {
 		n := min(benchChunk, b.N-done)
-		from := sampleCPU(b, pid)
-		if err := client(n); err != nil {
-			b.Fatal(err)
+		runClient := func() {
+			// Sampling reads /proc, which allocates: outside the timer.
+			from := sampleCPU(b, pid)
+			b.StartTimer()
+			if err := client(n); err != nil {
+				b.Fatal(err)
+			}
+			b.StopTimer()
+			to := sampleCPU(b, pid)
+			c.add(n, from, to)
 		}
-		to := sampleCPU(b, pid)
-		c.add(n, from, to)
-		b.StopTimer()
-		from = sampleCPU(b, pid)
-		if err := floor(n); err != nil {
-			b.Fatal(err)
+		runFloor := func() {
+			from := sampleCPU(b, pid)
+			if err := floor(n); err != nil {
+				b.Fatal(err)
+			}
+			to := sampleCPU(b, pid)
+			f.add(n, from, to)
 		}
-		to = sampleCPU(b, pid)
-		f.add(n, from, to)
-		b.StartTimer()
+		if chunk%2 == 0 {
+			runClient()
+			runFloor()
+		} else {
+			runFloor()
+			runClient()
+		}
 		done += n
 	}
-	b.StopTimer()
 	return c, f
 }
 
@@ -404,15 +450,24 @@ func BenchmarkQMP(b *testing.B) {
 		defer fc.conn.Close()
 		b.ReportAllocs()
 		b.ResetTimer()
+		ticks0, err := processTicks(vm.pid)
+		if err != nil {
+			b.Fatal(err)
+		}
 		from := sampleCPU(b, vm.pid)
 		if err := floorRunner(fc, queryStatus)(b.N); err != nil {
 			b.Fatal(err)
 		}
 		to := sampleCPU(b, vm.pid)
+		ticks1, err := processTicks(vm.pid)
+		if err != nil {
+			b.Fatal(err)
+		}
 		b.StopTimer()
 		var t tally
 		t.add(b.N, from, to)
 		t.report(b)
+		b.ReportMetric(t.perCmd(time.Duration(ticks1-ticks0)*clockTick), "qemu-stat-us/cmd")
 	})
 
 	// query-status through the generic method, its reply discarded.
@@ -494,14 +549,16 @@ func BenchmarkQMP(b *testing.B) {
 			var wg sync.WaitGroup
 			errs := make(chan error, 16)
 			for g := 0; g < 16; g++ {
-				wg.Go(func() {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
 					for left.Add(-1) >= 0 {
 						if err := q.ExecuteCommand(ctx, "query-status", nil, nil); err != nil {
 							errs <- err
 							return
 						}
 					}
-				})
+				}()
 			}
 			wg.Wait()
 			select {
@@ -631,40 +688,29 @@ func BenchmarkConnect(b *testing.B) {
 	vm := startBenchQEMU(b)
 	ctx := context.Background()
 	sock := vm.client
-	var c, f tally
-	b.ReportAllocs()
-	b.ResetTimer()
-	for done := 0; done < b.N; {
-		n := min(16, b.N-done)
-		from := sampleCPU(b, vm.pid)
+	c, f := interleave(b, vm.pid, func(n int) error {
 		for i := 0; i < n; i++ {
 			q, _, err := QMPStart(ctx, sock, QMPConfig{}, nil)
 			if err != nil {
-				b.Fatal(err)
+				return err
 			}
 			err = q.ExecuteQMPCapabilities(ctx)
 			q.Shutdown()
 			if err != nil {
-				b.Fatal(err)
+				return err
 			}
 		}
-		to := sampleCPU(b, vm.pid)
-		c.add(n, from, to)
-		b.StopTimer()
-		from = sampleCPU(b, vm.pid)
+		return nil
+	}, func(n int) error {
 		for i := 0; i < n; i++ {
 			fc, err := dialFloor(sock)
 			if err != nil {
-				b.Fatal(err)
+				return err
 			}
 			fc.conn.Close()
 		}
-		to = sampleCPU(b, vm.pid)
-		f.add(n, from, to)
-		b.StartTimer()
-		done += n
-	}
-	b.StopTimer()
+		return nil
+	})
 	c.reportAgainst(b, &f)
 }
 
@@ -777,8 +823,41 @@ func (f *floorConn) quit() error {
 	if _, err := f.conn.Write(wireQuit); err != nil {
 		return err
 	}
-	if _, err := io.Copy(io.Discard, f.r); err != nil {
+	// QEMU exiting may reset the connection rather than close it; either
+	// way it has gone.
+	if _, err := io.Copy(io.Discard, f.r); err != nil && !errors.Is(err, syscall.ECONNRESET) {
 		return fmt.Errorf("waiting for qemu to quit: %w", err)
 	}
 	return nil
+}
+
+// BenchmarkRenderConfig renders a Config with 20 devices: pure CPU.
+func BenchmarkRenderConfig(b *testing.B) {
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	config := Config{
+		Name:       "bench",
+		Machine:    Machine{Type: "q35", Acceleration: "kvm"},
+		CPUModel:   "host",
+		QMPSockets: []QMPSocket{{Type: Unix, Name: "/run/q.sock", Server: true, NoWait: true}},
+		Memory:     Memory{Size: "2G", Slots: 2, MaxMem: "4G"},
+		SMP:        SMP{CPUs: 2},
+		Knobs:      Knobs{NoUserConfig: true, NoDefaults: true, NoGraphic: true},
+		Kernel:     Kernel{Path: "/k", InitrdPath: "/i", Params: "console=ttyS0"},
+	}
+	for i := 0; i < 5; i++ {
+		config.Devices = append(config.Devices,
+			BlockDevice{Driver: VirtioBlock, ID: fmt.Sprintf("hd%d", i), File: "/img,1", Format: QCOW2, Interface: NoInterface},
+			NetDevice{Type: TAP, Driver: VirtioNet, ID: fmt.Sprintf("n%d", i), IFName: "t", FDs: []*os.File{f}},
+			CharDevice{Backend: Socket, Driver: VirtioSerialPort, ID: fmt.Sprintf("c%d", i), Path: "/tmp/c.sock"},
+			FSDevice{Driver: Virtio9P, FSDriver: Local, ID: fmt.Sprintf("fs%d", i), Path: "/srv", MountTag: "t"})
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		renderConfig(config, nil)
+	}
 }
