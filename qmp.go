@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"time"
 )
@@ -170,6 +171,9 @@ type QMP struct {
 	msg message
 	// eventNames interns event names; only the reader uses it.
 	eventNames map[string]string
+	// handedEvent says that the line just read was an event handed
+	// straight to a goroutine waiting on EventCh; only the reader uses it.
+	handedEvent bool
 
 	// done is closed when the session has ended; err then says why.
 	done chan struct{}
@@ -377,7 +381,17 @@ func (q *QMP) readLoop(r *bufio.Reader, disconnectedCh chan struct{}) {
 		if err != nil {
 			break
 		}
+		q.handedEvent = false
 		q.dispatch(line)
+		if q.handedEvent && r.Buffered() > 0 {
+			// The goroutine just handed an event is next to run on
+			// this P, until the next line, usually the reply that came
+			// with the event, readies its caller in its place and
+			// sends it to the back of the queue: tens of µs more at
+			// p99 for an event in the benchmarks. Yielding lets it
+			// run first; there, the reply waits about a microsecond.
+			runtime.Gosched()
+		}
 		if cap(big) > 1<<20 {
 			// Don't hold a huge buffer for the rest of the session
 			// because of one large reply.
@@ -599,6 +613,7 @@ func (q *QMP) handleEvent(ev QMPEvent) {
 		select {
 		case q.eventCh <- ev:
 			q.mu.Unlock()
+			q.handedEvent = true
 			return
 		default:
 		}
