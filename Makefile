@@ -7,6 +7,10 @@
 #               against Debian's QEMU 7.2 and again against QEMU 10.0
 #
 # Smaller steps: make deps, make guest, make qemu10, make clean.
+# make bench runs the benchmarks of the README's Performance section against
+# Debian's QEMU 7.2 (ten runs, about 4 minutes) into bench.txt and
+# summarises them with benchstat, fetched from the Go module proxy as a tool
+# (it is not a dependency of the module).
 # Run as root, or as a user who may sudo (only apt-get install and
 # apt-get update need it).
 
@@ -35,7 +39,9 @@ QEMU10_ENV := QEMU_BIN=$(QEMU10_BIN) \
 QEMU72_ENV := env -u QEMU_FIRMWARE -u QEMU_MODULE_DIR QEMU_BIN=$(QEMU72_BIN)
 GOTEST := QEMU_TEST_REQUIRE=1 $(GO) test -race -count=1 -timeout 30m ./...
 
-.PHONY: deps guest qemu10 demo test clean
+.PHONY: deps guest qemu10 demo test bench clean
+
+BENCHSTAT := golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da
 
 # apt-get update runs only when a missing package is unknown to the local
 # lists, or when installing fails (lists too old for the mirror).
@@ -75,6 +81,10 @@ test: deps guest qemu10
 	$(QEMU72_ENV) $(GOTEST)
 	@echo "=== go test -race: real-VM tests on $$($(QEMU10_ENV) $(QEMU10_BIN) --version | sed -n 1p)"
 	$(QEMU10_ENV) $(GOTEST)
+
+bench: deps
+	$(QEMU72_ENV) $(GO) test -run '^$$' -bench . -benchmem -count=10 -timeout 60m . | tee bench.txt
+	$(GO) run $(BENCHSTAT) bench.txt
 
 clean:
 	rm -rf $(GUEST_OUT) $(QEMU10)
