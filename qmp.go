@@ -171,8 +171,9 @@ type QMP struct {
 	msg message
 	// eventNames interns event names; only the reader uses it.
 	eventNames map[string]string
-	// handedEvent says that the line just read was an event handed
-	// straight to a goroutine waiting on EventCh; only the reader uses it.
+	// handedEvent says that the line just read was an event sent to an
+	// empty EventCh, which may have woken a goroutine waiting on it; only
+	// the reader uses it.
 	handedEvent bool
 
 	// done is closed when the session has ended; err then says why.
@@ -389,7 +390,9 @@ func (q *QMP) readLoop(r *bufio.Reader, disconnectedCh chan struct{}) {
 			// with the event, readies its caller in its place and
 			// sends it to the back of the queue: tens of µs more at
 			// p99 for an event in the benchmarks. Yielding lets it
-			// run first; there, the reply waits about a microsecond.
+			// run first. In the benchmarks the reply then waits about
+			// a microsecond; in a busy program the reader, now on the
+			// global run queue, may wait longer.
 			runtime.Gosched()
 		}
 		if cap(big) > 1<<20 {
@@ -610,10 +613,13 @@ func (q *QMP) handleEvent(ev QMPEvent) {
 		// the forwarder, a goroutine switch on the way of every event.
 		// The send never blocks, and the mutex keeps the forwarder from
 		// closing EventCh under it.
+		// A send into an empty channel is what can wake a waiting
+		// goroutine; one into a buffer with events in it wakes nobody.
+		empty := len(q.eventCh) == 0
 		select {
 		case q.eventCh <- ev:
 			q.mu.Unlock()
-			q.handedEvent = true
+			q.handedEvent = empty
 			return
 		default:
 		}
