@@ -138,17 +138,27 @@ func (vm *benchQEMU) next() []byte {
 // connect opens a session on the package's socket.
 func (vm *benchQEMU) connect(b *testing.B, events chan QMPEvent) *QMP {
 	b.Helper()
+	q, err := vm.session(events)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return q
+}
+
+// session opens a session on the package's socket and negotiates
+// capabilities.
+func (vm *benchQEMU) session(events chan QMPEvent) (*QMP, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	q, _, err := QMPStart(ctx, vm.client, QMPConfig{EventCh: events}, nil)
 	if err != nil {
-		b.Fatal(err)
+		return nil, err
 	}
 	if err := q.ExecuteQMPCapabilities(ctx); err != nil {
 		q.Shutdown()
-		b.Fatal(err)
+		return nil, err
 	}
-	return q
+	return q, nil
 }
 
 // floorConn is the floor client.
@@ -207,10 +217,9 @@ func (f *floorConn) roundTrip(cmd []byte) error {
 
 // eventRoundTrip is roundTrip for a stop or cont, which also waits for the
 // command's event and returns how long it took from QEMU's timestamp to
-// being read. Events stamped before the command was written are another
-// connection's and are skipped.
+// being read. The connection must be the only one negotiated, so that
+// every event on it is its own.
 func (f *floorConn) eventRoundTrip(cmd []byte) (time.Duration, error) {
-	sent := time.Now().Truncate(time.Microsecond)
 	if _, err := f.conn.Write(cmd); err != nil {
 		return 0, fmt.Errorf("floor: %w", err)
 	}
@@ -227,10 +236,11 @@ func (f *floorConn) eventRoundTrip(cmd []byte) (time.Duration, error) {
 			gotReturn = true
 		case bytes.Contains(line, []byte(`"event"`)):
 			ts, ok := rawTimestamp(line)
-			if ok && !ts.Before(sent) {
-				latency = now.Sub(ts)
-				gotEvent = true
+			if !ok || gotEvent {
+				return 0, fmt.Errorf("floor: unexpected event %s", bytes.TrimSpace(line))
 			}
+			latency = now.Sub(ts)
+			gotEvent = true
 		default:
 			return 0, fmt.Errorf("floor: %s", bytes.TrimSpace(line))
 		}
@@ -381,47 +391,106 @@ func (t *tally) reportAgainst(b *testing.B, floor *tally) {
 	}
 }
 
+// benchSide is one of the two clients interleave alternates: run runs n
+// commands. open and close, when set, run before and after each of its
+// chunks, outside the timer and the CPU samples. QEMU sends every event to
+// every negotiated connection, so in the benchmarks whose commands make
+// events each side is connected for its own chunks only; otherwise the
+// idle side would spend the other's measured time reading its events.
+type benchSide struct {
+	open  func(n int) error
+	run   func(n int) error
+	close func(n int) error
+}
+
 // interleave runs b.N commands through client in chunks of benchChunk,
 // each paired, with the timer stopped, with as many through floor. Which
 // of the pair goes first alternates, so that neither always inherits the
 // state the other leaves (a QEMU thread just woken, caches, the CPU's
-// clock). Both are given the number of commands to run. It returns the two
-// tallies.
+// clock). It returns the two tallies.
 func interleave(b *testing.B, pid int, client, floor func(n int) error) (c, f tally) {
+	return interleaveSides(b, pid, benchSide{run: client}, benchSide{run: floor})
+}
+
+// interleaveSides is interleave for sides that connect per chunk.
+func interleaveSides(b *testing.B, pid int, client, floor benchSide) (c, f tally) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	b.StopTimer()
 	for chunk, done := 0, 0; done < b.N; chunk++ {
 		n := min(benchChunk, b.N-done)
-		runClient := func() {
-			// Sampling reads /proc, which allocates: outside the timer.
-			from := sampleCPU(b, pid)
-			b.StartTimer()
-			if err := client(n); err != nil {
-				b.Fatal(err)
-			}
-			b.StopTimer()
-			to := sampleCPU(b, pid)
-			c.add(n, from, to)
-		}
-		runFloor := func() {
-			from := sampleCPU(b, pid)
-			if err := floor(n); err != nil {
-				b.Fatal(err)
-			}
-			to := sampleCPU(b, pid)
-			f.add(n, from, to)
-		}
 		if chunk%2 == 0 {
-			runClient()
-			runFloor()
+			measureChunk(b, pid, client, n, true, &c)
+			measureChunk(b, pid, floor, n, false, &f)
 		} else {
-			runFloor()
-			runClient()
+			measureChunk(b, pid, floor, n, false, &f)
+			measureChunk(b, pid, client, n, true, &c)
 		}
 		done += n
 	}
 	return c, f
+}
+
+// measureChunk runs one chunk of n commands through side and adds it to t.
+// The timer, which counts allocations too, runs for a timed side only, and
+// never while /proc is read for the CPU samples.
+func measureChunk(b *testing.B, pid int, side benchSide, n int, timed bool, t *tally) {
+	if side.open != nil {
+		if err := side.open(n); err != nil {
+			b.Fatal(err)
+		}
+	}
+	from := sampleCPU(b, pid)
+	if timed {
+		b.StartTimer()
+	}
+	if err := side.run(n); err != nil {
+		b.Fatal(err)
+	}
+	if timed {
+		b.StopTimer()
+	}
+	to := sampleCPU(b, pid)
+	t.add(n, from, to)
+	if side.close != nil {
+		if err := side.close(n); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// floorPerChunk is a floor side connected for its own chunks only.
+func floorPerChunk(sock string, run func(fc *floorConn, n int) error) benchSide {
+	var fc *floorConn
+	return benchSide{
+		open: func(int) error {
+			var err error
+			if fc, err = dialFloor(sock); err != nil {
+				return err
+			}
+			// A lost reply or event fails the benchmark, not hangs it.
+			return fc.conn.SetDeadline(time.Now().Add(time.Minute))
+		},
+		run:   func(n int) error { return run(fc, n) },
+		close: func(int) error { return fc.conn.Close() },
+	}
+}
+
+// stopCont sends n commands through q, alternating ExecuteStop and
+// ExecuteCont.
+func stopCont(ctx context.Context, vm *benchQEMU, q *QMP, n int) error {
+	for i := 0; i < n; i++ {
+		var err error
+		if bytes.Equal(vm.next(), wireCont) {
+			err = q.ExecuteCont(ctx)
+		} else {
+			err = q.ExecuteStop(ctx)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // floorRunner returns the floor's side of interleave: n round trips of the
@@ -514,25 +583,24 @@ func BenchmarkQMP(b *testing.B) {
 	// The documented methods: alternate ExecuteStop and ExecuteCont, one
 	// command per op, against the floor sending the same commands. QEMU
 	// sends STOP or RESUME with each, which both clients read and skip.
+	// Each is connected for its own chunks only (see benchSide).
 	b.Run("StopCont", func(b *testing.B) {
-		q := vm.connect(b, nil)
-		defer q.Shutdown()
-		fc := mustDialFloor(b, vm.floor)
-		defer fc.conn.Close()
-		c, f := interleave(b, vm.pid, func(n int) error {
-			for i := 0; i < n; i++ {
-				var err error
-				if bytes.Equal(vm.next(), wireCont) {
-					err = q.ExecuteCont(ctx)
-				} else {
-					err = q.ExecuteStop(ctx)
-				}
-				if err != nil {
-					return err
-				}
-			}
-			return nil
-		}, floorRunner(fc, vm.next))
+		var q *QMP
+		client := benchSide{
+			open: func(int) (err error) {
+				q, err = vm.session(nil)
+				return err
+			},
+			run: func(n int) error { return stopCont(ctx, vm, q, n) },
+			close: func(int) error {
+				q.Shutdown()
+				return nil
+			},
+		}
+		floor := floorPerChunk(vm.floor, func(fc *floorConn, n int) error {
+			return floorRunner(fc, vm.next)(n)
+		})
+		c, f := interleaveSides(b, vm.pid, client, floor)
 		c.reportAgainst(b, &f)
 	})
 
@@ -577,54 +645,43 @@ func BenchmarkQMP(b *testing.B) {
 // benchEvents alternates stop and cont and reads each one's STOP or RESUME
 // from EventCh in a goroutine of its own, as a user would. The latency of
 // an event is from QEMU's timestamp to its receipt from EventCh; the floor
-// reads its events raw from the socket. Every client command's event must
-// arrive. Events stamped during a floor chunk (the two connections see
-// each other's events) are told apart by time.
+// reads its events raw from the socket. Each side is connected for its own
+// chunks only, so every event a side sees is its own, and every one of the
+// client's commands must bring exactly one.
 func benchEvents(b *testing.B, vm *benchQEMU) {
 	ctx := context.Background()
-	events := make(chan QMPEvent)
-	q := vm.connect(b, events)
-	defer q.Shutdown()
-	fc := mustDialFloor(b, vm.floor)
-	defer fc.conn.Close()
-
-	type receipt struct{ stamp, at time.Time }
-	var mu sync.Mutex
-	got := make([]receipt, 0, 2*b.N+16)
-	received := make(chan struct{})
-	go func() {
-		defer close(received)
-		for ev := range events {
-			at := time.Now()
-			mu.Lock()
-			got = append(got, receipt{ev.Timestamp, at})
-			mu.Unlock()
-		}
-	}()
-	defer func() {
-		q.Shutdown()
-		<-received
-	}()
-
-	type span struct{ from, to time.Time }
-	spans := make([]span, 0, b.N/benchChunk+2)
-	floorLatency := make([]time.Duration, 0, b.N)
-	c, f := interleave(b, vm.pid, func(n int) error {
-		from := time.Now().Truncate(time.Microsecond)
-		for i := 0; i < n; i++ {
+	var (
+		q       *QMP
+		rcv     *eventReceiver
+		latency = make([]time.Duration, 0, b.N)
+	)
+	client := benchSide{
+		open: func(n int) error {
+			events := make(chan QMPEvent)
 			var err error
-			if bytes.Equal(vm.next(), wireCont) {
-				err = q.ExecuteCont(ctx)
-			} else {
-				err = q.ExecuteStop(ctx)
-			}
-			if err != nil {
+			if q, err = vm.session(events); err != nil {
 				return err
 			}
-		}
-		spans = append(spans, span{from, time.Now()})
-		return nil
-	}, func(n int) error {
+			rcv = receiveEvents(events, n)
+			return nil
+		},
+		run: func(n int) error { return stopCont(ctx, vm, q, n) },
+		close: func(n int) error {
+			select {
+			case <-rcv.all:
+			case <-time.After(10 * time.Second):
+			}
+			q.Shutdown()
+			<-rcv.done
+			if len(rcv.latency) != n {
+				return fmt.Errorf("%d events from EventCh for %d commands", len(rcv.latency), n)
+			}
+			latency = append(latency, rcv.latency...)
+			return nil
+		},
+	}
+	floorLatency := make([]time.Duration, 0, b.N)
+	floor := floorPerChunk(vm.floor, func(fc *floorConn, n int) error {
 		for i := 0; i < n; i++ {
 			d, err := fc.eventRoundTrip(vm.next())
 			if err != nil {
@@ -634,30 +691,7 @@ func benchEvents(b *testing.B, vm *benchQEMU) {
 		}
 		return nil
 	})
-
-	// Collect the client's events: those stamped within one of its spans.
-	var latency []time.Duration
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		latency = latency[:0]
-		mu.Lock()
-		for _, r := range got {
-			for _, s := range spans {
-				if !r.stamp.Before(s.from) && !r.stamp.After(s.to) {
-					latency = append(latency, r.at.Sub(r.stamp))
-					break
-				}
-			}
-		}
-		mu.Unlock()
-		if len(latency) >= b.N || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if len(latency) != b.N {
-		b.Fatalf("%d events from EventCh for %d commands", len(latency), b.N)
-	}
+	c, f := interleaveSides(b, vm.pid, client, floor)
 	c.reportAgainst(b, &f)
 	p50, p99 := percentiles(latency)
 	fp50, fp99 := percentiles(floorLatency)
@@ -668,6 +702,32 @@ func benchEvents(b *testing.B, vm *benchQEMU) {
 	if fp99 > 0 {
 		b.ReportMetric(float64(p99)/float64(fp99), "event-p99-x")
 	}
+}
+
+// eventReceiver reads EventCh as a user would, noting each event's latency
+// from QEMU's timestamp to its receipt.
+type eventReceiver struct {
+	latency []time.Duration // the receiver's until done is closed
+	all     chan struct{}   // closed once the events wanted have come
+	done    chan struct{}   // closed once EventCh is
+}
+
+func receiveEvents(events <-chan QMPEvent, want int) *eventReceiver {
+	r := &eventReceiver{
+		latency: make([]time.Duration, 0, want),
+		all:     make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	go func() {
+		defer close(r.done)
+		for ev := range events {
+			r.latency = append(r.latency, time.Since(ev.Timestamp))
+			if len(r.latency) == want {
+				close(r.all)
+			}
+		}
+	}()
+	return r
 }
 
 func percentiles(d []time.Duration) (p50, p99 time.Duration) {
@@ -720,7 +780,7 @@ func BenchmarkConnect(b *testing.B) {
 // launch-overhead-us is the difference of the medians. Each QEMU is told to
 // quit once its greeting has come.
 func BenchmarkLaunch(b *testing.B) {
-	bin, _ := requireQEMU(b)
+	bin, fw := requireQEMU(b)
 	dir := shortTempDir(b)
 	b.Cleanup(func() {
 		// A daemon left by a failed iteration is not a child of this
@@ -731,6 +791,10 @@ func BenchmarkLaunch(b *testing.B) {
 			}
 		}
 	})
+	var devices []Device
+	if len(fw) > 0 {
+		devices = []Device{firmwareDirs(fw)}
+	}
 	config := func(i int) Config {
 		return Config{
 			Path:    bin,
@@ -741,7 +805,8 @@ func BenchmarkLaunch(b *testing.B) {
 			QMPSockets: []QMPSocket{
 				{Type: Unix, Name: filepath.Join(dir, strconv.Itoa(i)+".sock"), Server: true, NoWait: true},
 			},
-			Knobs: Knobs{NoUserConfig: true, NoDefaults: true, NoGraphic: true, Daemonize: true},
+			Devices: devices,
+			Knobs:   Knobs{NoUserConfig: true, NoDefaults: true, NoGraphic: true, Daemonize: true},
 		}
 	}
 	byLibrary := func(i int) error {
@@ -797,6 +862,13 @@ func BenchmarkLaunch(b *testing.B) {
 	b.ReportMetric(float64(handMedian)/float64(time.Millisecond), "byhand-ms")
 	b.ReportMetric(us(libMedian-handMedian), "launch-overhead-us")
 }
+
+// firmwareDirs carries requireQEMU's -L arguments in a Config.
+type firmwareDirs []string
+
+func (f firmwareDirs) Valid() bool { return len(f) > 0 }
+
+func (f firmwareDirs) QemuParams(*Config) []string { return f }
 
 // dialGreeting connects to a QMP socket and reads the greeting: QMP is
 // ready.
