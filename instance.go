@@ -532,7 +532,9 @@ func orBackground(ctx context.Context) context.Context {
 //
 // After a SHUTDOWN, Stop sends quit at once, since QEMU started with
 // -no-shutdown would otherwise stay; the step is still StopPowerdown. When
-// the QMP session has already ended, Stop starts at SIGTERM.
+// query-status says the guest is not running (paused, started with -S,
+// suspended, shut down), it cannot act on the power button, and Stop starts
+// at quit. When the QMP session has already ended, Stop starts at SIGTERM.
 //
 // Stop returns StopExited when QEMU exited by itself: before Stop was
 // called (at once, then) or during a step that did not cause it. If ctx
@@ -618,6 +620,14 @@ func withTimeout(ctx context.Context, d, def time.Duration) (context.Context, co
 func (inst *Instance) powerdown(ctx context.Context) (exited, guestDown bool) {
 	pctx, cancel := withTimeout(ctx, inst.opts.PowerdownTimeout, DefaultPowerdownTimeout)
 	defer cancel()
+	if !inst.guestRunning(pctx) {
+		// A guest that is not running (paused, started with -S,
+		// suspended, or shut down under -no-shutdown) cannot act on
+		// the power button; waiting for it would only spend the
+		// timeout.
+		inst.log.Infof("qemu: stop pid %d: the guest is not running, so no system_powerdown", inst.Pid())
+		return inst.hasExited(), false
+	}
 	// The call returns on SHUTDOWN (also when QEMU then closes the
 	// connection), on QEMU closing the connection without it, on an error
 	// or when pctx ends.
@@ -637,6 +647,18 @@ func (inst *Instance) powerdown(ctx context.Context) (exited, guestDown bool) {
 		return inst.waitExited(pctx), false
 	}
 	return inst.hasExited(), false
+}
+
+// guestRunning asks QEMU whether the guest is running. Only a clear no is
+// a no: when QEMU does not say, Stop tries the power button anyway.
+func (inst *Instance) guestRunning(ctx context.Context) bool {
+	var status struct {
+		Running *bool `json:"running"`
+	}
+	if err := inst.qmp.ExecuteCommand(ctx, "query-status", nil, &status); err != nil || status.Running == nil {
+		return true
+	}
+	return *status.Running
 }
 
 // quit is Stop's second step.

@@ -115,7 +115,8 @@ func TestStartInstanceRefusesBadInput(t *testing.T) {
 // descriptor $QMP (3 unless set): qmp_greet sends the greeting, qmp_serve
 // answers every command with an empty return, exits on quit, and on
 // system_powerdown touches $DIR/powerdown, then sends SHUTDOWN and exits
-// unless $POWERBUTTON is "ignore".
+// unless $POWERBUTTON is "ignore". With $RUNNING set, query-status answers
+// that the guest's running is $RUNNING.
 const qmpStandIn = `
 QMP=${QMP:-3}
 qmp_greet() {
@@ -123,6 +124,13 @@ qmp_greet() {
 }
 qmp_serve() {
 	while read -r line <&$QMP; do
+		case $line in
+		*query-status*)
+			if [ -n "$RUNNING" ]; then
+				printf '{"return": {"status": "paused", "running": %s}}\n' "$RUNNING" >&$QMP
+				continue
+			fi;;
+		esac
 		printf '{"return": {}}\n' >&$QMP
 		case $line in
 		*'"quit"'*) exit 0;;
@@ -413,6 +421,27 @@ func waitForFile(t *testing.T, file string) {
 	t.Fatalf("%s never appeared", file)
 }
 
+// TestInstanceStopPausedGuest checks that Stop does not press the power
+// button of a guest that is not running, which could not act on it.
+func TestInstanceStopPausedGuest(t *testing.T) {
+	path, dir := standIn(t, "qemu", qmpStandIn+`
+RUNNING=false
+qmp_greet
+qmp_serve`)
+	inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{PowerdownTimeout: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	if step := stopWithin(t, inst, 30*time.Second); step != StopQuit {
+		t.Errorf("Stop ended at %v, want quit", step)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "powerdown")); err == nil {
+		t.Error("Stop sent system_powerdown to a guest that is not running")
+	}
+	checkReaped(t, inst.Pid())
+}
+
 func TestInstanceConcurrentStops(t *testing.T) {
 	path, dir := standIn(t, "qemu", qmpStandIn+`
 POWERBUTTON=ignore
@@ -617,7 +646,7 @@ func TestInstanceRealQEMUStartContextEndsWithStart(t *testing.T) {
 	bin, firmware := requireQEMU(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	params := append([]string{"-S", "-machine", "none", "-nodefaults", "-display", "none"}, firmware...)
-	inst, err := StartCustomInstance(ctx, bin, params, nil, InstanceOptions{PowerdownTimeout: 100 * time.Millisecond})
+	inst, err := StartCustomInstance(ctx, bin, params, nil, InstanceOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -636,8 +665,9 @@ func TestInstanceRealQEMUStartContextEndsWithStart(t *testing.T) {
 		t.Fatal("QEMU exited when the start context ended")
 	default:
 	}
-	// -machine none has no power button, so powerdown ends nothing.
-	if step := stopWithin(t, inst, 30*time.Second); step != StopQuit {
+	// The guest has not started (-S), so Stop skips the power button and
+	// its 30 s PowerdownTimeout: a bound of 20 s fails if it does not.
+	if step := stopWithin(t, inst, 20*time.Second); step != StopQuit {
 		t.Errorf("Stop ended at %v, want quit", step)
 	}
 	checkReaped(t, inst.Pid())
