@@ -171,10 +171,6 @@ type QMP struct {
 	msg message
 	// eventNames interns event names; only the reader uses it.
 	eventNames map[string]string
-	// handedEvent says that the line just read was an event sent to an
-	// empty EventCh, which may have woken a goroutine waiting on it; only
-	// the reader uses it.
-	handedEvent bool
 
 	// done is closed when the session has ended; err then says why.
 	done chan struct{}
@@ -382,9 +378,7 @@ func (q *QMP) readLoop(r *bufio.Reader, disconnectedCh chan struct{}) {
 		if err != nil {
 			break
 		}
-		q.handedEvent = false
-		q.dispatch(line)
-		if q.handedEvent && r.Buffered() > 0 {
+		if woke := q.dispatch(line); woke && r.Buffered() > 0 {
 			// The goroutine just handed an event is next to run on
 			// this P, until the next line, usually the reply that came
 			// with the event, readies its caller in its place and
@@ -406,28 +400,28 @@ func (q *QMP) readLoop(r *bufio.Reader, disconnectedCh chan struct{}) {
 }
 
 // dispatch handles one line from QEMU. Everything it keeps is copied out of
-// line, which the reader reuses.
-func (q *QMP) dispatch(line []byte) {
+// line, which the reader reuses. It reports whether the line was an event
+// that may have woken a goroutine waiting on EventCh.
+func (q *QMP) dispatch(line []byte) (woke bool) {
 	if len(line) == 0 {
-		return
+		return false
 	}
 	if ret, ok := plainReturn(line); ok {
 		q.handleReply(reply{ret: ret}, true)
-		return
+		return false
 	}
 	if ev, ok := q.plainEvent(line); ok {
-		q.handleEvent(ev)
-		return
+		return q.handleEvent(ev)
 	}
 	q.msg = message{}
 	if err := json.Unmarshal(line, &q.msg); err != nil {
 		q.log.Warningf("qmp: skipping a line that is not a JSON object: %q", truncate(line))
-		return
+		return false
 	}
 	m := &q.msg
 	switch {
 	case m.Event != "":
-		q.handleEvent(QMPEvent{
+		return q.handleEvent(QMPEvent{
 			Name:      m.Event,
 			Data:      m.Data,
 			Timestamp: time.Unix(m.Timestamp.Seconds, m.Timestamp.Microseconds*int64(time.Microsecond)),
@@ -439,6 +433,7 @@ func (q *QMP) dispatch(line []byte) {
 	default:
 		q.log.Warningf("qmp: skipping a line that is neither a reply nor an event: %q", truncate(line))
 	}
+	return false
 }
 
 // plainReturnPrefix is how QEMU starts a successful reply to a command
@@ -594,8 +589,10 @@ func (q *QMP) handleReply(r reply, inReadBuf bool) {
 }
 
 // handleEvent wakes the commands waiting for this event and queues it for
-// EventCh.
-func (q *QMP) handleEvent(ev QMPEvent) {
+// EventCh. It reports whether it sent the event into an empty EventCh,
+// which is what can wake a goroutine waiting on it; a send into a buffer
+// with events in it wakes nobody.
+func (q *QMP) handleEvent(ev QMPEvent) (woke bool) {
 	q.mu.Lock()
 	for _, w := range q.waiters {
 		if w.matches(ev) && !w.fired {
@@ -605,7 +602,7 @@ func (q *QMP) handleEvent(ev QMPEvent) {
 	}
 	if q.eventCh == nil {
 		q.mu.Unlock()
-		return
+		return false
 	}
 	if len(q.events) == 0 && !q.forwarding {
 		// Every earlier event has been delivered, so handing this one
@@ -613,20 +610,18 @@ func (q *QMP) handleEvent(ev QMPEvent) {
 		// the forwarder, a goroutine switch on the way of every event.
 		// The send never blocks, and the mutex keeps the forwarder from
 		// closing EventCh under it.
-		// A send into an empty channel is what can wake a waiting
-		// goroutine; one into a buffer with events in it wakes nobody.
 		empty := len(q.eventCh) == 0
 		select {
 		case q.eventCh <- ev:
 			q.mu.Unlock()
-			q.handedEvent = empty
-			return
+			return empty
 		default:
 		}
 	}
 	q.events = append(q.events, ev)
 	q.mu.Unlock()
 	q.wakeForwarder()
+	return false
 }
 
 func (w *eventWaiter) matches(ev QMPEvent) bool {
