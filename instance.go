@@ -109,7 +109,7 @@ type Instance struct {
 	log     QMPLog
 	opts    InstanceOptions
 
-	stderr     *stderrTail
+	stderr     *tailBuffer
 	stderrR    *os.File
 	stderrRead chan struct{} // closed when the stderr pipe has been read to its end
 	sink       *stderrSink   // nil without InstanceOptions.Stderr
@@ -162,9 +162,7 @@ func StartInstance(ctx context.Context, config Config, opts InstanceOptions) (*I
 // params must not contain -daemonize. A nil ctx means
 // context.Background().
 func StartCustomInstance(ctx context.Context, path string, params []string, fds []*os.File, opts InstanceOptions) (*Instance, error) {
-	if ctx == nil {
-		ctx = context.Background()
-	}
+	ctx = orBackground(ctx)
 	if path == "" {
 		path = defaultQEMU
 	}
@@ -254,7 +252,7 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 		cmd:        cmd,
 		log:        orNullLogger(opts.Logger),
 		opts:       opts,
-		stderr:     &stderrTail{tail: tailBuffer{max: maxStderr}},
+		stderr:     &tailBuffer{max: maxStderr},
 		stderrR:    stderrR,
 		stderrRead: make(chan struct{}),
 		exited:     make(chan struct{}),
@@ -701,8 +699,6 @@ func (inst *Instance) kill(ctx context.Context) error {
 	if running {
 		inst.log.Warningf("qemu: stop pid %d: sending SIGKILL", inst.Pid())
 		inst.killed.Store(true)
-	}
-	if running {
 		inst.signalGroup(syscall.SIGKILL)
 	}
 	select {
@@ -741,25 +737,6 @@ func (inst *Instance) Close() error {
 	return err
 }
 
-// stderrTail is the last output of QEMU's stderr, written by the stderr
-// reader while any goroutine may read it.
-type stderrTail struct {
-	mu   sync.Mutex
-	tail tailBuffer
-}
-
-func (t *stderrTail) Write(p []byte) {
-	t.mu.Lock()
-	t.tail.Write(p)
-	t.mu.Unlock()
-}
-
-func (t *stderrTail) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.tail.String()
-}
-
 // stderrSink copies QEMU's stderr to the caller's writer from a goroutine
 // of its own, through a bounded backlog, so that the writer's speed never
 // matters to QEMU.
@@ -783,12 +760,17 @@ func newStderrSink(w io.Writer) *stderrSink {
 
 // abandon makes the sink write nothing more.
 func (s *stderrSink) abandon() {
+	s.stop()
+	s.once.Do(func() { close(s.abandoned) })
+	s.wake()
+}
+
+// stop drops the backlog and what is added from now on.
+func (s *stderrSink) stop() {
 	s.mu.Lock()
 	s.discard = true
 	s.backlog = nil
 	s.mu.Unlock()
-	s.once.Do(func() { close(s.abandoned) })
-	s.wake()
 }
 
 func (s *stderrSink) add(p []byte) {
@@ -856,10 +838,7 @@ func (s *stderrSink) run() {
 
 func (s *stderrSink) write(p []byte) bool {
 	if _, err := s.w.Write(p); err != nil {
-		s.mu.Lock()
-		s.discard = true
-		s.backlog = nil
-		s.mu.Unlock()
+		s.stop()
 		return false
 	}
 	return true

@@ -26,6 +26,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -1145,13 +1146,16 @@ func lastLine(s string) string {
 
 // tailBuffer is an io.Writer that keeps the last max bytes written to it,
 // so that a QEMU writing without end cannot make the launcher hold
-// unbounded memory.
+// unbounded memory. It may be read while it is written.
 type tailBuffer struct {
 	max int
+	mu  sync.Mutex
 	buf []byte
 }
 
 func (b *tailBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	b.buf = append(b.buf, p...)
 	// Trim only once twice the limit is reached, so that each byte is
 	// moved a bounded number of times.
@@ -1162,6 +1166,8 @@ func (b *tailBuffer) Write(p []byte) (int, error) {
 }
 
 func (b *tailBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if len(b.buf) > b.max {
 		return string(b.buf[len(b.buf)-b.max:])
 	}
