@@ -560,9 +560,7 @@ exit 3`)
 			if !errors.As(err, &exitErr) || exitErr.ExitCode() != 3 || !strings.Contains(err.Error(), "leaving a child") {
 				t.Errorf("start: %v; want exit status 3 and the stand-in's message", err)
 			}
-			b, _ := os.ReadFile(filepath.Join(dir, "child"))
-			child, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-			waitGone(t, child)
+			waitGone(t, readPID(t, filepath.Join(dir, "child")))
 			checkNoGoroutines(t)
 		})
 	}
@@ -590,9 +588,7 @@ exec sleep 600`)
 	if err == nil || !strings.Contains(err.Error(), "not a QMP greeting") {
 		t.Fatalf("start: %v", err)
 	}
-	b, _ := os.ReadFile(filepath.Join(dir, "pid"))
-	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	checkReaped(t, pid)
+	checkReaped(t, readPID(t, filepath.Join(dir, "pid")))
 	checkNoGoroutines(t)
 }
 

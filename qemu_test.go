@@ -691,12 +691,8 @@ exec sleep 600`)
 func waitForPID[T any](t *testing.T, file string, done <-chan T) int {
 	t.Helper()
 	for {
-		if b, err := os.ReadFile(file); err == nil {
-			var pid int
-			if _, err := fmt.Sscan(string(b), &pid); err != nil {
-				t.Fatalf("bad pid file %q: %v", b, err)
-			}
-			return pid
+		if _, err := os.Stat(file); err == nil {
+			return readPID(t, file)
 		}
 		select {
 		case r := <-done:
@@ -704,6 +700,22 @@ func waitForPID[T any](t *testing.T, file string, done <-chan T) int {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
+}
+
+// readPID returns the process id a stand-in wrote to file, and fails the
+// test if there is none: a check of that process would otherwise look at
+// no process at all, and pass.
+func readPID(t *testing.T, file string) int {
+	t.Helper()
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	if _, err := fmt.Sscan(string(b), &pid); err != nil || pid <= 0 {
+		t.Fatalf("bad pid file %q: %v", b, err)
+	}
+	return pid
 }
 
 func TestLaunchCustomQemuContextDoneBeforeStart(t *testing.T) {

@@ -1038,21 +1038,13 @@ func TestPlainReturn(t *testing.T) {
 // checks that the next command always gets its own reply.
 func TestQMPCancelRacingReply(t *testing.T) {
 	s := connect(t, "7.2.22", nil)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			cmd := s.p.recv()
-			if cmd == "" {
-				return
-			}
-			var c struct {
-				Arguments json.RawMessage `json:"arguments"`
-			}
-			json.Unmarshal([]byte(cmd), &c)
-			s.p.send(`{"return": ` + string(c.Arguments) + `}`)
+	done := s.p.serve(func(cmd string) []string {
+		var c struct {
+			Arguments json.RawMessage `json:"arguments"`
 		}
-	}()
+		json.Unmarshal([]byte(cmd), &c)
+		return []string{`{"return": ` + string(c.Arguments) + `}`}
+	})
 	cancelled := 0
 	for i := 0; i < 300; i++ {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(i%30)*10*time.Microsecond)
