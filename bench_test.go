@@ -83,7 +83,9 @@ type benchQEMU struct {
 
 // startBenchQEMU starts a paused QEMU with no machine (so that a cont
 // runs no guest code that would compete for the CPU) for the rest of the
-// benchmark; cleanup kills and reaps it.
+// benchmark; cleanup kills and reaps it. It is not an Instance: QEMU sends
+// every event to every connection, and the Instance's own session would
+// read the stop and cont benchmarks' events inside their measurements.
 func startBenchQEMU(b *testing.B) *benchQEMU {
 	b.Helper()
 	bin, fw := requireQEMU(b)
@@ -541,43 +543,23 @@ func BenchmarkQMP(b *testing.B) {
 
 	// query-status through the generic method, its reply discarded.
 	b.Run("ExecuteCommand", func(b *testing.B) {
-		q := vm.connect(b, nil)
-		defer q.Shutdown()
-		fc := mustDialFloor(b, vm.floor)
-		defer fc.conn.Close()
-		c, f := interleave(b, vm.pid, func(n int) error {
-			for i := 0; i < n; i++ {
-				if err := q.ExecuteCommand(ctx, "query-status", nil, nil); err != nil {
-					return err
-				}
-			}
-			return nil
-		}, floorRunner(fc, queryStatus))
-		c.reportAgainst(b, &f)
+		benchQueryStatus(b, vm, func(q *QMP, n int) error {
+			return queryStatusN(ctx, q, n, nil)
+		})
 	})
 
 	// query-status through the generic method, its reply decoded.
 	b.Run("ExecuteCommandResult", func(b *testing.B) {
-		q := vm.connect(b, nil)
-		defer q.Shutdown()
-		fc := mustDialFloor(b, vm.floor)
-		defer fc.conn.Close()
 		var status struct {
 			Status  string `json:"status"`
 			Running bool   `json:"running"`
 		}
-		c, f := interleave(b, vm.pid, func(n int) error {
-			for i := 0; i < n; i++ {
-				if err := q.ExecuteCommand(ctx, "query-status", nil, &status); err != nil {
-					return err
-				}
-			}
-			return nil
-		}, floorRunner(fc, queryStatus))
+		benchQueryStatus(b, vm, func(q *QMP, n int) error {
+			return queryStatusN(ctx, q, n, &status)
+		})
 		if status.Status == "" {
 			b.Fatalf("query-status decoded to %+v", status)
 		}
-		c.reportAgainst(b, &f)
 	})
 
 	// The documented methods: alternate ExecuteStop and ExecuteCont, one
@@ -607,11 +589,7 @@ func BenchmarkQMP(b *testing.B) {
 	// 16 goroutines share one session. The client still runs one command
 	// at a time, so the floor it is compared with is the sequential one.
 	b.Run("Parallel16", func(b *testing.B) {
-		q := vm.connect(b, nil)
-		defer q.Shutdown()
-		fc := mustDialFloor(b, vm.floor)
-		defer fc.conn.Close()
-		c, f := interleave(b, vm.pid, func(n int) error {
+		benchQueryStatus(b, vm, func(q *QMP, n int) error {
 			var left atomic.Int64
 			left.Store(int64(n))
 			var wg sync.WaitGroup
@@ -635,11 +613,32 @@ func BenchmarkQMP(b *testing.B) {
 			default:
 				return nil
 			}
-		}, floorRunner(fc, queryStatus))
-		c.reportAgainst(b, &f)
+		})
 	})
 
 	b.Run("Events", func(b *testing.B) { benchEvents(b, vm) })
+}
+
+// benchQueryStatus runs client's query-status commands on one session
+// against the floor's on one connection, both kept for the whole run:
+// query-status makes no events, so neither sees the other's traffic.
+func benchQueryStatus(b *testing.B, vm *benchQEMU, client func(q *QMP, n int) error) {
+	q := vm.connect(b, nil)
+	defer q.Shutdown()
+	fc := mustDialFloor(b, vm.floor)
+	defer fc.conn.Close()
+	c, f := interleave(b, vm.pid, func(n int) error { return client(q, n) }, floorRunner(fc, queryStatus))
+	c.reportAgainst(b, &f)
+}
+
+// queryStatusN runs query-status n times through ExecuteCommand.
+func queryStatusN(ctx context.Context, q *QMP, n int, result interface{}) error {
+	for i := 0; i < n; i++ {
+		if err := q.ExecuteCommand(ctx, "query-status", nil, result); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // benchEvents alternates stop and cont and reads each one's STOP or RESUME
