@@ -267,12 +267,19 @@ echo "qemu: last words" >&2
 qmp_greet
 qmp_serve`
 
-func TestInstanceStderrFlood(t *testing.T) {
+// runFlood runs floodStandIn to its end, with w as InstanceOptions.Stderr,
+// and returns the closed Instance. A w with a release channel blocks until
+// the start has returned, which QEMU reaches only once all its stderr has
+// been written.
+func runFlood(t *testing.T, w *countingWriter) *Instance {
+	t.Helper()
 	path, _ := standIn(t, "qemu", floodStandIn)
-	w := &countingWriter{}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	inst, err := StartCustomInstance(ctx, path, nil, nil, InstanceOptions{Stderr: w})
+	if w.release != nil {
+		close(w.release)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -282,6 +289,12 @@ func TestInstanceStderrFlood(t *testing.T) {
 		t.Fatal(err)
 	}
 	inst.Close()
+	return inst
+}
+
+func TestInstanceStderrFlood(t *testing.T) {
+	w := &countingWriter{}
+	inst := runFlood(t, w)
 	tail := inst.Stderr()
 	if len(tail) != maxStderr || !strings.HasSuffix(tail, "x\nqemu: last words\n") {
 		t.Errorf("Stderr() holds %d bytes ending %q; want %d ending with the last words", len(tail), lastLines(tail, 1), maxStderr)
@@ -293,23 +306,8 @@ func TestInstanceStderrFlood(t *testing.T) {
 }
 
 func TestInstanceSlowStderrWriterDoesNotStallQEMU(t *testing.T) {
-	path, _ := standIn(t, "qemu", floodStandIn)
 	w := &countingWriter{release: make(chan struct{})}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	// The writer blocks until QEMU has spoken QMP, which it does only once
-	// all its stderr has been written.
-	inst, err := StartCustomInstance(ctx, path, nil, nil, InstanceOptions{Stderr: w})
-	close(w.release)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer inst.Close()
-	stopWithin(t, inst, 10*time.Second)
-	if _, err := inst.Wait(ctx); err != nil {
-		t.Fatal(err)
-	}
-	inst.Close()
+	runFlood(t, w)
 	got := w.String()
 	if w.dropped == 0 || !strings.HasSuffix(got, "qemu: last words\n") {
 		t.Errorf("the slow writer saw %d notices of dropped bytes; its last output: %q", w.dropped, lastLines(got, 1))
