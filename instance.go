@@ -14,19 +14,17 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 )
 
-// Default bounds of the steps of Instance.Stop.
+// Default bounds of the steps of Instance.Stop, and of the wait for QEMU
+// to end after SIGKILL in Stop and Close.
 const (
 	DefaultPowerdownTimeout = 30 * time.Second
 	DefaultQuitTimeout      = 5 * time.Second
 	DefaultTermTimeout      = 5 * time.Second
+	DefaultKillTimeout      = 5 * time.Second
 )
-
-// killWait bounds the wait for the kernel to end a process sent SIGKILL
-// once the caller's context has ended; only a process stuck in the kernel
-// (an uninterruptible read from a dead NFS server, say) takes longer.
-const killWait = 5 * time.Second
 
 // instanceMonitor is the chardev id of the QMP channel an Instance adds to
 // QEMU's command line.
@@ -57,6 +55,12 @@ type InstanceOptions struct {
 	PowerdownTimeout time.Duration
 	QuitTimeout      time.Duration
 	TermTimeout      time.Duration
+
+	// KillTimeout bounds the wait for QEMU to end after SIGKILL, in Stop
+	// and Close; zero means DefaultKillTimeout. Only a process stuck in
+	// the kernel (an uninterruptible read from a dead NFS server, say)
+	// outlasts it.
+	KillTimeout time.Duration
 }
 
 // StopStep is the step of Instance.Stop that ended QEMU.
@@ -114,9 +118,19 @@ type Instance struct {
 	stderrRead chan struct{} // closed when the stderr pipe has been read to its end
 	sink       *stderrSink   // nil without InstanceOptions.Stderr
 
-	exited  chan struct{} // closed once QEMU has been reaped
+	// exited is closed once QEMU has been reaped, with state and
+	// waitErr set; drained after it, once QEMU's stderr has been read to
+	// its end (or the grace for what QEMU left holding it has run out).
+	exited  chan struct{}
+	drained chan struct{}
 	state   *os.ProcessState
 	waitErr error // what cmd.Wait returned
+
+	// sigMu is held while a signal is sent to QEMU's group and while QEMU
+	// is reaped, so that no signal can reach the group of a reaped pid,
+	// which another process may have by then.
+	sigMu  sync.Mutex
+	reaped bool // guarded by sigMu
 
 	stopTurn  chan struct{} // holds a token while a Stop runs
 	killed    atomic.Bool   // SIGKILL was sent to a running QEMU
@@ -256,6 +270,7 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 		stderrR:    stderrR,
 		stderrRead: make(chan struct{}),
 		exited:     make(chan struct{}),
+		drained:    make(chan struct{}),
 		stopTurn:   make(chan struct{}, 1),
 	}
 	inst.log.Infof("qemu: starting %s", inst.CommandLine())
@@ -348,12 +363,13 @@ func (inst *Instance) failStart(ctx context.Context, cause error) error {
 
 // closedByQEMU reports whether err says that QEMU closed the QMP channel.
 func closedByQEMU(err error) bool {
-	return errors.Is(err, io.EOF) || errors.Is(err, errDisconnected) || errors.Is(err, syscall.ECONNRESET)
+	return errors.Is(err, io.EOF) || errors.Is(err, ErrDisconnected) || errors.Is(err, syscall.ECONNRESET)
 }
 
 // exitedAtStart is the error for a QEMU that exited before QMP was ready.
 func (inst *Instance) exitedAtStart() error {
 	path := inst.cmd.Path
+	<-inst.drained // for QEMU's last words
 	msg := lastLines(inst.Stderr(), 5)
 	if msg == "" {
 		msg = "(nothing on stderr)"
@@ -414,13 +430,23 @@ func (inst *Instance) readStderr() {
 	}
 }
 
-// reap waits for QEMU to exit, exactly once, and for the end of its stderr.
+// reap waits for QEMU to exit and reaps it, exactly once, then waits for
+// the end of its stderr.
 func (inst *Instance) reap() {
+	pid := inst.cmd.Process.Pid
+	// Until QEMU is reaped, its pid, which is its group's id, cannot be
+	// reused: learn of the exit without reaping, so that whatever QEMU
+	// started and left in its group can be killed without any risk of
+	// signalling another group.
+	waitExitNoReap(pid)
+	inst.sigMu.Lock()
+	syscall.Kill(-pid, syscall.SIGKILL)
 	err := inst.cmd.Wait()
-	// Whatever QEMU started and left in its group goes with it. QEMU's
-	// pid was free for reuse only from the line above, so the group id
-	// is still QEMU's.
-	syscall.Kill(-inst.cmd.Process.Pid, syscall.SIGKILL)
+	inst.reaped = true
+	inst.sigMu.Unlock()
+	inst.state, inst.waitErr = inst.cmd.ProcessState, err
+	inst.log.Infof("qemu: pid %d ended: %s", pid, inst.state)
+	close(inst.exited)
 	select {
 	case <-inst.stderrRead:
 	case <-time.After(stderrGrace):
@@ -429,9 +455,48 @@ func (inst *Instance) reap() {
 		inst.stderrR.SetReadDeadline(time.Now())
 		<-inst.stderrRead
 	}
-	inst.state, inst.waitErr = inst.cmd.ProcessState, err
-	inst.log.Infof("qemu: pid %d ended: %s", inst.cmd.Process.Pid, inst.state)
-	close(inst.exited)
+	close(inst.drained)
+}
+
+// waitExitNoReap waits until the child pid has exited, leaving it a
+// zombie for cmd.Wait to reap.
+func waitExitNoReap(pid int) {
+	var info siginfo
+	for {
+		if err := waitid(pid, &info, syscall.WEXITED|wNoWait); err != syscall.EINTR {
+			return // an error other than EINTR leaves it to cmd.Wait to report
+		}
+	}
+}
+
+// exitedNoReap reports whether the child pid has exited, without reaping it.
+func exitedNoReap(pid int) bool {
+	var info siginfo
+	err := waitid(pid, &info, syscall.WEXITED|syscall.WNOHANG|wNoWait)
+	return err == nil && info.pid != 0
+}
+
+// wNoWait is Linux's WNOWAIT, which package syscall lacks: waitid leaves
+// the child waitable.
+const wNoWait = 0x01000000
+
+// siginfo is the start of Linux's siginfo_t as waitid fills it for a
+// child (64-bit layout), padded to the kernel's 128 bytes.
+type siginfo struct {
+	signo, errno, code, _ int32
+	pid                   int32
+	uid                   uint32
+	status                int32
+	_                     [100]byte
+}
+
+func waitid(pid int, info *siginfo, options int) error {
+	const pPID = 1 // P_PID: wait for the child whose pid is given
+	_, _, e := syscall.Syscall6(syscall.SYS_WAITID, pPID, uintptr(pid), uintptr(unsafe.Pointer(info)), uintptr(options), 0, 0)
+	if e != 0 {
+		return e
+	}
+	return nil
 }
 
 // QMP returns the instance's QMP session, negotiated and ready for
@@ -480,29 +545,31 @@ func shellQuote(s string) string {
 func (inst *Instance) Stderr() string { return inst.stderr.String() }
 
 // Done returns a channel that is closed once QEMU has exited and been
-// reaped.
-func (inst *Instance) Done() <-chan struct{} { return inst.exited }
+// reaped, and its stderr read to the end.
+func (inst *Instance) Done() <-chan struct{} { return inst.drained }
 
 // Wait waits for QEMU to exit and returns how it ended: its exit status or
 // the signal that killed it. Any number of goroutines may wait, before or
-// after QEMU exits; it is reaped once whatever they do. With
-// InstanceOptions.Stderr, Wait also waits, as os/exec does, until that
-// writer has been given all of QEMU's output, or Close is called. If ctx
-// ends first, Wait returns an error that wraps ctx.Err(). A nil ctx means
+// after QEMU exits; it is reaped once whatever they do. Wait also waits,
+// as os/exec does, until QEMU's stderr has been read to its end and, with
+// InstanceOptions.Stderr, given to that writer, or Close is called. If ctx
+// ends first, Wait returns an error that wraps ctx.Err(); once all that is
+// over, Wait returns how QEMU ended whatever ctx says. A nil ctx means
 // context.Background().
 func (inst *Instance) Wait(ctx context.Context) (*os.ProcessState, error) {
 	ctx = orBackground(ctx)
-	if !inst.hasExited() {
+	// The state first, so that a done ctx cannot hide a finished QEMU.
+	if !isClosed(inst.drained) {
 		select {
-		case <-inst.exited:
+		case <-inst.drained:
 		case <-ctx.Done():
 			return nil, fmt.Errorf("qemu: wait for pid %d: %w", inst.Pid(), ctx.Err())
 		}
 	}
-	if inst.sink != nil {
+	if s := inst.sink; s != nil && !isClosed(s.done) && !isClosed(s.abandoned) {
 		select {
-		case <-inst.sink.done:
-		case <-inst.sink.abandoned:
+		case <-s.done:
+		case <-s.abandoned:
 		case <-ctx.Done():
 			return nil, fmt.Errorf("qemu: wait for pid %d: copying stderr: %w", inst.Pid(), ctx.Err())
 		}
@@ -511,6 +578,16 @@ func (inst *Instance) Wait(ctx context.Context) (*os.ProcessState, error) {
 		return nil, fmt.Errorf("qemu: wait for pid %d: %w", inst.Pid(), inst.waitErr)
 	}
 	return inst.state, nil
+}
+
+// isClosed reports whether ch, which is only ever closed, has been.
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }
 
 func orBackground(ctx context.Context) context.Context {
@@ -535,27 +612,47 @@ func orBackground(ctx context.Context) context.Context {
 // at quit. When the QMP session has already ended, Stop starts at SIGTERM.
 //
 // Stop returns StopExited when QEMU exited by itself: before Stop was
-// called (at once, then) or during a step that did not cause it. If ctx
-// ends before QEMU has exited, Stop goes straight to SIGKILL and returns
-// StopKill with an error that wraps ctx.Err(). Calls to Stop are
-// serialised; one that waits for another also goes to SIGKILL when its ctx
-// ends. A nil ctx means context.Background().
+// called (at once, then, whatever ctx says) or during a step that did not
+// cause it. If ctx ends before QEMU has exited, Stop goes straight to
+// SIGKILL and returns StopKill with an error that wraps ctx.Err(). Calls
+// to Stop are serialised; one that waits for another also goes to SIGKILL
+// when its ctx ends. A nil ctx means context.Background().
 func (inst *Instance) Stop(ctx context.Context) (StopStep, error) {
-	ctx = orBackground(ctx)
+	step, err := inst.stop(orBackground(ctx))
+	if inst.hasExited() {
+		// What QEMU wrote last is read soon after its exit (stderrGrace
+		// at most), so that Wait after Stop returns at once.
+		<-inst.drained
+	}
+	return step, err
+}
+
+func (inst *Instance) stop(ctx context.Context) (StopStep, error) {
+	// The state first: on a QEMU that has exited, a done ctx must not
+	// turn the answer into a SIGKILL.
+	if inst.hasExited() {
+		return StopExited, nil
+	}
 	select {
 	case inst.stopTurn <- struct{}{}:
 		defer func() { <-inst.stopTurn }()
 	case <-ctx.Done():
+		if inst.hasExited() {
+			return StopExited, nil
+		}
 		return StopKill, inst.kill(ctx)
 	}
 	if inst.hasExited() {
 		return StopExited, nil
 	}
-	step := inst.runLadder(ctx)
-	if step == StopKill || ctx.Err() != nil {
-		return StopKill, inst.kill(ctx)
+	step := StopKill
+	if ctx.Err() == nil {
+		step = inst.runLadder(ctx)
 	}
-	if inst.killed.Load() {
+	switch {
+	case step == StopKill || !inst.hasExited():
+		return StopKill, inst.kill(ctx)
+	case inst.killed.Load():
 		// Close killed QEMU while a step was waiting.
 		return StopKill, nil
 	}
@@ -565,7 +662,7 @@ func (inst *Instance) Stop(ctx context.Context) (StopStep, error) {
 // runLadder runs Stop's graceful steps and returns the one that ended
 // QEMU, or StopKill when none did.
 func (inst *Instance) runLadder(ctx context.Context) StopStep {
-	if inst.qmp.sessionErr() == nil {
+	if !isClosed(inst.qmp.Done()) {
 		exited, guestDown := inst.powerdown(ctx)
 		switch {
 		case exited && guestDown:
@@ -576,11 +673,11 @@ func (inst *Instance) runLadder(ctx context.Context) StopStep {
 			return StopQuit
 		}
 	}
-	if ctx.Err() == nil && inst.terminate(ctx) {
-		return StopTerm
-	}
 	if inst.hasExited() {
 		return StopExited
+	}
+	if ctx.Err() == nil {
+		return inst.terminate(ctx)
 	}
 	return StopKill
 }
@@ -640,7 +737,7 @@ func (inst *Instance) powerdown(ctx context.Context) (exited, guestDown bool) {
 		return inst.waitExited(qctx), true
 	}
 	inst.log.Infof("qemu: stop pid %d: %v", inst.Pid(), err)
-	if lostToQEMU(err) {
+	if lostToPeer(err) {
 		// QEMU went away without a SHUTDOWN: it is exiting.
 		return inst.waitExited(pctx), false
 	}
@@ -670,48 +767,60 @@ func (inst *Instance) quit(ctx context.Context) bool {
 	return inst.waitExited(qctx)
 }
 
-// terminate is Stop's third step.
-func (inst *Instance) terminate(ctx context.Context) bool {
-	if inst.hasExited() {
-		return true
-	}
+// terminate is Stop's third step. It returns StopTerm when QEMU exited
+// after SIGTERM, StopExited when it had exited before, and StopKill when
+// it is still running.
+func (inst *Instance) terminate(ctx context.Context) StopStep {
 	inst.log.Warningf("qemu: stop pid %d: sending SIGTERM", inst.Pid())
-	inst.signalGroup(syscall.SIGTERM)
+	if !inst.signalGroup(syscall.SIGTERM) {
+		return StopExited
+	}
 	inst.signalGroup(syscall.SIGCONT)
 	tctx, cancel := withTimeout(ctx, inst.opts.TermTimeout, DefaultTermTimeout)
 	defer cancel()
-	return inst.waitExited(tctx)
+	if inst.waitExited(tctx) {
+		return StopTerm
+	}
+	return StopKill
 }
 
-// signalGroup sends sig to QEMU's process group, unless QEMU has been
-// reaped: its pid, the group's id, may then belong to another process.
-func (inst *Instance) signalGroup(sig syscall.Signal) {
-	if !inst.hasExited() {
-		syscall.Kill(-inst.Pid(), sig)
+// signalGroup sends sig to QEMU's process group while QEMU is running, and
+// reports whether it did. A QEMU that has exited is not signalled, reaped
+// or not: the signal would not be what ended it, and once it is reaped its
+// pid, the group's id, may belong to another process.
+func (inst *Instance) signalGroup(sig syscall.Signal) bool {
+	inst.sigMu.Lock()
+	defer inst.sigMu.Unlock()
+	if inst.reaped || exitedNoReap(inst.Pid()) {
+		return false
 	}
+	syscall.Kill(-inst.Pid(), sig)
+	return true
 }
 
 // kill is Stop's last step, and Close's only one: SIGKILL to QEMU's
-// process group, then wait until QEMU has been reaped. Once ctx has ended
-// it waits at most killWait.
+// process group, then wait until QEMU has been reaped, at most
+// KillTimeout.
 func (inst *Instance) kill(ctx context.Context) error {
-	running := !inst.hasExited()
-	if running {
-		inst.log.Warningf("qemu: stop pid %d: sending SIGKILL", inst.Pid())
+	if inst.signalGroup(syscall.SIGKILL) {
+		inst.log.Warningf("qemu: stop pid %d: sent SIGKILL", inst.Pid())
 		inst.killed.Store(true)
-		inst.signalGroup(syscall.SIGKILL)
 	}
-	select {
-	case <-inst.exited:
-	case <-ctx.Done():
-		kctx, cancel := context.WithTimeout(context.Background(), killWait)
-		defer cancel()
-		if !inst.waitExited(kctx) {
-			return fmt.Errorf("qemu: stop pid %d: still running %v after SIGKILL: %w", inst.Pid(), killWait, ctx.Err())
+	d := inst.opts.KillTimeout
+	if d <= 0 {
+		d = DefaultKillTimeout
+	}
+	kctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	if !inst.waitExited(kctx) {
+		err := fmt.Errorf("qemu: stop pid %d: still running %v after SIGKILL, stuck in the kernel (state D) or traced", inst.Pid(), d)
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w: %w", err, ctx.Err())
 		}
+		return err
 	}
 	if err := ctx.Err(); err != nil {
-		if running {
+		if inst.killed.Load() {
 			return fmt.Errorf("qemu: stop pid %d: %w (QEMU killed)", inst.Pid(), err)
 		}
 		return fmt.Errorf("qemu: stop pid %d: %w", inst.Pid(), err)
@@ -720,11 +829,13 @@ func (inst *Instance) kill(ctx context.Context) error {
 }
 
 // Close kills QEMU and what it started if it is still running (use Stop
-// first for a graceful end), waits until QEMU has been reaped, and shuts
-// the QMP session down. InstanceOptions.Stderr gets nothing more, though a
-// Write in progress cannot be interrupted. Close may be called more than
-// once, and concurrently with any other method; calls after the first
-// return nil and do nothing.
+// first for a graceful end), waits until QEMU has been reaped, at most
+// KillTimeout, and shuts the QMP session down. A QEMU that outlasts the
+// bound (stuck in the kernel) makes Close return an error that says so;
+// it is still reaped when it ends. InstanceOptions.Stderr gets nothing
+// more, though a Write in progress cannot be interrupted. Close may be
+// called more than once, and concurrently with any other method; calls
+// after the first return nil and do nothing.
 func (inst *Instance) Close() error {
 	var err error
 	inst.closeOnce.Do(func() {

@@ -2,16 +2,13 @@ package qemu
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
-	"runtime"
-	"sync"
+	"reflect"
 	"time"
 )
 
@@ -118,121 +115,29 @@ func (e *QMPError) Error() string {
 	return e.Class + ": " + e.Desc
 }
 
-// maxLineSize bounds one line from QEMU. query-qmp-schema alone is several
-// hundred KiB, so the bound is generous; it exists so that a peer that never
-// sends a newline cannot make the client grow its buffer without end.
-const maxLineSize = 16 << 20
-
-var (
-	errShutdown     = errors.New("session was shut down")
-	errDisconnected = errors.New("connection to QEMU ended")
-)
-
-// lostReplyError is the error of a command that was sent but whose session
-// ended before its reply came.
-type lostReplyError struct{ err error }
-
-func (e *lostReplyError) Error() string { return "no reply: " + e.err.Error() }
-func (e *lostReplyError) Unwrap() error { return e.err }
+// maxSocketPath is the longest unix socket path the kernel takes: its
+// sun_path has 108 bytes, one of them for the terminating NUL.
+const maxSocketPath = 107
 
 // QMP is a structure that contains the internal state used by startQMPLoop
 // and the go routines it spawns. All the contents of this structure are
 // private.
 //
-// A QMP session has one reader goroutine, which decodes every line from
-// QEMU, and, when QMPConfig.EventCh is set, one goroutine that forwards
-// queued events to it. Commands are written by their callers, one at a time:
-// a caller takes the turn, writes its command in one write, waits for the
-// reply and gives the turn back once it has read it. A caller that gives up
-// leaves the turn to the reader, which gives it back when the late reply has
-// come. So exactly one command is ever in flight and every reply belongs to
-// it.
+// A QMP session runs on the package's session engine: one reader goroutine
+// decodes every line from QEMU, commands are written one at a time in call
+// order, each after the previous one's reply, and every event goes to the
+// subscriptions whose filter selects it (Subscribe). QMPConfig.EventCh is
+// one such subscription, with a goroutine of its own that forwards its
+// events. Its methods may be called from any number of goroutines.
 type QMP struct {
-	conn    net.Conn
-	log     QMPLog
-	eventCh chan<- QMPEvent
+	s       *session
+	router  router
 	version *QMPVersion
 
-	// turn holds a token while a command is in flight. Blocked senders on
-	// a channel are served in arrival order, so commands go out in call
-	// order.
-	turn chan struct{}
-	// wbuf is the write buffer, owned by whoever holds the turn.
-	wbuf []byte
-	// replies carries the reply to the caller of the command in flight.
-	// It is empty whenever the turn is free: each reply put in it is
-	// taken out by that command's caller, also one that gave up.
-	replies chan reply
-	// rbuf holds the "return" value of the reply in flight, copied out of
-	// the reader's buffer; the reader fills it for the command in flight,
-	// whose caller reads it before giving the turn back.
-	rbuf []byte
-	// msg is the reader's decode target, reused for every line.
-	msg message
-	// eventNames interns event names; only the reader uses it.
-	eventNames map[string]string
-
-	// done is closed when the session has ended; err then says why.
-	done chan struct{}
-	// stop is closed by Shutdown to make the event forwarder quit at once.
-	stop     chan struct{}
-	stopOnce sync.Once
-	wg       sync.WaitGroup
-	// eventReady wakes the event forwarder.
-	eventReady chan struct{}
-
-	mu  sync.Mutex // guards the fields below
-	err error
-	// pending is set while a command's caller waits for its reply;
-	// abandoned while the reply of a command whose caller gave up is
-	// still to come.
-	pending   bool
-	abandoned bool
-	waiters   []*eventWaiter
-	events    []QMPEvent
-	// forwarding is set while the forwarder holds events it has taken
-	// from events but not delivered yet, and once it has quit; the
-	// reader then queues every event rather than send it itself.
-	forwarding bool
-	ended      bool
-}
-
-// reply is what the reader hands to the caller of the command in flight.
-type reply struct {
-	ret json.RawMessage
-	err error
-}
-
-// eventWaiter is a caller waiting for an event that completes its command,
-// such as SHUTDOWN after system_powerdown.
-type eventWaiter struct {
-	name   string
-	device string // for DEVICE_DELETED: the data.device to match
-	seen   chan struct{}
-	fired  bool
-}
-
-// message is every kind of line QEMU sends, so that each line is decoded
-// once whatever it turns out to be.
-type message struct {
-	QMP *struct {
-		Version struct {
-			QEMU struct {
-				Major int `json:"major"`
-				Minor int `json:"minor"`
-				Micro int `json:"micro"`
-			} `json:"qemu"`
-		} `json:"version"`
-		Capabilities []string `json:"capabilities"`
-	} `json:"QMP"`
-	Return    json.RawMessage        `json:"return"`
-	Error     *QMPError              `json:"error"`
-	Event     string                 `json:"event"`
-	Data      map[string]interface{} `json:"data"`
-	Timestamp struct {
-		Seconds      int64 `json:"seconds"`
-		Microseconds int64 `json:"microseconds"`
-	} `json:"timestamp"`
+	// stopEvents ends the EventCh forwarder at once, for Shutdown;
+	// forwarded is closed when the forwarder has closed EventCh.
+	stopEvents context.CancelFunc
+	forwarded  chan struct{}
 }
 
 // QMPStart connects to a QMP unix socket and waits for QEMU's greeting,
@@ -245,6 +150,10 @@ type message struct {
 // closes the connection, when Shutdown is called, or when QMPStart itself
 // fails. Each call therefore needs a fresh channel.
 func QMPStart(ctx context.Context, socket string, cfg QMPConfig, disconnectedCh chan struct{}) (*QMP, *QMPVersion, error) {
+	if len(socket) > maxSocketPath {
+		closeIfSet(disconnectedCh)
+		return nil, nil, fmt.Errorf("qmp: connect to %s: the path is %d bytes, longer than the %d a unix socket path may have", socket, len(socket), maxSocketPath)
+	}
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", socket)
 	if err != nil {
@@ -256,30 +165,32 @@ func QMPStart(ctx context.Context, socket string, cfg QMPConfig, disconnectedCh 
 
 // qmpStartConn runs a QMP session over conn, which it owns from then on.
 func qmpStartConn(ctx context.Context, conn net.Conn, cfg QMPConfig, disconnectedCh chan struct{}) (*QMP, *QMPVersion, error) {
-	q := &QMP{
-		conn:       conn,
-		log:        orNullLogger(cfg.Logger),
-		eventCh:    cfg.EventCh,
-		turn:       make(chan struct{}, 1),
-		replies:    make(chan reply, 1),
-		done:       make(chan struct{}),
-		stop:       make(chan struct{}),
-		eventReady: make(chan struct{}, 1),
-	}
+	log := orNullLogger(cfg.Logger)
 	r := bufio.NewReaderSize(conn, 4<<10)
-	version, err := q.readGreeting(ctx, r)
+	version, err := readGreeting(ctx, conn, r, log)
 	if err != nil {
 		conn.Close()
 		closeIfSet(disconnectedCh)
 		return nil, nil, err
 	}
-	q.version = version
-	q.wg.Add(1)
-	go q.readLoop(r, disconnectedCh)
-	if q.eventCh != nil {
-		q.wg.Add(1)
-		go q.forwardEvents()
+	q := &QMP{version: version}
+	if cfg.EventCh != nil {
+		// Subscribed before the reader starts, so it sees every event.
+		sub := q.Subscribe(EventFilter{})
+		ectx, stop := context.WithCancel(context.Background())
+		q.stopEvents, q.forwarded = stop, make(chan struct{})
+		go forwardEvents(ectx, sub, cfg.EventCh, q.forwarded)
 	}
+	var dec qmpDecoder
+	q.s = newSession(conn, r, protocol{
+		name:   "qmp",
+		decode: dec.decode,
+		event:  q.router.publish,
+		end: func(err error) {
+			q.router.end(err)
+			closeIfSet(disconnectedCh)
+		},
+	}, log)
 	v := *version
 	return q, &v, nil
 }
@@ -290,23 +201,59 @@ func closeIfSet(ch chan struct{}) {
 	}
 }
 
+// forwardEvents sends what sub receives to ch until the session has ended
+// and everything queued has gone, or ctx ends; then it closes ch.
+func forwardEvents(ctx context.Context, sub *Subscription, ch chan<- QMPEvent, done chan struct{}) {
+	defer close(done)
+	defer close(ch)
+	defer sub.Close()
+	for {
+		ev, err := sub.Receive(ctx)
+		if err != nil || ctx.Err() != nil {
+			// Shutdown drops what is queued, whether or not someone
+			// is reading EventCh at that moment.
+			return
+		}
+		select {
+		case ch <- ev:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// greetingLine is the first line of a QMP session.
+type greetingLine struct {
+	QMP *struct {
+		Version struct {
+			QEMU struct {
+				Major int `json:"major"`
+				Minor int `json:"minor"`
+				Micro int `json:"micro"`
+			} `json:"qemu"`
+		} `json:"version"`
+		Capabilities []string `json:"capabilities"`
+	} `json:"QMP"`
+	Event string `json:"event"`
+}
+
 // readGreeting reads lines until QEMU's greeting. ctx is honoured by moving
 // the read deadline when it ends, which needs no goroutine of its own.
-func (q *QMP) readGreeting(ctx context.Context, r *bufio.Reader) (*QMPVersion, error) {
+func readGreeting(ctx context.Context, conn net.Conn, r *bufio.Reader, log QMPLog) (*QMPVersion, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("qmp: waiting for greeting: %w", err)
 	}
 	expire := context.AfterFunc(ctx, func() {
-		q.conn.SetReadDeadline(time.Unix(1, 0))
+		conn.SetReadDeadline(time.Unix(1, 0))
 	})
-	version, err := q.scanGreeting(r)
+	version, err := scanGreeting(r, log)
 	if !expire() {
 		return nil, fmt.Errorf("qmp: waiting for greeting: %w", ctx.Err())
 	}
 	return version, err
 }
 
-func (q *QMP) scanGreeting(r *bufio.Reader) (*QMPVersion, error) {
+func scanGreeting(r *bufio.Reader, log QMPLog) (*QMPVersion, error) {
 	var big []byte
 	for {
 		line, err := readLine(r, &big)
@@ -316,7 +263,7 @@ func (q *QMP) scanGreeting(r *bufio.Reader) (*QMPVersion, error) {
 		if len(line) == 0 {
 			continue
 		}
-		var m message
+		var m greetingLine
 		if err := json.Unmarshal(line, &m); err != nil {
 			return nil, fmt.Errorf("qmp: not a QMP greeting: %q: %w", truncate(line), err)
 		}
@@ -329,380 +276,53 @@ func (q *QMP) scanGreeting(r *bufio.Reader) (*QMPVersion, error) {
 			}
 			return &QMPVersion{Major: v.Major, Minor: v.Minor, Micro: v.Micro, Capabilities: caps}, nil
 		case m.Event != "":
-			q.log.Infof("qmp: skipping event %s before the greeting", m.Event)
+			log.Infof("qmp: skipping event %s before the greeting", m.Event)
 		default:
 			return nil, fmt.Errorf("qmp: not a QMP greeting: %q", truncate(line))
 		}
 	}
 }
 
-// readLine returns the next line without its line ending. The slice is only
-// valid until the next call. Lines longer than the reader's buffer are
-// gathered in *big, up to maxLineSize.
-func readLine(r *bufio.Reader, big *[]byte) ([]byte, error) {
-	line, err := r.ReadSlice('\n')
-	if err == bufio.ErrBufferFull {
-		buf := append((*big)[:0], line...)
-		for err == bufio.ErrBufferFull {
-			line, err = r.ReadSlice('\n')
-			if len(buf)+len(line) > maxLineSize {
-				return nil, fmt.Errorf("line from QEMU longer than %d bytes", maxLineSize)
-			}
-			buf = append(buf, line...)
-		}
-		*big = buf
-		line = buf
-	}
-	if err != nil {
-		return nil, err
-	}
-	return bytes.TrimSpace(line), nil
+// qmpDecoder decodes the lines of a QMP session after the greeting. It
+// belongs to the reader goroutine.
+type qmpDecoder struct {
+	m qmpLine
 }
 
-func truncate(line []byte) []byte {
-	if len(line) > 80 {
-		return line[:80]
-	}
-	return line
+// qmpLine is every kind of line QEMU sends after the greeting, so that each
+// line is decoded once whatever it turns out to be.
+type qmpLine struct {
+	Return    json.RawMessage        `json:"return"`
+	Error     *QMPError              `json:"error"`
+	Event     string                 `json:"event"`
+	Data      map[string]interface{} `json:"data"`
+	Timestamp struct {
+		Seconds      int64 `json:"seconds"`
+		Microseconds int64 `json:"microseconds"`
+	} `json:"timestamp"`
 }
 
-// readLoop decodes every line from QEMU until the connection ends, then ends
-// the session.
-func (q *QMP) readLoop(r *bufio.Reader, disconnectedCh chan struct{}) {
-	defer q.wg.Done()
-	var big []byte
-	var err error
-	for {
-		var line []byte
-		line, err = readLine(r, &big)
-		if err != nil {
-			break
-		}
-		if woke := q.dispatch(line); woke && r.Buffered() > 0 {
-			// The goroutine just handed an event is next to run on
-			// this P, until the next line, usually the reply that came
-			// with the event, readies its caller in its place and
-			// sends it to the back of the queue: tens of µs more at
-			// p99 for an event in the benchmarks. Yielding lets it
-			// run first. In the benchmarks the reply then waits about
-			// a microsecond; in a busy program the reader, now on the
-			// global run queue, may wait longer.
-			runtime.Gosched()
-		}
-		if cap(big) > 1<<20 {
-			// Don't hold a huge buffer for the rest of the session
-			// because of one large reply.
-			big = nil
-		}
+func (d *qmpDecoder) decode(line []byte) (frame, error) {
+	// Reset, so that the reply's value and the event's data decode into
+	// new memory, which the frame hands on.
+	d.m = qmpLine{}
+	m := &d.m
+	if err := json.Unmarshal(line, m); err != nil {
+		return frame{}, fmt.Errorf("not a JSON object: %w", err)
 	}
-	q.end(err)
-	closeIfSet(disconnectedCh)
-}
-
-// dispatch handles one line from QEMU. Everything it keeps is copied out of
-// line, which the reader reuses. It reports whether the line was an event
-// that may have woken a goroutine waiting on EventCh.
-func (q *QMP) dispatch(line []byte) (woke bool) {
-	if len(line) == 0 {
-		return false
-	}
-	if ret, ok := plainReturn(line); ok {
-		q.handleReply(reply{ret: ret}, true)
-		return false
-	}
-	if ev, ok := q.plainEvent(line); ok {
-		return q.handleEvent(ev)
-	}
-	q.msg = message{}
-	if err := json.Unmarshal(line, &q.msg); err != nil {
-		q.log.Warningf("qmp: skipping a line that is not a JSON object: %q", truncate(line))
-		return false
-	}
-	m := &q.msg
 	switch {
 	case m.Event != "":
-		return q.handleEvent(QMPEvent{
+		return frame{kind: frameEvent, event: QMPEvent{
 			Name:      m.Event,
 			Data:      m.Data,
 			Timestamp: time.Unix(m.Timestamp.Seconds, m.Timestamp.Microseconds*int64(time.Microsecond)),
-		})
+		}}, nil
 	case m.Error != nil:
-		q.handleReply(reply{err: m.Error}, false)
+		return frame{kind: frameReply, err: m.Error}, nil
 	case m.Return != nil:
-		q.handleReply(reply{ret: m.Return}, false)
-	default:
-		q.log.Warningf("qmp: skipping a line that is neither a reply nor an event: %q", truncate(line))
+		return frame{kind: frameReply, ret: m.Return}, nil
 	}
-	return false
-}
-
-// plainReturnPrefix is how QEMU starts a successful reply to a command
-// sent without an id.
-const plainReturnPrefix = `{"return": `
-
-// plainReturn recognises the common reply, {"return": VALUE}, without
-// decoding it, and returns VALUE. VALUE being valid JSON proves the line is
-// exactly that object with that one key: a top-level comma, which another
-// key would need, is not valid inside a single JSON value. Any other line
-// goes through the full decoder.
-func plainReturn(line []byte) ([]byte, bool) {
-	if !bytes.HasPrefix(line, []byte(plainReturnPrefix)) || line[len(line)-1] != '}' {
-		return nil, false
-	}
-	ret := line[len(plainReturnPrefix) : len(line)-1]
-	if !json.Valid(ret) {
-		return nil, false
-	}
-	return ret, true
-}
-
-// plainEventPrefix and the other pieces below are the layout every QEMU
-// from 2.x to 10 writes an event in:
-//
-//	{"timestamp": {"seconds": S, "microseconds": U}, "event": "NAME"}
-//
-// with , "data": {...} before the closing brace when the event has data.
-const (
-	plainEventPrefix = `{"timestamp": {"seconds": `
-	plainEventMicro  = `, "microseconds": `
-	plainEventName   = `}, "event": "`
-	plainEventData   = `, "data": `
-)
-
-// plainEvent recognises an event in QEMU's layout and decodes only its
-// data, which STOP, RESUME and most other frequent events don't have.
-// Anything that departs from the layout goes through the full decoder.
-func (q *QMP) plainEvent(line []byte) (QMPEvent, bool) {
-	rest, ok := bytes.CutPrefix(line, []byte(plainEventPrefix))
-	if !ok {
-		return QMPEvent{}, false
-	}
-	sec, rest, ok := cutDigits(rest)
-	if !ok {
-		return QMPEvent{}, false
-	}
-	if rest, ok = bytes.CutPrefix(rest, []byte(plainEventMicro)); !ok {
-		return QMPEvent{}, false
-	}
-	usec, rest, ok := cutDigits(rest)
-	if !ok {
-		return QMPEvent{}, false
-	}
-	if rest, ok = bytes.CutPrefix(rest, []byte(plainEventName)); !ok {
-		return QMPEvent{}, false
-	}
-	// QAPI event names are upper case letters, digits and underscores,
-	// so a name with anything else (an escape, say) takes the full path.
-	end := 0
-	for end < len(rest) && (rest[end] >= 'A' && rest[end] <= 'Z' || rest[end] >= '0' && rest[end] <= '9' || rest[end] == '_') {
-		end++
-	}
-	if end == 0 || end == len(rest) || rest[end] != '"' {
-		return QMPEvent{}, false
-	}
-	name, rest := rest[:end], rest[end+1:]
-	var data map[string]interface{}
-	if string(rest) != "}" {
-		if rest, ok = bytes.CutPrefix(rest, []byte(plainEventData)); !ok || len(rest) < 3 ||
-			rest[0] != '{' || rest[len(rest)-1] != '}' {
-			return QMPEvent{}, false
-		}
-		if data, ok = decodeObject(rest[:len(rest)-1]); !ok {
-			return QMPEvent{}, false
-		}
-	}
-	return QMPEvent{
-		Name:      q.internName(name),
-		Data:      data,
-		Timestamp: time.Unix(sec, usec*int64(time.Microsecond)),
-	}, true
-}
-
-// decodeObject decodes an event's data. Unmarshal validates it too, so a
-// line that only looks like an event is refused here and logged by the
-// full path. It is a function of its own, and not inlined, so that the
-// map's pointer, which escapes into Unmarshal, is only allocated for events
-// that have data.
-//
-//go:noinline
-func decodeObject(raw []byte) (map[string]interface{}, bool) {
-	var data map[string]interface{}
-	if json.Unmarshal(raw, &data) != nil {
-		return nil, false
-	}
-	return data, true
-}
-
-// cutDigits parses the unsigned decimal number at the start of b as JSON
-// writes it: no leading zero. More than 18 digits could overflow, and are
-// refused.
-func cutDigits(b []byte) (n int64, rest []byte, ok bool) {
-	i := 0
-	for i < len(b) && b[i] >= '0' && b[i] <= '9' {
-		if i == 18 || i == 1 && b[0] == '0' {
-			return 0, b, false
-		}
-		n = n*10 + int64(b[i]-'0')
-		i++
-	}
-	return n, b[i:], i > 0
-}
-
-// internName returns name as a string, allocating only the first time the
-// session sees it, since a session sees the same few events over and over.
-// The table belongs to the reader goroutine; it is bounded, so that a peer
-// making names up cannot grow it without end.
-func (q *QMP) internName(name []byte) string {
-	if s, ok := q.eventNames[string(name)]; ok {
-		return s
-	}
-	s := string(name)
-	if len(q.eventNames) < 64 {
-		if q.eventNames == nil {
-			q.eventNames = make(map[string]string)
-		}
-		q.eventNames[s] = s
-	}
-	return s
-}
-
-// handleReply hands the reply to the command in flight, or drops it when
-// its caller gave up, giving the turn back for it. inReadBuf says that
-// r.ret points into the reader's buffer, so it must be copied.
-func (q *QMP) handleReply(r reply, inReadBuf bool) {
-	q.mu.Lock()
-	pending, abandoned := q.pending, q.abandoned
-	q.pending, q.abandoned = false, false
-	q.mu.Unlock()
-	switch {
-	case pending:
-		if inReadBuf {
-			q.rbuf = append(q.rbuf[:0], r.ret...)
-			r.ret = q.rbuf
-		}
-		q.replies <- r
-	case abandoned:
-		<-q.turn
-	default:
-		q.log.Warningf("qmp: skipping a reply with no command in flight")
-	}
-}
-
-// handleEvent wakes the commands waiting for this event and queues it for
-// EventCh. It reports whether it sent the event into an empty EventCh,
-// which is what can wake a goroutine waiting on it; a send into a buffer
-// with events in it wakes nobody.
-func (q *QMP) handleEvent(ev QMPEvent) (woke bool) {
-	q.mu.Lock()
-	for _, w := range q.waiters {
-		if w.matches(ev) && !w.fired {
-			w.fired = true
-			close(w.seen)
-		}
-	}
-	if q.eventCh == nil {
-		q.mu.Unlock()
-		return false
-	}
-	if len(q.events) == 0 && !q.forwarding {
-		// Every earlier event has been delivered, so handing this one
-		// to a reader already waiting keeps the order and saves waking
-		// the forwarder, a goroutine switch on the way of every event.
-		// The send never blocks, and the mutex keeps the forwarder from
-		// closing EventCh under it.
-		empty := len(q.eventCh) == 0
-		select {
-		case q.eventCh <- ev:
-			q.mu.Unlock()
-			return empty
-		default:
-		}
-	}
-	q.events = append(q.events, ev)
-	q.mu.Unlock()
-	q.wakeForwarder()
-	return false
-}
-
-func (w *eventWaiter) matches(ev QMPEvent) bool {
-	if ev.Name != w.name {
-		return false
-	}
-	if w.device == "" {
-		return true
-	}
-	dev, _ := ev.Data["device"].(string)
-	return dev == w.device
-}
-
-func (q *QMP) wakeForwarder() {
-	select {
-	case q.eventReady <- struct{}{}:
-	default:
-	}
-}
-
-// end is the one place where a session ends: it records why, fails the
-// command in flight and lets the event forwarder finish.
-func (q *QMP) end(cause error) {
-	q.mu.Lock()
-	if q.err == nil {
-		if errors.Is(cause, io.EOF) {
-			q.err = errDisconnected
-		} else {
-			q.err = fmt.Errorf("%w: %w", errDisconnected, cause)
-		}
-	}
-	pending := q.pending
-	q.pending, q.abandoned = false, false
-	q.ended = true
-	err := q.err
-	q.mu.Unlock()
-	if pending {
-		q.replies <- reply{err: &lostReplyError{err}}
-	}
-	q.conn.Close()
-	close(q.done)
-	q.wakeForwarder()
-}
-
-// forwardEvents delivers queued events to EventCh in arrival order and
-// closes it when the session is over.
-func (q *QMP) forwardEvents() {
-	defer q.wg.Done()
-	defer func() {
-		q.mu.Lock()
-		q.forwarding = true // for good: the reader must not send any more
-		q.mu.Unlock()
-		close(q.eventCh)
-	}()
-	var batch []QMPEvent
-	for {
-		q.mu.Lock()
-		batch, q.events = q.events, batch[:0]
-		q.forwarding = len(batch) > 0
-		ended := q.ended
-		q.mu.Unlock()
-		for i := range batch {
-			select {
-			case q.eventCh <- batch[i]:
-			case <-q.stop:
-				return
-			}
-			batch[i] = QMPEvent{}
-		}
-		if len(batch) > 0 {
-			continue
-		}
-		if ended {
-			return
-		}
-		select {
-		case <-q.eventReady:
-		case <-q.stop:
-			return
-		}
-	}
+	return frame{}, errors.New("neither a reply nor an event")
 }
 
 // Shutdown closes the domain socket used to monitor a QEMU instance and
@@ -712,160 +332,108 @@ func (q *QMP) forwardEvents() {
 // indicating that we have lost connection to the QMP instance. In this case
 // it does not indicate that the instance has quit.
 //
-// Shutdown returns once every goroutine of the session has ended. It may be
+// Shutdown returns once every goroutine of the session has ended; EventCh
+// is closed at once, and what it had not delivered is dropped. It may be
 // called more than once, concurrently with other methods, and after the
 // disconnectedCh channel is closed; calls after the first have no effect.
-// Execute methods called after it return an error.
+// Execute methods called after it return an error that wraps ErrShutdown.
 func (q *QMP) Shutdown() {
-	q.stopOnce.Do(func() {
-		q.mu.Lock()
-		if q.err == nil {
-			q.err = errShutdown
-		}
-		q.mu.Unlock()
-		close(q.stop)
-		q.conn.Close()
-	})
-	q.wg.Wait()
+	q.s.shutdown()
+	if q.stopEvents != nil {
+		q.stopEvents()
+		<-q.forwarded
+	}
 }
 
-// sessionErr returns why the session ended.
-func (q *QMP) sessionErr() error {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.err
-}
+// Done returns a channel that is closed when the session has ended: QEMU
+// closed the connection (it exited, usually), a read or write failed, or
+// Shutdown was called. Err then says which.
+func (q *QMP) Done() <-chan struct{} { return q.s.done }
+
+// Err returns nil until Done is closed, and then why the session ended: an
+// error that wraps ErrShutdown after Shutdown, or ErrDisconnected when the
+// connection ended otherwise.
+func (q *QMP) Err() error { return q.s.endedErr() }
 
 // execute sends one command, waits for its reply and decodes the reply's
 // "return" value into result, unless result is nil. args, when not nil,
-// must encode to a JSON object.
+// must encode to a JSON object; result, when not nil, must be a pointer.
+// Both are checked before anything is sent.
 func (q *QMP) execute(ctx context.Context, name string, args, result interface{}) error {
-	var argsJSON []byte
-	if args != nil {
-		var err error
-		if argsJSON, err = json.Marshal(args); err != nil {
-			return fmt.Errorf("encode arguments: %w", err)
-		}
-		if len(argsJSON) == 0 || argsJSON[0] != '{' {
-			return fmt.Errorf("arguments encode to %.20s, not a JSON object", argsJSON)
-		}
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	select {
-	case q.turn <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-q.done:
-		return q.sessionErr()
-	}
-	if err := q.send(name, argsJSON); err != nil {
-		<-q.turn
-		return err
-	}
-	select {
-	case r := <-q.replies:
-		err := r.err
-		if err == nil && result != nil {
-			if err = json.Unmarshal(r.ret, result); err != nil {
-				err = fmt.Errorf("decode reply: %w", err)
-			}
-		}
-		if cap(q.rbuf) > 1<<20 {
-			// Don't hold a huge buffer for the rest of the session
-			// because of one large reply.
-			q.rbuf = nil
-		}
-		<-q.turn
-		return err
-	case <-ctx.Done():
-		q.abandon()
-		return ctx.Err()
-	}
+	return q.executeWithFiles(ctx, name, args, result, nil)
 }
 
-// abandon is execute giving up on the command in flight. If its reply is
-// still to come, the reader drops it and gives the turn back; if it is
-// already on its way, abandon takes it, so that the next command finds
-// the replies channel empty.
-func (q *QMP) abandon() {
-	q.mu.Lock()
-	waiting := q.pending
-	if waiting {
-		q.pending, q.abandoned = false, true
-	}
-	q.mu.Unlock()
-	if !waiting {
-		<-q.replies
-		<-q.turn
-	}
-}
-
-// send writes a command while its caller holds the turn, after marking it
-// as the command in flight.
-func (q *QMP) send(name string, argsJSON []byte) error {
-	q.mu.Lock()
-	err := q.err
-	if err == nil {
-		q.pending = true
-	}
-	q.mu.Unlock()
+// executeWithFiles is execute with files sent beside the command, as
+// SCM_RIGHTS ancillary data on its write.
+func (q *QMP) executeWithFiles(ctx context.Context, name string, args, result interface{}, files []*os.File) error {
+	argsJSON, err := encodeArgs(args)
 	if err != nil {
 		return err
 	}
-	q.wbuf = appendCommand(q.wbuf[:0], name, argsJSON)
-	if _, err := q.conn.Write(q.wbuf); err != nil {
-		// A partial write leaves QEMU's parser in an unknown state, so
-		// the session cannot go on; closing the connection makes the
-		// reader end it and fail this command.
-		q.conn.Close()
+	if err := checkResult(result); err != nil {
+		return err
+	}
+	if err := checkSendable(q.s.conn, files); err != nil {
+		return err
+	}
+	ret, err := q.s.call(ctx, name, argsJSON, files)
+	if err != nil || result == nil {
+		return err
+	}
+	if err := json.Unmarshal(ret, result); err != nil {
+		return fmt.Errorf("decode reply: %w", err)
 	}
 	return nil
 }
 
-// appendCommand appends the wire form of a command: no id, since only one
-// command is ever in flight, no empty "arguments", and a newline so QEMU's
-// parser need not wait for more input.
-func appendCommand(buf []byte, name string, argsJSON []byte) []byte {
-	buf = append(buf, `{"execute":`...)
-	buf = appendJSONString(buf, name)
-	if argsJSON != nil {
-		buf = append(buf, `,"arguments":`...)
-		buf = append(buf, argsJSON...)
+// encodeArgs encodes a command's arguments, which must be a JSON object.
+func encodeArgs(args interface{}) ([]byte, error) {
+	if args == nil {
+		return nil, nil
 	}
-	return append(buf, "}\n"...)
+	argsJSON, err := json.Marshal(args)
+	if err != nil {
+		return nil, fmt.Errorf("encode arguments: %w", err)
+	}
+	if len(argsJSON) == 0 || argsJSON[0] != '{' {
+		return nil, fmt.Errorf("arguments encode to %.20s, not a JSON object", argsJSON)
+	}
+	return argsJSON, nil
 }
 
-// appendJSONString appends s as a JSON string. Command names are plain
-// ASCII; anything else goes through encoding/json.
-func appendJSONString(buf []byte, s string) []byte {
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' {
-			b, _ := json.Marshal(s)
-			return append(buf, b...)
-		}
+// checkResult refuses a result that a reply could not be decoded into.
+func checkResult(result interface{}) error {
+	if result == nil {
+		return nil
 	}
-	buf = append(buf, '"')
-	buf = append(buf, s...)
-	return append(buf, '"')
+	if v := reflect.ValueOf(result); v.Kind() != reflect.Pointer || v.IsNil() {
+		return fmt.Errorf("result is a %T, not a non-nil pointer", result)
+	}
+	return nil
+}
+
+// commandError wraps err with the command's name and the object it is
+// about.
+func commandError(name, about string, err error) error {
+	if about != "" {
+		name += " " + about
+	}
+	return fmt.Errorf("qmp: %s: %w", name, err)
 }
 
 // run executes a command for one of the Execute methods, wrapping any error
 // with the command's name and the object it is about.
 func (q *QMP) run(ctx context.Context, name, about string, args, result interface{}) error {
 	if err := q.execute(ctx, name, args, result); err != nil {
-		if about != "" {
-			name += " " + about
-		}
-		return fmt.Errorf("qmp: %s: %w", name, err)
+		return commandError(name, about, err)
 	}
 	return nil
 }
 
 // ExecuteCommand runs any QMP command. args may be nil or anything that
-// encodes to a JSON object; result, when not nil, receives the decoded
-// "return" value of the reply. A QMP error reply is returned as a *QMPError,
+// encodes to a JSON object; result, when not nil, must be a pointer, and
+// receives the decoded "return" value of the reply. Both are checked
+// before anything is sent. A QMP error reply is returned as a *QMPError,
 // wrapped.
 func (q *QMP) ExecuteCommand(ctx context.Context, name string, args interface{}, result interface{}) error {
 	return q.run(ctx, name, "", args, result)
@@ -890,20 +458,12 @@ func (q *QMP) ExecuteCont(ctx context.Context) error {
 // ExecuteQuit sends the quit command to the instance, terminating the QMP
 // instance immediately. It succeeds when QEMU replies, and also when QEMU
 // closes the connection after the command was sent, since QEMU exiting is
-// what was asked for.
+// what was asked for. A quit that could not be written is an error.
 func (q *QMP) ExecuteQuit(ctx context.Context) error {
-	if err := q.execute(ctx, "quit", nil, nil); err != nil && !lostToQEMU(err) {
+	if err := q.execute(ctx, "quit", nil, nil); err != nil && !lostToPeer(err) {
 		return fmt.Errorf("qmp: quit: %w", err)
 	}
 	return nil
-}
-
-// lostToQEMU reports whether err says that QEMU closed the connection after
-// the command was sent, as opposed to Shutdown, a context, an error reply or
-// a session that had ended before.
-func lostToQEMU(err error) bool {
-	var lost *lostReplyError
-	return errors.As(err, &lost) && errors.Is(err, errDisconnected)
 }
 
 // ExecuteSystemPowerdown sends the system_powerdown command to the instance.
@@ -911,7 +471,8 @@ func lostToQEMU(err error) bool {
 // been received, in either order; a SHUTDOWN followed by QEMU closing the
 // connection counts as success.
 func (q *QMP) ExecuteSystemPowerdown(ctx context.Context) error {
-	return q.runAndWait(ctx, "system_powerdown", "", nil, &eventWaiter{name: "SHUTDOWN"})
+	_, err := q.runAndWait(ctx, "system_powerdown", "", nil, nil, EventFilter{Names: []string{"SHUTDOWN"}})
+	return err
 }
 
 // ExecuteDeviceDel deletes guest portion of a QEMU device by sending a
@@ -920,62 +481,18 @@ func (q *QMP) ExecuteSystemPowerdown(ctx context.Context) error {
 // ExecuteDeviceAdd. It must be a valid QMP identifier.
 //
 // This method blocks until the reply and a DEVICE_DELETED event whose
-// data.device is devID have been received, in either order.
+// data.device is devID have been received, in either order. When the guest
+// refuses the unplug (QEMU sends DEVICE_UNPLUG_GUEST_ERROR for the device),
+// it fails at once with an error that wraps ErrUnplugRefused.
 func (q *QMP) ExecuteDeviceDel(ctx context.Context, devID string) error {
 	args := struct {
 		ID string `json:"id"`
 	}{devID}
-	return q.runAndWait(ctx, "device_del", devID, args, &eventWaiter{name: "DEVICE_DELETED", device: devID})
-}
-
-// runAndWait runs a command that completes only when an event has come too.
-// The waiter is registered before the command is written, since QEMU may
-// send the event before the reply.
-func (q *QMP) runAndWait(ctx context.Context, name, about string, args interface{}, w *eventWaiter) error {
-	w.seen = make(chan struct{})
-	q.mu.Lock()
-	q.waiters = append(q.waiters, w)
-	q.mu.Unlock()
-	defer q.removeWaiter(w)
-
-	label := name
-	if about != "" {
-		label += " " + about
+	ev, err := q.runAndWait(ctx, "device_del", devID, args, nil, DeviceUnplugFilter(devID))
+	if err == nil && ev.Name == "DEVICE_UNPLUG_GUEST_ERROR" {
+		err = commandError("device_del", devID, ErrUnplugRefused)
 	}
-	err := q.execute(ctx, name, args, nil)
-	if err != nil && !(lostToQEMU(err) && q.eventSeen(w)) {
-		return fmt.Errorf("qmp: %s: %w", label, err)
-	}
-	select {
-	case <-w.seen:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("qmp: %s: waiting for %s: %w", label, w.name, ctx.Err())
-	case <-q.done:
-		if q.eventSeen(w) {
-			return nil
-		}
-		return fmt.Errorf("qmp: %s: waiting for %s: %w", label, w.name, q.sessionErr())
-	}
-}
-
-// eventSeen reports whether w's event has come; the mutex that guards the
-// waiters guards their state too.
-func (q *QMP) eventSeen(w *eventWaiter) bool {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return w.fired
-}
-
-func (q *QMP) removeWaiter(w *eventWaiter) {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	for i, x := range q.waiters {
-		if x == w {
-			q.waiters = append(q.waiters[:i], q.waiters[i+1:]...)
-			return
-		}
-	}
+	return err
 }
 
 // ExecuteBlockdevAdd sends a blockdev-add to the QEMU instance. device is the

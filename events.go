@@ -1,0 +1,355 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// ErrSubscriptionClosed is what Subscription.Receive returns once the
+// subscription has been closed.
+var ErrSubscriptionClosed = errors.New("qmp: subscription closed")
+
+// ErrUnplugRefused is wrapped by the error of an unplug that the guest
+// refused: QEMU sent DEVICE_UNPLUG_GUEST_ERROR for the device (QEMU 6.2
+// and later do).
+var ErrUnplugRefused = errors.New("the guest refused the unplug")
+
+// EventFilter selects the events a Subscription receives. An event is
+// selected when it passes every part that is set; the zero EventFilter
+// selects every event.
+type EventFilter struct {
+	// Names, if not empty, lists the event names selected, such as
+	// "JOB_STATUS_CHANGE".
+	Names []string
+
+	// Data, if not empty, maps members of the event's data to the value
+	// each must have. A key names a member of data, or a nested one with
+	// dots ("info.device"); a string member matches its value as is, a
+	// number or a boolean matches the way JSON writes it ("3", "true"),
+	// and null matches "null". A member that is absent matches nothing.
+	Data map[string]string
+
+	// Match, if not nil, must return true too. It runs on the session's
+	// reader goroutine while the session hands the event out, so it
+	// must be quick and must not call the session.
+	Match func(QMPEvent) bool
+}
+
+// matches reports whether f selects ev.
+func (f *EventFilter) matches(ev QMPEvent) bool {
+	if len(f.Names) > 0 && !slices.Contains(f.Names, ev.Name) {
+		return false
+	}
+	for path, want := range f.Data {
+		v, ok := dataMember(ev.Data, path)
+		if !ok || !valueIs(v, want) {
+			return false
+		}
+	}
+	return f.Match == nil || f.Match(ev)
+}
+
+// label names what f waits for, for error messages.
+func (f *EventFilter) label() string {
+	if len(f.Names) == 0 {
+		return "the event"
+	}
+	return strings.Join(f.Names, " or ")
+}
+
+// dataMember finds the member that a dotted path names in data.
+func dataMember(data map[string]interface{}, path string) (interface{}, bool) {
+	for {
+		key, rest, nested := strings.Cut(path, ".")
+		v, ok := data[key]
+		if !ok || !nested {
+			return v, ok
+		}
+		if data, ok = v.(map[string]interface{}); !ok {
+			return nil, false
+		}
+		path = rest
+	}
+}
+
+// valueIs reports whether a decoded JSON value is written want.
+func valueIs(v interface{}, want string) bool {
+	switch v := v.(type) {
+	case string:
+		return v == want
+	case float64:
+		return strconv.FormatFloat(v, 'g', -1, 64) == want
+	case bool:
+		return strconv.FormatBool(v) == want
+	case nil:
+		return want == "null"
+	}
+	return false
+}
+
+// JobStatusFilter selects the JOB_STATUS_CHANGE events of job id, those
+// reaching one of statuses ("concluded", say), or every status change of
+// the job when none is given.
+func JobStatusFilter(id string, statuses ...string) EventFilter {
+	return EventFilter{
+		Names: []string{"JOB_STATUS_CHANGE"},
+		Data:  map[string]string{"id": id},
+		Match: statusIn(statuses),
+	}
+}
+
+// MigrationFilter selects the MIGRATION events that report one of
+// statuses ("completed", "failed", "cancelled", say), or every MIGRATION
+// event when none is given.
+func MigrationFilter(statuses ...string) EventFilter {
+	return EventFilter{Names: []string{"MIGRATION"}, Match: statusIn(statuses)}
+}
+
+// statusIn returns a Match for events whose data.status is one of
+// statuses, or nil for none.
+func statusIn(statuses []string) func(QMPEvent) bool {
+	if len(statuses) == 0 {
+		return nil
+	}
+	statuses = slices.Clone(statuses)
+	return func(ev QMPEvent) bool {
+		s, _ := ev.Data["status"].(string)
+		return slices.Contains(statuses, s)
+	}
+}
+
+// DeviceUnplugFilter selects the events that end the unplug of device id:
+// its DEVICE_DELETED, or the DEVICE_UNPLUG_GUEST_ERROR of a guest that
+// refused. Both name the device in data.device; the DEVICE_DELETED events
+// of a device's parts, which carry only a path, are not selected.
+func DeviceUnplugFilter(id string) EventFilter {
+	return EventFilter{
+		Names: []string{"DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"},
+		Data:  map[string]string{"device": id},
+	}
+}
+
+// router hands every event to the subscriptions whose filter selects it.
+type router struct {
+	mu   sync.Mutex // guards the fields below, and is taken before a Subscription's
+	subs []*Subscription
+	err  error // why the session ended, once it has
+}
+
+// subscribe adds a subscription with a copy of f.
+func (r *router) subscribe(f EventFilter) *Subscription {
+	f.Names = slices.Clone(f.Names)
+	f.Data = maps.Clone(f.Data)
+	s := &Subscription{router: r, filter: f, ready: make(chan struct{}, 1)}
+	r.mu.Lock()
+	if r.err != nil {
+		s.err = r.err
+	} else {
+		r.subs = append(r.subs, s)
+	}
+	r.mu.Unlock()
+	return s
+}
+
+// publish queues ev for every subscription that selects it.
+func (r *router) publish(ev QMPEvent) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, s := range r.subs {
+		if s.filter.matches(ev) {
+			s.add(ev)
+		}
+	}
+}
+
+// end tells every subscription that no more events will come, and why.
+func (r *router) end(err error) {
+	r.mu.Lock()
+	subs := r.subs
+	r.subs, r.err = nil, err
+	r.mu.Unlock()
+	for _, s := range subs {
+		s.finish(err)
+	}
+}
+
+func (r *router) remove(s *Subscription) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if i := slices.Index(r.subs, s); i >= 0 {
+		r.subs = slices.Delete(r.subs, i, i+1)
+	}
+}
+
+// Subscription receives the events of a QMP session that its filter
+// selects, in the order QEMU sent them, from the moment Subscribe returned.
+// Each subscription has a queue of its own, so one that is read slowly or
+// never does not stall commands, other subscriptions or EventCh, and loses
+// no event; the price is memory. A queued event costs its decoded data
+// (about 500 bytes for a DEVICE_DELETED, 48 for a STOP) plus 48 bytes of
+// queue; the queue's memory is given back when it has been read empty, or
+// when the subscription is closed. The events' Data maps are shared by
+// every subscription that receives them: treat them as read-only.
+//
+// A Subscription's methods may be called from any number of goroutines.
+type Subscription struct {
+	router *router
+	filter EventFilter
+	ready  chan struct{} // holds a token when an event or the end may be there
+
+	mu    sync.Mutex // guards the fields below
+	queue eventQueue
+	err   error // after the queue: why no more events come
+}
+
+// Receive returns the next event, waiting for it until ctx ends. Events
+// queued before the session ended are still returned; after them, Receive
+// returns the session's end, an error that wraps ErrShutdown or
+// ErrDisconnected, and after Close, ErrSubscriptionClosed. A queued event
+// is returned even when ctx is already done.
+func (s *Subscription) Receive(ctx context.Context) (QMPEvent, error) {
+	for {
+		s.mu.Lock()
+		ev, ok := s.queue.pop()
+		more := s.queue.len() > 0
+		err := s.err
+		s.mu.Unlock()
+		if ok {
+			if more {
+				s.wake() // for another goroutine receiving too
+			}
+			return ev, nil
+		}
+		if err != nil {
+			return QMPEvent{}, err
+		}
+		select {
+		case <-s.ready:
+		case <-ctx.Done():
+			return QMPEvent{}, ctx.Err()
+		}
+	}
+}
+
+// Close ends the subscription: it receives nothing more, and what it had
+// queued is dropped. Close may be called more than once.
+func (s *Subscription) Close() {
+	s.router.remove(s)
+	s.mu.Lock()
+	s.err = ErrSubscriptionClosed
+	s.queue = eventQueue{}
+	s.mu.Unlock()
+	s.wake()
+}
+
+// add queues ev; the router calls it with its mutex held.
+func (s *Subscription) add(ev QMPEvent) {
+	s.mu.Lock()
+	if s.err == nil {
+		s.queue.push(ev)
+	}
+	s.mu.Unlock()
+	s.wake()
+}
+
+// finish records that no more events will come, and why.
+func (s *Subscription) finish(err error) {
+	s.mu.Lock()
+	if s.err == nil {
+		s.err = err
+	}
+	s.mu.Unlock()
+	s.wake()
+}
+
+func (s *Subscription) wake() {
+	select {
+	case s.ready <- struct{}{}:
+	default:
+	}
+}
+
+// eventQueue is a FIFO of events that gives its memory back once empty.
+type eventQueue struct {
+	buf  []QMPEvent
+	head int // buf[:head] has been read
+}
+
+func (q *eventQueue) len() int { return len(q.buf) - q.head }
+
+func (q *eventQueue) push(ev QMPEvent) {
+	if len(q.buf) == cap(q.buf) && q.head > 0 && q.head >= len(q.buf)/2 {
+		// Reuse the room of the events read rather than grow; at least
+		// half of it, so each event is moved a bounded number of times.
+		n := copy(q.buf, q.buf[q.head:])
+		clear(q.buf[n:])
+		q.buf, q.head = q.buf[:n], 0
+	}
+	q.buf = append(q.buf, ev)
+}
+
+func (q *eventQueue) pop() (QMPEvent, bool) {
+	if q.head == len(q.buf) {
+		return QMPEvent{}, false
+	}
+	ev := q.buf[q.head]
+	q.buf[q.head] = QMPEvent{}
+	q.head++
+	if q.head == len(q.buf) {
+		q.head = 0
+		if cap(q.buf) > 64 {
+			q.buf = nil // read empty: give a large queue's memory back
+		} else {
+			q.buf = q.buf[:0]
+		}
+	}
+	return ev, true
+}
+
+// Subscribe returns a subscription to the session's events that filter
+// selects. Every event QEMU sends after Subscribe has returned is offered
+// to it, so subscribing before sending a command never misses the events
+// the command causes, even those QEMU sends before its reply. Close the
+// subscription when done with it; until then it holds what it queues.
+func (q *QMP) Subscribe(filter EventFilter) *Subscription {
+	return q.router.subscribe(filter)
+}
+
+// ExecuteCommandAndWait runs a command as ExecuteCommand does and then
+// waits for the first event that filter selects, which it returns. It
+// subscribes before the command is sent, so the event may come before the
+// reply or after it. If QEMU closes the connection after the command was
+// sent, an event that came before that still completes the command. ctx
+// bounds the command and the wait.
+//
+// For the usual waits: JobStatusFilter for a job reaching "concluded",
+// MigrationFilter for a migration ending, DeviceUnplugFilter for an unplug.
+func (q *QMP) ExecuteCommandAndWait(ctx context.Context, name string, args, result interface{}, filter EventFilter) (QMPEvent, error) {
+	return q.runAndWait(ctx, name, "", args, result, filter)
+}
+
+// runAndWait runs a command that completes only when an event has come too.
+func (q *QMP) runAndWait(ctx context.Context, name, about string, args, result interface{}, filter EventFilter) (QMPEvent, error) {
+	sub := q.Subscribe(filter)
+	defer sub.Close()
+	err := q.execute(ctx, name, args, result)
+	if err != nil && !lostToPeer(err) {
+		return QMPEvent{}, commandError(name, about, err)
+	}
+	// After a lost reply the session has ended, so Receive returns at
+	// once: with the event if it came before the end.
+	ev, rerr := sub.Receive(ctx)
+	switch {
+	case rerr == nil:
+		return ev, nil
+	case err != nil:
+		return QMPEvent{}, commandError(name, about, err)
+	}
+	return QMPEvent{}, commandError(name, about, fmt.Errorf("waiting for %s: %w", filter.label(), rerr))
+}

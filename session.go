@@ -1,0 +1,464 @@
+package qemu
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// ErrShutdown is the cause of a session ended by Shutdown: commands in
+// flight then, and every command after, fail with an error that wraps it.
+var ErrShutdown = errors.New("session was shut down")
+
+// ErrDisconnected is the cause of a session whose connection ended without
+// Shutdown: QEMU exited or closed the socket, a read or a write failed, or
+// QEMU sent a line over the size limit. The errors that wrap it say which.
+var ErrDisconnected = errors.New("connection to QEMU ended")
+
+// maxLineSize bounds one line from QEMU. query-qmp-schema alone is several
+// hundred KiB, so the bound is generous; it exists so that a peer that never
+// sends a newline cannot make the client grow its buffer without end.
+const maxLineSize = 16 << 20
+
+// lostReplyError is the error of a command that was written but whose
+// session ended before its reply came.
+type lostReplyError struct{ err error }
+
+func (e *lostReplyError) Error() string { return "no reply: " + e.err.Error() }
+func (e *lostReplyError) Unwrap() error { return e.err }
+
+// lostToPeer reports whether err says that the peer closed the connection
+// after the command was written, as opposed to Shutdown, a context, an
+// error reply or a session that had ended before.
+func lostToPeer(err error) bool {
+	var lost *lostReplyError
+	return errors.As(err, &lost) && errors.Is(err, ErrDisconnected)
+}
+
+// frame is one line from the peer, as the protocol decoded it.
+type frame struct {
+	kind  frameKind
+	ret   json.RawMessage // a reply's value, which the frame owns
+	err   error           // an error reply's error
+	event QMPEvent
+}
+
+type frameKind int
+
+const (
+	frameSkip frameKind = iota // neither a reply nor an event: logged and skipped
+	frameReply
+	frameEvent
+)
+
+// protocol is what differs between the peers a session speaks to: how a
+// line decodes, and where events go. The greeting or handshake, if any, is
+// read by the protocol's own code before the session starts.
+type protocol struct {
+	// name prefixes the session's log lines.
+	name string
+	// decode reads one line, which it must not keep. An error says why
+	// the line was skipped.
+	decode func(line []byte) (frame, error)
+	// event receives each event, on the reader goroutine.
+	event func(QMPEvent)
+	// end is called once, on the reader goroutine, when the session has
+	// ended, with why.
+	end func(error)
+}
+
+// reply is what the reader hands to the caller of the command in flight.
+type reply struct {
+	ret json.RawMessage
+	err error
+}
+
+// session runs one request/response connection: one reader goroutine,
+// which decodes every line, and one command in flight at a time.
+//
+// The turn is a one-token semaphore: a caller takes it before it writes
+// its command and it is given back by whoever takes the command out of the
+// in-flight slot: the reader when the reply comes, end when the session
+// ends first, or the caller itself when its write sent nothing. Each
+// command has a completion of its own, so a caller that gives up just
+// stops listening and the reader needs to know nothing about it.
+type session struct {
+	conn  net.Conn
+	proto protocol
+	log   QMPLog
+
+	turn chan struct{}
+	// wbuf is the write buffer, owned by the holder of the turn.
+	wbuf []byte
+
+	// done is closed once the session has ended: the in-flight command
+	// has been failed and the protocol told.
+	done chan struct{}
+
+	mu       sync.Mutex // guards the fields below
+	inflight chan reply // the completion of the command written, or nil
+	err      error      // why the session ends, once it does
+	writeSeq uint64     // counts writes, so a late deadline finds its own
+}
+
+// newSession starts a session on conn, whose lines are read through r
+// (which may hold lines read ahead during a greeting).
+func newSession(conn net.Conn, r *bufio.Reader, proto protocol, log QMPLog) *session {
+	s := &session{
+		conn:  conn,
+		proto: proto,
+		log:   log,
+		turn:  make(chan struct{}, 1),
+		done:  make(chan struct{}),
+	}
+	go s.readLoop(r)
+	return s
+}
+
+// readLine returns the next line without its line ending. The slice is only
+// valid until the next call. Lines longer than the reader's buffer are
+// gathered in *big, up to maxLineSize.
+func readLine(r *bufio.Reader, big *[]byte) ([]byte, error) {
+	line, err := r.ReadSlice('\n')
+	if err == bufio.ErrBufferFull {
+		buf := append((*big)[:0], line...)
+		for err == bufio.ErrBufferFull {
+			line, err = r.ReadSlice('\n')
+			if len(buf)+len(line) > maxLineSize {
+				return nil, fmt.Errorf("line longer than %d bytes", maxLineSize)
+			}
+			buf = append(buf, line...)
+		}
+		*big = buf
+		line = buf
+	}
+	if err != nil {
+		return nil, err
+	}
+	return bytes.TrimSpace(line), nil
+}
+
+func truncate(line []byte) []byte {
+	if len(line) > 80 {
+		return line[:80]
+	}
+	return line
+}
+
+// readLoop decodes every line until the connection ends, then ends the
+// session.
+func (s *session) readLoop(r *bufio.Reader) {
+	var big []byte
+	for {
+		line, err := readLine(r, &big)
+		if err != nil {
+			s.end(err)
+			return
+		}
+		if cap(big) > 1<<20 {
+			// Don't hold a huge buffer for the rest of the session
+			// because of one large line.
+			big = nil
+		}
+		if len(line) == 0 {
+			continue
+		}
+		f, err := s.proto.decode(line)
+		if err != nil {
+			s.log.Warningf("%s: skipping a line: %v: %q", s.proto.name, err, truncate(line))
+			continue
+		}
+		switch f.kind {
+		case frameReply:
+			s.complete(reply{ret: f.ret, err: f.err})
+		case frameEvent:
+			s.proto.event(f.event)
+		}
+	}
+}
+
+// complete hands a reply to the command in flight and gives the turn back.
+func (s *session) complete(r reply) {
+	s.mu.Lock()
+	c := s.inflight
+	s.inflight = nil
+	s.mu.Unlock()
+	if c == nil {
+		s.log.Warningf("%s: skipping a reply with no command in flight", s.proto.name)
+		return
+	}
+	c <- r
+	<-s.turn
+}
+
+// end is the one place where a session ends: it records why, fails the
+// command in flight and tells the protocol. Only the reader calls it.
+func (s *session) end(cause error) {
+	s.mu.Lock()
+	if s.err == nil {
+		if errors.Is(cause, io.EOF) {
+			s.err = ErrDisconnected
+		} else {
+			s.err = fmt.Errorf("%w: %w", ErrDisconnected, cause)
+		}
+	}
+	err := s.err
+	c := s.inflight
+	s.inflight = nil
+	s.mu.Unlock()
+	s.conn.Close()
+	if c != nil {
+		c <- reply{err: &lostReplyError{err}}
+		<-s.turn
+	}
+	s.proto.end(err)
+	close(s.done)
+}
+
+// shutdown ends the session with ErrShutdown, unless it has ended already,
+// and returns once the reader has.
+func (s *session) shutdown() {
+	s.fail(ErrShutdown)
+	<-s.done
+}
+
+// fail makes err the session's end, unless it has one already, and closes
+// the connection, which makes the reader end the session.
+func (s *session) fail(err error) {
+	s.mu.Lock()
+	if s.err == nil {
+		s.err = err
+	}
+	s.mu.Unlock()
+	s.conn.Close()
+}
+
+// ended returns why the session ended, or is ending.
+func (s *session) ended() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+// endedErr returns nil until done is closed, then why the session ended.
+func (s *session) endedErr() error {
+	select {
+	case <-s.done:
+		return s.ended()
+	default:
+		return nil
+	}
+}
+
+// call writes one command line, built by appendCommand from name and
+// argsJSON, with files sent beside it, and returns its reply's value. The
+// context bounds the wait for the turn, the write and the wait for the
+// reply.
+func (s *session) call(ctx context.Context, name string, argsJSON []byte, files []*os.File) (json.RawMessage, error) {
+	// The state first: a done context or an ended session gives the
+	// same answer every time.
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	select {
+	case s.turn <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-s.done:
+		return nil, s.ended()
+	}
+	c, err := s.send(ctx, name, argsJSON, files)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case r := <-c:
+		return r.ret, r.err
+	case <-ctx.Done():
+		select {
+		case r := <-c: // a reply that is already there wins
+			return r.ret, r.err
+		default:
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// send writes a command while its caller holds the turn and returns the
+// command's completion. On an error the command is out of the slot, and
+// the turn given back.
+func (s *session) send(ctx context.Context, name string, argsJSON []byte, files []*os.File) (chan reply, error) {
+	c := make(chan reply, 1)
+	s.mu.Lock()
+	err := s.err
+	if err == nil {
+		// Before the write: the reply can be read before the write
+		// returns.
+		s.inflight = c
+	}
+	s.mu.Unlock()
+	if err != nil {
+		<-s.turn
+		return nil, err
+	}
+	buf := appendCommand(s.wbuf[:0], name, argsJSON)
+	// Settled before the write: once the command is out, its reply can
+	// give the turn, and wbuf, to the next caller. The kernel has copied
+	// every byte before the peer can answer, so the next caller cannot
+	// overwrite what this write still reads.
+	s.wbuf = buf
+	if cap(buf) > 1<<20 {
+		s.wbuf = nil // don't keep a huge buffer for one large command
+	}
+	n, err := s.write(ctx, buf, files)
+	if err == nil {
+		return c, nil
+	}
+	if ctx.Err() != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		err = ctx.Err()
+	}
+	err = fmt.Errorf("write: %w", err)
+	if n > 0 {
+		// Half a command leaves the peer's parser in an unknown state:
+		// the session cannot go on. The reader ends it and takes the
+		// command out of the slot.
+		s.fail(fmt.Errorf("%w: %d of %d bytes of a command written: %w", ErrDisconnected, n, len(buf), err))
+		return nil, err
+	}
+	s.mu.Lock()
+	mine := s.inflight == c
+	if mine {
+		s.inflight = nil
+	}
+	s.mu.Unlock()
+	if mine {
+		<-s.turn
+	}
+	return nil, err
+}
+
+// write writes p, with files as SCM_RIGHTS on its first byte, until ctx
+// ends. It returns how many bytes of p went out.
+func (s *session) write(ctx context.Context, p []byte, files []*os.File) (int, error) {
+	if ctx.Done() != nil {
+		// A peer that does not read (a stopped QEMU, an absent guest
+		// agent) would block the write for good: the context's end moves
+		// the deadline to the past. The sequence number keeps a late
+		// call of the function from touching a later write.
+		s.mu.Lock()
+		s.writeSeq++
+		seq := s.writeSeq
+		s.mu.Unlock()
+		stop := context.AfterFunc(ctx, func() {
+			s.mu.Lock()
+			if s.writeSeq == seq {
+				s.conn.SetWriteDeadline(time.Unix(1, 0))
+			}
+			s.mu.Unlock()
+		})
+		defer func() {
+			if !stop() {
+				s.mu.Lock()
+				s.writeSeq++
+				s.mu.Unlock()
+				s.conn.SetWriteDeadline(time.Time{})
+			}
+		}()
+	}
+	if len(files) == 0 {
+		return s.conn.Write(p)
+	}
+	return writeWithFiles(s.conn.(*net.UnixConn), p, files)
+}
+
+// writeWithFiles writes p with files attached to its first byte.
+func writeWithFiles(conn *net.UnixConn, p []byte, files []*os.File) (int, error) {
+	var n int
+	err := withFDs(files, nil, func(fds []int) error {
+		var err error
+		n, _, err = conn.WriteMsgUnix(p, syscall.UnixRights(fds...), nil)
+		return err
+	})
+	if err == nil && n < len(p) {
+		// A stream socket may take part of the bytes; the files went
+		// with the first of them.
+		var m int
+		m, err = conn.Write(p[n:])
+		n += m
+	}
+	return n, err
+}
+
+// withFDs calls f with the descriptors of files, each held open (and so
+// not reusable by another open) until f returns. It does not use Fd, which
+// would put a pollable file, such as a tap, into blocking mode.
+func withFDs(files []*os.File, fds []int, f func([]int) error) error {
+	if len(files) == 0 {
+		return f(fds)
+	}
+	rc, err := files[0].SyscallConn()
+	if err != nil {
+		return fmt.Errorf("file %d: %w", len(fds), err)
+	}
+	var inner error
+	err = rc.Control(func(fd uintptr) {
+		inner = withFDs(files[1:], append(fds, int(fd)), f)
+	})
+	if err != nil {
+		return fmt.Errorf("file %d (%s): %w", len(fds), files[0].Name(), err)
+	}
+	return inner
+}
+
+// checkSendable refuses files that cannot be sent over conn, before anything
+// is written.
+func checkSendable(conn net.Conn, files []*os.File) error {
+	if len(files) == 0 {
+		return nil
+	}
+	if _, ok := conn.(*net.UnixConn); !ok {
+		return fmt.Errorf("cannot send files: the session is not on a unix socket but on %s", conn.LocalAddr().Network())
+	}
+	for i, f := range files {
+		if f == nil {
+			return fmt.Errorf("cannot send files: file %d is nil", i)
+		}
+	}
+	return nil
+}
+
+// appendCommand appends the wire form of a command: no id, since only one
+// command is ever in flight, no empty "arguments", and a newline so the
+// peer's parser need not wait for more input.
+func appendCommand(buf []byte, name string, argsJSON []byte) []byte {
+	buf = append(buf, `{"execute":`...)
+	buf = appendJSONString(buf, name)
+	if argsJSON != nil {
+		buf = append(buf, `,"arguments":`...)
+		buf = append(buf, argsJSON...)
+	}
+	return append(buf, "}\n"...)
+}
+
+// appendJSONString appends s as a JSON string. Command names are plain
+// ASCII; anything else goes through encoding/json.
+func appendJSONString(buf []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' {
+			b, _ := json.Marshal(s)
+			return append(buf, b...)
+		}
+	}
+	buf = append(buf, '"')
+	buf = append(buf, s...)
+	return append(buf, '"')
+}

@@ -1,0 +1,227 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// A command whose write fails is not sent, so its error is the write's,
+// and quit in particular does not pass for a quit that QEMU received.
+func TestSessionWriteErrorIsTheCommandsError(t *testing.T) {
+	s := connect(t, "7.2.22", nil)
+	// The server stops reading: the kernel refuses the client's writes
+	// with EPIPE while the server can still send.
+	if err := s.p.conn.(*net.UnixConn).CloseRead(); err != nil {
+		t.Fatal(err)
+	}
+	err := returnsWithin(t, 5*time.Second, func() error { return s.q.ExecuteQuit(ctxTimeout(t, 5*time.Second)) })
+	if err == nil || !errors.Is(err, syscall.EPIPE) || !strings.Contains(err.Error(), "quit: write") {
+		t.Fatalf("quit that could not be written: %v, want the write's EPIPE", err)
+	}
+	// Nothing was written, so the session goes on: a reply still reaches
+	// the next command.
+	select {
+	case <-s.q.Done():
+		t.Fatalf("session ended by a write that sent nothing: %v", s.q.Err())
+	default:
+	}
+}
+
+// A command larger than the socket buffers, sent to a peer that does not
+// read, returns when its context ends, and the session, which has half a
+// command on the wire, ends with an error that says so.
+func TestSessionWriteHonoursContext(t *testing.T) {
+	for _, how := range []string{"deadline", "cancel"} {
+		t.Run(how, func(t *testing.T) {
+			s := connect(t, "7.2.22", nil) // the server never reads
+			var ctx context.Context
+			var cancel context.CancelFunc
+			if how == "deadline" {
+				ctx, cancel = context.WithTimeout(context.Background(), 500*time.Millisecond)
+			} else {
+				ctx, cancel = context.WithCancel(context.Background())
+				time.AfterFunc(500*time.Millisecond, cancel)
+			}
+			defer cancel()
+			// Four times what the kernel buffers for a unix socket.
+			big := map[string]string{"data": strings.Repeat("x", 1<<20)}
+			err := returnsWithin(t, 3*time.Second, func() error {
+				return s.q.ExecuteCommand(ctx, "human-monitor-command", big, nil)
+			})
+			if !errors.Is(err, ctx.Err()) || ctx.Err() == nil || !strings.Contains(err.Error(), "write") {
+				t.Fatalf("blocked write: %v, want the write's end by the context", err)
+			}
+			select {
+			case <-s.q.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("session not ended by a half-written command")
+			}
+			if err := s.q.Err(); !errors.Is(err, ErrDisconnected) || !strings.Contains(err.Error(), "bytes of a command written") {
+				t.Errorf("session's end: %v", err)
+			}
+		})
+	}
+}
+
+// A deadline that moved the connection's write deadline must not touch the
+// next command's write.
+func TestSessionLateDeadlineDoesNotReachNextWrite(t *testing.T) {
+	s := connect(t, "7.2.22", nil)
+	s.p.serve(func(string) []string { return []string{okReply} })
+	for i := 0; i < 300; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(i%20)*5*time.Microsecond)
+		s.q.ExecuteCont(ctx)
+		cancel()
+		if err := s.q.ExecuteStop(ctxTimeout(t, 5*time.Second)); err != nil {
+			t.Fatalf("command %d after a timed-out one: %v", i, err)
+		}
+	}
+}
+
+// Ends can be told apart through every wrapping, and Done and Err say
+// that and why a session ended.
+func TestSessionEnds(t *testing.T) {
+	t.Run("shutdown", func(t *testing.T) {
+		s := connect(t, "7.2.22", nil)
+		if s.q.Err() != nil {
+			t.Fatalf("Err of a running session: %v", s.q.Err())
+		}
+		pending := pendingCall(func() error { return s.q.ExecuteCont(ctxTimeout(t, 5*time.Second)) })
+		s.p.recv()
+		s.q.Shutdown()
+		<-s.q.Done()
+		for what, err := range map[string]error{
+			"in flight": <-pending,
+			"after":     s.q.ExecuteStop(context.Background()),
+			"Err":       s.q.Err(),
+		} {
+			if !errors.Is(err, ErrShutdown) || errors.Is(err, ErrDisconnected) {
+				t.Errorf("%s: %v, want ErrShutdown", what, err)
+			}
+		}
+	})
+	t.Run("disconnect", func(t *testing.T) {
+		s := connect(t, "7.2.22", nil)
+		pending := pendingCall(func() error { return s.q.ExecuteCont(ctxTimeout(t, 5*time.Second)) })
+		s.p.recv()
+		s.p.conn.Close()
+		<-s.q.Done()
+		for what, err := range map[string]error{
+			"in flight": <-pending,
+			"after":     s.q.ExecuteStop(context.Background()),
+			"Err":       s.q.Err(),
+		} {
+			if !errors.Is(err, ErrDisconnected) || errors.Is(err, ErrShutdown) {
+				t.Errorf("%s: %v, want ErrDisconnected", what, err)
+			}
+		}
+	})
+}
+
+func TestQMPStartSocketPathTooLong(t *testing.T) {
+	path := "/tmp/" + strings.Repeat("d", 120) + "/qmp.sock"
+	gone := make(chan struct{})
+	q, _, err := QMPStart(ctxTimeout(t, 5*time.Second), path, QMPConfig{}, gone)
+	checkStartFails(t, q, err, gone)
+	if err == nil || !strings.Contains(err.Error(), "longer than the 107") {
+		t.Errorf("error %v does not say the path is too long", err)
+	}
+}
+
+// The engine sends files as SCM_RIGHTS on the command's own write: the
+// peer receives them with the command's first byte.
+func TestSessionSendsFilesWithTheCommand(t *testing.T) {
+	s := connect(t, "7.2.22", nil)
+	dir := t.TempDir()
+	var files []*os.File
+	for _, name := range []string{"a", "b", "c"} {
+		f, err := os.Create(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		f.WriteString("content of " + name)
+		files = append(files, f)
+	}
+	type received struct {
+		line string
+		fds  []int
+		err  error
+	}
+	got := make(chan received, 1)
+	go func() {
+		buf := make([]byte, 4096)
+		oob := make([]byte, syscall.CmsgSpace(4*8))
+		n, oobn, _, _, err := s.p.conn.(*net.UnixConn).ReadMsgUnix(buf, oob)
+		r := received{line: string(buf[:n]), err: err}
+		if err == nil {
+			msgs, _ := syscall.ParseSocketControlMessage(oob[:oobn])
+			for _, m := range msgs {
+				fds, _ := syscall.ParseUnixRights(&m)
+				r.fds = append(r.fds, fds...)
+			}
+		}
+		got <- r
+		s.p.send(okReply)
+	}()
+	if err := s.q.executeWithFiles(ctxTimeout(t, 5*time.Second), "getfd", map[string]string{"fdname": "x"}, nil, files); err != nil {
+		t.Fatal(err)
+	}
+	r := <-got
+	if r.err != nil || r.line != `{"execute":"getfd","arguments":{"fdname":"x"}}`+"\n" {
+		t.Fatalf("peer read %q, %v", r.line, r.err)
+	}
+	if len(r.fds) != 3 {
+		t.Fatalf("peer received %d descriptors, want 3", len(r.fds))
+	}
+	for i, fd := range r.fds {
+		f := os.NewFile(uintptr(fd), "received")
+		b, err := io.ReadAll(io.NewSectionReader(f, 0, 100))
+		f.Close()
+		if want := "content of " + string(rune('a'+i)); err != nil || string(b) != want {
+			t.Errorf("descriptor %d reads %q, %v; want %q", i, b, err, want)
+		}
+	}
+
+	// A nil or closed file fails before anything is sent, and the session
+	// goes on.
+	closed, _ := os.Open(filepath.Join(dir, "a"))
+	closed.Close()
+	done := s.p.serve(func(string) []string { return []string{okReply} })
+	for _, bad := range [][]*os.File{{nil}, {files[0], closed}} {
+		if err := s.q.executeWithFiles(ctxTimeout(t, 5*time.Second), "getfd", nil, nil, bad); err == nil {
+			t.Errorf("files %v accepted", bad)
+		}
+	}
+	if err := s.q.ExecuteStop(ctxTimeout(t, 5*time.Second)); err != nil {
+		t.Fatalf("command after refused files: %v", err)
+	}
+	s.q.Shutdown()
+	if cmds := <-done; len(cmds) != 1 {
+		t.Errorf("commands on the wire: %q, want only stop", cmds)
+	}
+}
+
+// A session that is not on a unix socket says so when asked to send files.
+func TestSessionFilesNeedUnixSocket(t *testing.T) {
+	client, server := net.Pipe()
+	defer server.Close()
+	go server.Write([]byte(greeting("7.2.0") + "\n"))
+	q, _, err := qmpStartConn(ctxTimeout(t, 5*time.Second), client, QMPConfig{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Shutdown()
+	err = q.executeWithFiles(context.Background(), "getfd", nil, nil, []*os.File{os.Stdin})
+	if err == nil || !strings.Contains(err.Error(), "not on a unix socket") {
+		t.Errorf("files over a pipe: %v", err)
+	}
+}
