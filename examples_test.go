@@ -45,6 +45,9 @@ var realVM struct {
 }
 
 func TestMain(m *testing.M) {
+	if pid := os.Getenv(ptraceHelper); pid != "" {
+		traceAndNeverWait(pid)
+	}
 	flag.Parse()
 	os.Setenv(leakMarker, strconv.Itoa(os.Getpid()))
 	findRealVM()

@@ -361,9 +361,11 @@ func (inst *Instance) failStart(ctx context.Context, cause error) error {
 	return fmt.Errorf("qemu: start %s: QMP: %w (QEMU killed)%s", path, cause, msg)
 }
 
-// closedByQEMU reports whether err says that QEMU closed the QMP channel.
+// closedByQEMU reports whether err says that QEMU closed the QMP channel:
+// the read ended, or a write found no one at the other end.
 func closedByQEMU(err error) bool {
-	return errors.Is(err, io.EOF) || errors.Is(err, ErrDisconnected) || errors.Is(err, syscall.ECONNRESET)
+	return errors.Is(err, io.EOF) || errors.Is(err, ErrDisconnected) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, syscall.EPIPE)
 }
 
 // exitedAtStart is the error for a QEMU that exited before QMP was ready.
@@ -637,10 +639,7 @@ func (inst *Instance) stop(ctx context.Context) (StopStep, error) {
 	case inst.stopTurn <- struct{}{}:
 		defer func() { <-inst.stopTurn }()
 	case <-ctx.Done():
-		if inst.hasExited() {
-			return StopExited, nil
-		}
-		return StopKill, inst.kill(ctx)
+		return inst.killStep(ctx)
 	}
 	if inst.hasExited() {
 		return StopExited, nil
@@ -651,7 +650,7 @@ func (inst *Instance) stop(ctx context.Context) (StopStep, error) {
 	}
 	switch {
 	case step == StopKill || !inst.hasExited():
-		return StopKill, inst.kill(ctx)
+		return inst.killStep(ctx)
 	case inst.killed.Load():
 		// Close killed QEMU while a step was waiting.
 		return StopKill, nil
@@ -794,17 +793,32 @@ func (inst *Instance) signalGroup(sig syscall.Signal) bool {
 	if inst.reaped || exitedNoReap(inst.Pid()) {
 		return false
 	}
+	if sig == syscall.SIGKILL {
+		// Before the signal: a Stop that sees the exit must see why.
+		inst.killed.Store(true)
+	}
 	syscall.Kill(-inst.Pid(), sig)
 	return true
 }
 
-// kill is Stop's last step, and Close's only one: SIGKILL to QEMU's
-// process group, then wait until QEMU has been reaped, at most
-// KillTimeout.
-func (inst *Instance) kill(ctx context.Context) error {
-	if inst.signalGroup(syscall.SIGKILL) {
+// killStep is kill as Stop's last step: StopExited when QEMU had exited
+// by itself before SIGKILL could be sent, StopKill otherwise.
+func (inst *Instance) killStep(ctx context.Context) (StopStep, error) {
+	sent, err := inst.kill(ctx)
+	if !sent && err == nil {
+		return StopExited, nil
+	}
+	return StopKill, err
+}
+
+// kill is Close's only step: SIGKILL to QEMU's process group, then wait
+// until QEMU has been reaped, at most KillTimeout. It reports whether it
+// sent the signal; when it did not, QEMU had exited by itself, and ctx
+// does not matter.
+func (inst *Instance) kill(ctx context.Context) (sent bool, err error) {
+	sent = inst.signalGroup(syscall.SIGKILL)
+	if sent {
 		inst.log.Warningf("qemu: stop pid %d: sent SIGKILL", inst.Pid())
-		inst.killed.Store(true)
 	}
 	d := inst.opts.KillTimeout
 	if d <= 0 {
@@ -813,19 +827,20 @@ func (inst *Instance) kill(ctx context.Context) error {
 	kctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
 	if !inst.waitExited(kctx) {
-		err := fmt.Errorf("qemu: stop pid %d: still running %v after SIGKILL, stuck in the kernel (state D) or traced", inst.Pid(), d)
+		if sent {
+			err = fmt.Errorf("qemu: stop pid %d: still running %v after SIGKILL, stuck in the kernel (state D) or traced", inst.Pid(), d)
+		} else {
+			err = fmt.Errorf("qemu: stop pid %d: exited but not reaped within %v (traced?)", inst.Pid(), d)
+		}
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w: %w", err, ctx.Err())
 		}
-		return err
+		return sent, err
 	}
-	if err := ctx.Err(); err != nil {
-		if inst.killed.Load() {
-			return fmt.Errorf("qemu: stop pid %d: %w (QEMU killed)", inst.Pid(), err)
-		}
-		return fmt.Errorf("qemu: stop pid %d: %w", inst.Pid(), err)
+	if err := ctx.Err(); err != nil && sent {
+		return sent, fmt.Errorf("qemu: stop pid %d: %w (QEMU killed)", inst.Pid(), err)
 	}
-	return nil
+	return sent, nil
 }
 
 // Close kills QEMU and what it started if it is still running (use Stop
@@ -839,7 +854,7 @@ func (inst *Instance) kill(ctx context.Context) error {
 func (inst *Instance) Close() error {
 	var err error
 	inst.closeOnce.Do(func() {
-		err = inst.kill(context.Background())
+		_, err = inst.kill(context.Background())
 		inst.qmp.Shutdown()
 		if inst.sink != nil {
 			inst.sink.abandon()

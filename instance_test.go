@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -760,4 +761,146 @@ func TestInstanceRealQEMUStopSteps(t *testing.T) {
 		checkReaped(t, inst.Pid())
 	})
 	checkNoGoroutines(t)
+}
+
+// exitingStandIn negotiates QMP, then exits 0 at its next command.
+const exitingStandIn = qmpStandIn + `
+qmp_greet
+read -r line <&3
+printf '{"return": {}}\n' >&3
+read -r line <&3
+exit 0`
+
+// Once QEMU has exited, a done context gives the exit's answer every time:
+// Stop and Wait look at the state before they look at the context.
+func TestInstanceDoneContextOnExitedQEMU(t *testing.T) {
+	path, _ := standIn(t, "qemu", exitingStandIn)
+	inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{Stderr: &countingWriter{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	inst.QMP().ExecuteCommand(context.Background(), "exit-now", nil, nil)
+	<-inst.Done()
+	done, cancel := context.WithCancel(context.Background())
+	cancel()
+	for i := range 1000 {
+		if step, err := inst.Stop(done); step != StopExited || err != nil {
+			t.Fatalf("Stop %d with a done context = %v, %v; want exited", i, step, err)
+		}
+		if state, err := inst.Wait(done); err != nil || !state.Success() {
+			t.Fatalf("Wait %d with a done context = %v, %v; want exit status 0", i, state, err)
+		}
+	}
+}
+
+// A QEMU that exits by itself while something outside its group holds its
+// stderr is reaped at once: Stop in the time stderr takes to drain says
+// exited, not SIGTERM, and no signal goes to the reaped pid's group. The
+// Instance's session says how it ended.
+func TestInstanceExitedBeforeStderrDrained(t *testing.T) {
+	path, dir := standIn(t, "qemu", qmpStandIn+`
+qmp_greet
+read -r line <&3
+printf '{"return": {}}\n' >&3
+DIR="$DIR" setsid sh -c 'echo $$ > "$DIR/holder"; exec sleep 3' 3>&- >/dev/null &
+while [ ! -s "$DIR/holder" ]; do sleep 0.01; done
+read -r line <&3
+exit 0`)
+	inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	waitForFile(t, filepath.Join(dir, "holder"))
+	holder := readPID(t, filepath.Join(dir, "holder"))
+	defer syscall.Kill(holder, syscall.SIGKILL)
+	inst.QMP().ExecuteCommand(context.Background(), "exit-now", nil, nil)
+	select {
+	case <-inst.QMP().Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("session did not end with QEMU")
+	}
+	if err := inst.QMP().Err(); !errors.Is(err, ErrDisconnected) {
+		t.Errorf("session's end: %v, want ErrDisconnected", err)
+	}
+	waitGone(t, inst.Pid())
+	if step := stopWithin(t, inst, 10*time.Second); step != StopExited {
+		t.Errorf("Stop after QEMU exited by itself = %v, want exited", step)
+	}
+	if state, err := inst.Wait(context.Background()); err != nil || !state.Success() {
+		t.Errorf("Wait = %v, %v", state, err)
+	}
+}
+
+// ptraceHelper, in the environment of this test binary, makes it trace the
+// process it names and never wait for it: a process that then gets SIGKILL
+// stays unreaped, as one stuck in the kernel would.
+const ptraceHelper = "QEMU_TEST_PTRACE_PID"
+
+func traceAndNeverWait(pid string) {
+	n, err := strconv.Atoi(pid)
+	if err != nil {
+		fmt.Println(err)
+		os.Exit(2)
+	}
+	// The tracer is this thread: it must stay.
+	runtime.LockOSThread()
+	const ptraceSeize = 0x4206
+	if _, _, e := syscall.Syscall6(syscall.SYS_PTRACE, ptraceSeize, uintptr(n), 0, 0, 0, 0); e != 0 {
+		fmt.Println("PTRACE_SEIZE:", e)
+		os.Exit(2)
+	}
+	fmt.Println("tracing")
+	time.Sleep(time.Hour)
+	os.Exit(0)
+}
+
+// Close is bounded for a QEMU that will not go away after SIGKILL, and says
+// so; the QEMU is reaped once it can be.
+func TestInstanceCloseBoundedForAProcessThatWillNotDie(t *testing.T) {
+	path, _ := standIn(t, "qemu", qmpStandIn+`
+qmp_greet
+qmp_serve`)
+	inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{KillTimeout: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	tracer := exec.Command(os.Args[0], "-test.run=^$")
+	tracer.Env = append(os.Environ(), ptraceHelper+"="+strconv.Itoa(inst.Pid()))
+	out, err := tracer.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tracer.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		tracer.Process.Kill()
+		tracer.Wait()
+	}()
+	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "tracing\n" {
+		t.Skipf("cannot trace the stand-in here: %q", line)
+	}
+	err = returnsWithin(t, 10*time.Second, inst.Close)
+	if err == nil || !strings.Contains(err.Error(), "still running 300ms after SIGKILL") {
+		t.Fatalf("Close of a process that will not go: %v", err)
+	}
+	select {
+	case <-inst.Done():
+		t.Fatal("Done closed for a process not reaped")
+	default:
+	}
+	tracer.Process.Kill()
+	tracer.Wait()
+	ctx := ctxTimeout(t, 10*time.Second)
+	state, err := inst.Wait(ctx)
+	if err != nil {
+		t.Fatalf("Wait once the tracer is gone: %v", err)
+	}
+	if ws, ok := state.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
+		t.Errorf("Wait = %v, want killed by SIGKILL", state)
+	}
+	checkReaped(t, inst.Pid())
 }
