@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -931,4 +932,108 @@ func BenchmarkRenderConfig(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		renderConfig(config, nil)
 	}
+}
+
+// fakeQMPPeer is the server's end of a socket pair to a session, kept as a
+// plain file so that it costs the measured process no goroutine.
+func fakeQMPPeer(b *testing.B) (client net.Conn, server *os.File) {
+	b.Helper()
+	ours, theirs, err := socketPair()
+	if err != nil {
+		b.Fatal(err)
+	}
+	client, err = net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := theirs.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}` + "\n")); err != nil {
+		b.Fatal(err)
+	}
+	return client, theirs
+}
+
+// heapAndStacks returns the memory the process holds in live heap objects
+// and goroutine stacks, after a collection.
+func heapAndStacks() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc + m.StackInuse
+}
+
+// BenchmarkIdleSession measures what an idle QMP session holds: its
+// goroutine's stack, its read buffer, its decoder, its state. Each op
+// opens 100 sessions, each after one command, and measures them held open.
+func BenchmarkIdleSession(b *testing.B) {
+	const n = 100
+	var perSession float64
+	for i := 0; i < b.N; i++ {
+		qs := make([]*QMP, 0, n)
+		peers := make([]*os.File, 0, n)
+		before := heapAndStacks()
+		for range n {
+			client, server := fakeQMPPeer(b)
+			q, _, err := qmpStartConn(context.Background(), client, QMPConfig{}, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			ran := make(chan error, 1)
+			go func() { ran <- q.ExecuteQMPCapabilities(context.Background()) }()
+			cmd := make([]byte, 64)
+			if _, err := server.Read(cmd); err != nil {
+				b.Fatal(err)
+			}
+			server.Write([]byte(`{"return": {}}` + "\n"))
+			if err := <-ran; err != nil {
+				b.Fatal(err)
+			}
+			qs, peers = append(qs, q), append(peers, server)
+		}
+		perSession = float64(heapAndStacks()-before) / n
+		for j, q := range qs {
+			q.Shutdown()
+			peers[j].Close()
+		}
+	}
+	b.ReportMetric(perSession, "B/idle-session")
+}
+
+// BenchmarkSubscriptionBacklog measures what 100,000 DEVICE_DELETED
+// events queued in a subscription that is not read hold, and what stays
+// held once they have been read.
+func BenchmarkSubscriptionBacklog(b *testing.B) {
+	const n = 100000
+	line := []byte(`{"timestamp": {"seconds": 1700000000, "microseconds": 5}, "event": "DEVICE_DELETED", "data": {"device": "disk7", "path": "/machine/peripheral/disk7"}}` + "\n")
+	var queued, kept float64
+	for i := 0; i < b.N; i++ {
+		client, server := fakeQMPPeer(b)
+		q, _, err := qmpStartConn(context.Background(), client, QMPConfig{}, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		sub := q.Subscribe(EventFilter{Names: []string{"DEVICE_DELETED"}})
+		last := q.Subscribe(EventFilter{Data: map[string]string{"device": "last"}})
+		before := heapAndStacks()
+		go func() {
+			for range n {
+				server.Write(line)
+			}
+			server.Write([]byte(`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "X", "data": {"device": "last"}}` + "\n"))
+		}()
+		if _, err := last.Receive(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+		queued = float64(heapAndStacks()-before) / n
+		for range n {
+			if _, err := sub.Receive(context.Background()); err != nil {
+				b.Fatal(err)
+			}
+		}
+		kept = float64(heapAndStacks()) - float64(before)
+		q.Shutdown()
+		server.Close()
+	}
+	b.ReportMetric(queued, "B/queued-event")
+	b.ReportMetric(kept, "B-held-after-read")
 }
