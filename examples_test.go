@@ -182,7 +182,8 @@ func sessionGoroutines() string {
 	var out strings.Builder
 	for _, g := range strings.Split(string(buf), "\n\n") {
 		if strings.Contains(g, "qemu.(*QMP).") || strings.Contains(g, "qemu.(*Instance).") ||
-			strings.Contains(g, "qemu.(*stderrSink).") || strings.Contains(g, "qemu.(*session).") ||
+			strings.Contains(g, "qemu.(*outputSink).") ||
+			strings.Contains(g, "qemu.(*SerialConsole).") || strings.Contains(g, "qemu.(*session).") ||
 			strings.Contains(g, "qemu.forwardEvents") {
 			out.WriteString(g + "\n\n")
 		}

@@ -56,6 +56,20 @@ type InstanceOptions struct {
 	QuitTimeout      time.Duration
 	TermTimeout      time.Duration
 
+	// Console, if set, connects the guest's console to a socket pair that
+	// QEMU inherits (after the QMP channel), so that nothing the guest
+	// writes is lost: ConsoleSerial (ttyS0) or ConsoleVirtio (hvc0).
+	// Instance.Console returns it.
+	Console ConsolePort
+
+	// ConsoleHistory bounds how much of the console's output is kept;
+	// zero means DefaultConsoleHistory.
+	ConsoleHistory int
+
+	// ConsoleLog, if not nil, receives a copy of the console's output,
+	// through a backlog like Stderr's, so that it never stalls the guest.
+	ConsoleLog io.Writer
+
 	// KillTimeout bounds the wait for QEMU to end after SIGKILL, in Stop
 	// and Close; zero means DefaultKillTimeout. Only a process stuck in
 	// the kernel (an uninterruptible read from a dead NFS server, say)
@@ -116,7 +130,8 @@ type Instance struct {
 	stderr     *tailBuffer
 	stderrR    *os.File
 	stderrRead chan struct{} // closed when the stderr pipe has been read to its end
-	sink       *stderrSink   // nil without InstanceOptions.Stderr
+	sink       *outputSink   // nil without InstanceOptions.Stderr
+	console    *SerialConsole
 
 	// exited is closed once QEMU has been reaped, with state and
 	// waitErr set; drained after it, once QEMU's stderr has been read to
@@ -235,26 +250,48 @@ func abandonEvents(opts InstanceOptions, err error) error {
 	return err
 }
 
-// startProcess starts QEMU with the QMP channel and a stderr pipe. It
-// returns our end of the channel.
+// startProcess starts QEMU with the QMP channel, the console if asked
+// for, and a stderr pipe. It returns our end of the QMP channel.
 func startProcess(path string, params []string, fds []*os.File, opts InstanceOptions) (*Instance, *os.File, error) {
-	ours, theirs, err := socketPair()
-	if err != nil {
-		return nil, nil, fmt.Errorf("qemu: start %s: QMP channel: %w", path, err)
+	fail := func(what string, err error, files ...*os.File) (*Instance, *os.File, error) {
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, nil, fmt.Errorf("qemu: start %s: %s: %w", path, what, err)
 	}
-	stderrR, stderrW, err := os.Pipe()
-	if err != nil {
-		ours.Close()
-		theirs.Close()
-		return nil, nil, fmt.Errorf("qemu: start %s: stderr pipe: %w", path, err)
-	}
-	args := make([]string, 0, len(params)+4)
+	args := make([]string, 0, len(params)+10)
 	args = append(args, params...)
 	args = append(args,
 		"-chardev", "socket,id="+instanceMonitor+",fd="+strconv.Itoa(3+len(fds)),
 		"-mon", "chardev="+instanceMonitor+",mode=control")
+	if opts.Console != "" {
+		cargs, err := consoleParams(opts.Console, 4+len(fds))
+		if err != nil {
+			return fail("InstanceOptions", err)
+		}
+		args = append(args, cargs...)
+	}
+	ours, theirs, err := socketPair()
+	if err != nil {
+		return fail("QMP channel", err)
+	}
+	extra := append(fds[:len(fds):len(fds)], theirs)
+	parentEnds := []*os.File{theirs}
+	var conOurs *os.File
+	if opts.Console != "" {
+		var conTheirs *os.File
+		if conOurs, conTheirs, err = socketPair(); err != nil {
+			return fail("console channel", err, ours, theirs)
+		}
+		extra = append(extra, conTheirs)
+		parentEnds = append(parentEnds, conTheirs)
+	}
+	stderrR, stderrW, err := os.Pipe()
+	if err != nil {
+		return fail("stderr pipe", err, append(parentEnds, ours, conOurs)...)
+	}
 	cmd := exec.Command(path, args...)
-	cmd.ExtraFiles = append(fds[:len(fds):len(fds)], theirs)
+	cmd.ExtraFiles = extra
 	// An *os.File, so that os/exec starts no copying goroutine that Wait
 	// would wait for; the Instance drains the pipe itself.
 	cmd.Stderr = stderrW
@@ -275,18 +312,30 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 	}
 	inst.log.Infof("qemu: starting %s", inst.CommandLine())
 	err = cmd.Start()
-	theirs.Close()
+	for _, f := range parentEnds {
+		f.Close()
+	}
 	stderrW.Close()
 	if err != nil {
 		ours.Close()
 		stderrR.Close()
+		if conOurs != nil {
+			conOurs.Close()
+		}
 		if errors.Is(err, exec.ErrNotFound) && path == defaultQEMU {
 			return nil, nil, fmt.Errorf("qemu: start: %w (Debian and Ubuntu ship it in qemu-system-x86)", err)
 		}
 		return nil, nil, fmt.Errorf("qemu: start %s: %w", path, err)
 	}
+	if conOurs != nil {
+		// Cannot fail for a socket made just now; if it did, QEMU would
+		// run without a console reader, which the error below prevents.
+		if inst.console, err = newSerialConsole(conOurs, opts.ConsoleHistory, opts.ConsoleLog); err != nil {
+			inst.log.Errorf("qemu: console: %v", err)
+		}
+	}
 	if opts.Stderr != nil {
-		inst.sink = newStderrSink(opts.Stderr)
+		inst.sink = newOutputSink(opts.Stderr, "stderr")
 		go inst.sink.run()
 	}
 	go inst.readStderr()
@@ -504,6 +553,10 @@ func waitid(pid int, info *siginfo, options int) error {
 // QMP returns the instance's QMP session, negotiated and ready for
 // commands. Closing the instance shuts it down.
 func (inst *Instance) QMP() *QMP { return inst.qmp }
+
+// Console returns the guest's console, or nil when the Instance was
+// started without InstanceOptions.Console. Closing the instance ends it.
+func (inst *Instance) Console() *SerialConsole { return inst.console }
 
 // Version returns the QEMU version from the QMP greeting.
 func (inst *Instance) Version() QMPVersion {
@@ -856,6 +909,9 @@ func (inst *Instance) Close() error {
 	inst.closeOnce.Do(func() {
 		_, err = inst.kill(context.Background())
 		inst.qmp.Shutdown()
+		if inst.console != nil {
+			inst.console.close()
+		}
 		if inst.sink != nil {
 			inst.sink.abandon()
 		}
@@ -863,11 +919,12 @@ func (inst *Instance) Close() error {
 	return err
 }
 
-// stderrSink copies QEMU's stderr to the caller's writer from a goroutine
-// of its own, through a bounded backlog, so that the writer's speed never
-// matters to QEMU.
-type stderrSink struct {
+// outputSink copies what QEMU writes (its stderr, the guest's console) to
+// the caller's writer from a goroutine of its own, through a bounded
+// backlog, so that the writer's speed never matters to QEMU.
+type outputSink struct {
 	w         io.Writer
+	what      string // what is copied, for the notice of dropped bytes
 	ready     chan struct{} // wakes run
 	done      chan struct{} // closed when run has returned
 	abandoned chan struct{} // closed by abandon
@@ -880,26 +937,26 @@ type stderrSink struct {
 	discard  bool // w failed or the sink was abandoned
 }
 
-func newStderrSink(w io.Writer) *stderrSink {
-	return &stderrSink{w: w, ready: make(chan struct{}, 1), done: make(chan struct{}), abandoned: make(chan struct{})}
+func newOutputSink(w io.Writer, what string) *outputSink {
+	return &outputSink{w: w, what: what, ready: make(chan struct{}, 1), done: make(chan struct{}), abandoned: make(chan struct{})}
 }
 
 // abandon makes the sink write nothing more.
-func (s *stderrSink) abandon() {
+func (s *outputSink) abandon() {
 	s.stop()
 	s.once.Do(func() { close(s.abandoned) })
 	s.wake()
 }
 
 // stop drops the backlog and what is added from now on.
-func (s *stderrSink) stop() {
+func (s *outputSink) stop() {
 	s.mu.Lock()
 	s.discard = true
 	s.backlog = nil
 	s.mu.Unlock()
 }
 
-func (s *stderrSink) add(p []byte) {
+func (s *outputSink) add(p []byte) {
 	s.mu.Lock()
 	if !s.discard {
 		s.backlog = append(s.backlog, p...)
@@ -915,14 +972,14 @@ func (s *stderrSink) add(p []byte) {
 	s.wake()
 }
 
-func (s *stderrSink) finish() {
+func (s *outputSink) finish() {
 	s.mu.Lock()
 	s.finished = true
 	s.mu.Unlock()
 	s.wake()
 }
 
-func (s *stderrSink) wake() {
+func (s *outputSink) wake() {
 	select {
 	case s.ready <- struct{}{}:
 	default:
@@ -931,7 +988,7 @@ func (s *stderrSink) wake() {
 
 // run writes the backlog to w until the input has finished and all of it
 // is written, or w fails.
-func (s *stderrSink) run() {
+func (s *outputSink) run() {
 	defer close(s.done)
 	var chunk []byte
 	for {
@@ -944,7 +1001,7 @@ func (s *stderrSink) run() {
 			return
 		}
 		if dropped > 0 {
-			notice := fmt.Sprintf("[qemu: %d bytes of stderr dropped: the writer was too slow]\n", dropped)
+			notice := fmt.Sprintf("[qemu: %d bytes of %s dropped: the writer was too slow]\n", dropped, s.what)
 			if !s.write([]byte(notice)) {
 				return
 			}
@@ -962,7 +1019,7 @@ func (s *stderrSink) run() {
 	}
 }
 
-func (s *stderrSink) write(p []byte) bool {
+func (s *outputSink) write(p []byte) bool {
 	if _, err := s.w.Write(p); err != nil {
 		s.stop()
 		return false

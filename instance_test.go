@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -668,56 +667,40 @@ func TestInstanceRealQEMUStartContextEndsWithStart(t *testing.T) {
 	checkReaped(t, inst.Pid())
 }
 
-// startGuestInstance boots the test guest as an Instance, its serial
-// console on a socket pair passed as QEMU's descriptor 3, and waits until
-// the guest is ready.
-func startGuestInstance(t *testing.T, kernelParams string, opts InstanceOptions) (*Instance, net.Conn) {
+// startGuestInstance boots the test guest as an Instance with its console
+// on InstanceOptions.Console (ConsoleSerial unless opts says otherwise)
+// and returns once the guest is ready; cleanup closes it.
+func startGuestInstance(t *testing.T, kernelParams string, opts InstanceOptions, extra ...string) *Instance {
+	t.Helper()
+	inst := startGuest(t, kernelParams, opts, extra...)
+	ctx := ctxTimeout(t, 2*time.Minute)
+	if _, err := inst.Console().WaitFor(ctx, guestReadyLine); err != nil {
+		t.Fatalf("%v; console:\n%s\nQEMU's stderr: %s", err, inst.Console().History(), inst.Stderr())
+	}
+	return inst
+}
+
+// startGuest starts the test guest as an Instance with its console, and
+// returns at once.
+func startGuest(t *testing.T, kernelParams string, opts InstanceOptions, extra ...string) *Instance {
 	t.Helper()
 	kernel, initrd := requireGuest(t)
 	_, firmware := requireQEMU(t)
 	accel, _ := guestAccel()
-	ours, theirs, err := socketPair()
-	if err != nil {
-		t.Fatal(err)
+	if opts.Console == "" {
+		opts.Console = ConsoleSerial
 	}
-	console, err := net.FileConn(ours)
-	ours.Close()
-	if err != nil {
-		theirs.Close()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { console.Close() })
 	params := []string{"-machine", "q35", "-m", "256", "-nodefaults", "-display", "none", "-no-user-config",
-		"-chardev", "socket,id=con,fd=3", "-serial", "chardev:con",
 		"-kernel", kernel, "-initrd", initrd, "-append", strings.TrimSpace(guestKernelParams + " " + kernelParams)}
-	params = append(append(params, accel...), firmware...)
+	params = append(append(append(params, accel...), firmware...), extra...)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	inst, err := StartCustomInstance(ctx, realVM.bin, params, []*os.File{theirs}, opts)
-	theirs.Close()
+	inst, err := StartCustomInstance(ctx, realVM.bin, params, nil, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { inst.Close() })
-	if err := readUntil(console, guestReadyLine, 2*time.Minute); err != nil {
-		t.Fatalf("%v; QEMU's stderr: %s", err, inst.Stderr())
-	}
-	return inst, console
-}
-
-// readUntil reads conn until a line contains substr.
-func readUntil(conn net.Conn, substr string, timeout time.Duration) error {
-	conn.SetReadDeadline(time.Now().Add(timeout))
-	defer conn.SetReadDeadline(time.Time{})
-	sc := bufio.NewScanner(conn)
-	var seen []string
-	for sc.Scan() {
-		if strings.Contains(sc.Text(), substr) {
-			return nil
-		}
-		seen = append(seen, sc.Text())
-	}
-	return fmt.Errorf("no line with %q (%v); read:\n%s", substr, sc.Err(), strings.Join(seen, "\n"))
+	return inst
 }
 
 func TestInstanceRealQEMUStopSteps(t *testing.T) {
@@ -728,7 +711,7 @@ func TestInstanceRealQEMUStopSteps(t *testing.T) {
 		TermTimeout:      10 * time.Second,
 	}
 	t.Run("powerdown", func(t *testing.T) {
-		inst, _ := startGuestInstance(t, "", InstanceOptions{})
+		inst := startGuestInstance(t, "", InstanceOptions{})
 		if step := stopWithin(t, inst, time.Minute); step != StopPowerdown {
 			t.Errorf("Stop ended at %v, want powerdown", step)
 		}
@@ -738,14 +721,14 @@ func TestInstanceRealQEMUStopSteps(t *testing.T) {
 		checkReaped(t, inst.Pid())
 	})
 	t.Run("quit", func(t *testing.T) {
-		inst, _ := startGuestInstance(t, "testguest.powerbutton=ignore", short)
+		inst := startGuestInstance(t, "testguest.powerbutton=ignore", short)
 		if step := stopWithin(t, inst, time.Minute); step != StopQuit {
 			t.Errorf("Stop ended at %v, want quit", step)
 		}
 		checkReaped(t, inst.Pid())
 	})
 	t.Run("stopped", func(t *testing.T) {
-		inst, _ := startGuestInstance(t, "", short)
+		inst := startGuestInstance(t, "", short)
 		if err := syscall.Kill(inst.Pid(), syscall.SIGSTOP); err != nil {
 			t.Fatal(err)
 		}

@@ -1,0 +1,187 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestConsoleParams(t *testing.T) {
+	for port, want := range map[ConsolePort]string{
+		ConsoleSerial: "-chardev socket,id=instance-console,fd=5 -serial chardev:instance-console",
+		ConsoleVirtio: "-chardev socket,id=instance-console,fd=5 -device virtio-serial-pci,id=instance-console-bus " +
+			"-device virtconsole,chardev=instance-console,bus=instance-console-bus.0",
+	} {
+		got, err := consoleParams(port, 5)
+		if err != nil || strings.Join(got, " ") != want {
+			t.Errorf("%s: %q, %v; want %q", port, got, err, want)
+		}
+	}
+	if _, err := consoleParams("ttyS1", 5); err == nil {
+		t.Error("an unknown port accepted")
+	}
+}
+
+// fakeConsole is a SerialConsole whose guest side is the returned file.
+func fakeConsole(t *testing.T, history int, log io.Writer) (*SerialConsole, *os.File) {
+	t.Helper()
+	ours, guest, err := socketPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := newSerialConsole(ours, history, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { guest.Close(); c.close() })
+	return c, guest
+}
+
+func TestConsoleWaits(t *testing.T) {
+	var log lockedBuffer
+	c, guest := fakeConsole(t, 0, &log)
+	guest.WriteString("Linux version 6.1\r\nfirst line\r\nready\r\nlogin: ")
+	ctx := ctxTimeout(t, 5*time.Second)
+	// Lines written before the wait are seen; a prompt with no line end
+	// is too.
+	if line, err := c.WaitFor(ctx, "first"); err != nil || line != "first line" {
+		t.Fatalf("WaitFor(first) = %q, %v", line, err)
+	}
+	if line, err := c.WaitForRegexp(ctx, regexp.MustCompile(`^login: $`)); err != nil || line != "login: " {
+		t.Fatalf("WaitForRegexp(login) = %q, %v", line, err)
+	}
+	// A wait starts after the previous match: "ready" was passed by the
+	// prompt's match, so it must come again.
+	pending := pendingCall(func() error {
+		line, err := c.WaitFor(ctx, "ready")
+		if err == nil && line != "ready again" {
+			t.Errorf("second ready: %q", line)
+		}
+		return err
+	})
+	stillPending(t, pending, "a wait for a line already matched past")
+	guest.WriteString("\r\nready again\n")
+	if err := <-pending; err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := c.WaitFor(short, "never"); !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), `"never"`) {
+		t.Errorf("wait for a line that never comes: %v", err)
+	}
+	want := "Linux version 6.1\r\nfirst line\r\nready\r\nlogin: \r\nready again\n"
+	if got := string(c.History()); got != want {
+		t.Errorf("History() = %q, want %q", got, want)
+	}
+	r := c.NewReader()
+	guest.Close()
+	all, err := io.ReadAll(r)
+	if err != nil || string(all) != want {
+		t.Errorf("reader read %q, %v", all, err)
+	}
+	<-c.Done()
+	if _, err := c.WaitFor(context.Background(), "never"); err == nil || !strings.Contains(err.Error(), "console ended") {
+		t.Errorf("wait on an ended console: %v", err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); log.String() != want && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := log.String(); got != want {
+		t.Errorf("ConsoleLog got %q, want %q", got, want)
+	}
+}
+
+// The history is bounded; a reader that falls behind skips what was
+// dropped; input written to the console reaches the guest.
+func TestConsoleHistoryBoundAndInput(t *testing.T) {
+	c, guest := fakeConsole(t, 1000, nil)
+	r := c.NewReader()
+	line := bytes.Repeat([]byte("x"), 99)
+	for i := 0; i < 100; i++ {
+		guest.Write(append(line, '\n'))
+	}
+	guest.WriteString("END\n")
+	if _, err := c.WaitFor(ctxTimeout(t, 5*time.Second), "END"); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(c.History()); n < 1000 || n > 2000 || !bytes.HasSuffix(c.History(), []byte("END\n")) {
+		t.Errorf("history of %d bytes, want 1000-2000 ending with END", n)
+	}
+	buf := make([]byte, 20000)
+	n, _ := r.Read(buf)
+	if n > 2000 {
+		t.Errorf("a reader that fell behind read %d bytes, more than the history holds", n)
+	}
+	if _, err := c.Write([]byte("typed\n")); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 6)
+	if _, err := io.ReadFull(guest, got); err != nil || string(got) != "typed\n" {
+		t.Errorf("guest read %q, %v", got, err)
+	}
+}
+
+// The guest's console from its first byte: the history holds the kernel's
+// first line and the ready line when the wait returns; a command typed on
+// the console runs and its answer is read back.
+func TestConsoleRealGuest(t *testing.T) {
+	var log lockedBuffer
+	// loglevel=7 undoes the guest's quiet, so the kernel's first line,
+	// "Linux version", is the console's first.
+	inst := startGuest(t, "loglevel=7", InstanceOptions{ConsoleLog: &log}, "-S")
+	// Paused: the guest has written nothing yet, and nothing can be
+	// missed once it runs, since QEMU holds the console from its start.
+	time.Sleep(100 * time.Millisecond)
+	if h := inst.Console().History(); len(h) != 0 {
+		t.Fatalf("a paused guest wrote %q", h)
+	}
+	ctx := ctxTimeout(t, 2*time.Minute)
+	if err := inst.QMP().ExecuteCont(ctx); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := inst.Console().WaitFor(ctx, guestReadyLine); err != nil {
+		t.Fatalf("%v; QEMU's stderr: %s", err, inst.Stderr())
+	}
+	t.Logf("guest ready %v after cont", time.Since(start).Round(time.Millisecond))
+	history := string(inst.Console().History())
+	first, _, _ := strings.Cut(history, "\n")
+	if !strings.Contains(first, "Linux version") {
+		t.Errorf("the console's first line is %q, not the kernel's first", first)
+	}
+	if !strings.Contains(history, guestReadyLine) {
+		t.Errorf("history has no ready line")
+	}
+	if _, err := inst.Console().Write([]byte("echo answer=$((6*7))\n")); err != nil {
+		t.Fatal(err)
+	}
+	// The tty echoes the typed line with $((6*7)) as is: only the shell's
+	// output has 42.
+	if line, err := inst.Console().WaitFor(ctx, "answer=42"); err != nil || strings.Contains(line, "echo") {
+		t.Fatalf("answer: %q, %v", line, err)
+	}
+	if _, err := inst.Console().WaitFor(ctx, "TESTGUEST: exit 0"); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(log.String(), first) {
+		t.Errorf("ConsoleLog starts %q, not with the first line", lastLines(log.String(), 1))
+	}
+}
+
+// The virtio console carries the guest's console (hvc0) as well.
+func TestConsoleRealGuestVirtio(t *testing.T) {
+	inst := startGuestInstance(t, "console=hvc0", InstanceOptions{Console: ConsoleVirtio})
+	ctx := ctxTimeout(t, time.Minute)
+	if _, err := inst.Console().Write([]byte("cat /sys/class/tty/console/active\n")); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := inst.Console().WaitForRegexp(ctx, regexp.MustCompile(`^(\S+ )*hvc0\s*$`)); err != nil {
+		t.Fatalf("active consoles: %q, %v; console:\n%s", line, err, inst.Console().History())
+	}
+}
