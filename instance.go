@@ -924,7 +924,7 @@ func (inst *Instance) Close() error {
 // backlog, so that the writer's speed never matters to QEMU.
 type outputSink struct {
 	w         io.Writer
-	what      string // what is copied, for the notice of dropped bytes
+	what      string        // what is copied, for the notice of dropped bytes
 	ready     chan struct{} // wakes run
 	done      chan struct{} // closed when run has returned
 	abandoned chan struct{} // closed by abandon
