@@ -855,12 +855,13 @@ func (inst *Instance) signalGroup(sig syscall.Signal) bool {
 }
 
 // killStep is kill as Stop's last step: StopExited when QEMU had exited
-// by itself before SIGKILL could be sent, StopKill otherwise.
+// by itself before any SIGKILL, StopKill otherwise.
 func (inst *Instance) killStep(ctx context.Context) (StopStep, error) {
 	sent, err := inst.kill(ctx)
-	if !sent && err == nil {
+	if !sent && err == nil && !inst.killed.Load() {
 		return StopExited, nil
 	}
+	// Sent now, or by a concurrent Stop or Close: SIGKILL ended QEMU.
 	return StopKill, err
 }
 

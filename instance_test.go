@@ -764,7 +764,10 @@ func TestInstanceDoneContextOnExitedQEMU(t *testing.T) {
 	}
 	defer inst.Close()
 	inst.QMP().ExecuteCommand(context.Background(), "exit-now", nil, nil)
-	<-inst.Done()
+	// Once Wait has returned, QEMU's exit and its stderr's copy are over.
+	if _, err := inst.Wait(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	done, cancel := context.WithCancel(context.Background())
 	cancel()
 	for i := range 1000 {

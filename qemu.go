@@ -114,9 +114,14 @@ type Object struct {
 // Valid reports whether the object can be rendered: it is a
 // MemoryBackendFile with an ID, a MemPath and a Size, and no field holds a
 // newline or NUL.
-func (object Object) Valid() bool {
-	return object.Type == MemoryBackendFile && object.ID != "" && object.MemPath != "" &&
-		object.Size > 0 && clean(string(object.Driver), object.ID, object.DeviceID, object.MemPath)
+func (object Object) Valid() bool { return object.problem() == "" }
+
+func (object Object) problem() string {
+	return firstProblem(
+		when(object.Type != MemoryBackendFile, "Type is not MemoryBackendFile"),
+		need("ID", object.ID), need("MemPath", object.MemPath),
+		when(object.Size == 0, "Size is 0"),
+		cleanFields(string(object.Driver), object.ID, object.DeviceID, object.MemPath))
 }
 
 // QemuParams returns the -device and -object arguments of the object, or
@@ -199,10 +204,14 @@ type FSDevice struct {
 // Valid reports whether the file system device can be rendered: it has an
 // FSDriver, an ID, a Path and a MountTag, and no field holds a newline or
 // NUL.
-func (fsdev FSDevice) Valid() bool {
-	return fsdev.FSDriver != "" && fsdev.ID != "" && fsdev.Path != "" && fsdev.MountTag != "" &&
-		clean(string(fsdev.Driver), string(fsdev.FSDriver), fsdev.ID, fsdev.Path, fsdev.MountTag,
-			string(fsdev.SecurityModel))
+func (fsdev FSDevice) Valid() bool { return fsdev.problem() == "" }
+
+func (fsdev FSDevice) problem() string {
+	return firstProblem(
+		need("FSDriver", string(fsdev.FSDriver)), need("ID", fsdev.ID), need("Path", fsdev.Path),
+		need("MountTag", fsdev.MountTag),
+		cleanFields(string(fsdev.Driver), string(fsdev.FSDriver), fsdev.ID, fsdev.Path, fsdev.MountTag,
+			string(fsdev.SecurityModel)))
 }
 
 // QemuParams returns the -device and -fsdev arguments of the file system
@@ -277,10 +286,13 @@ type CharDevice struct {
 
 // Valid reports whether the character device can be rendered: it has a
 // Backend, an ID and a Path, and no field holds a newline or NUL.
-func (cdev CharDevice) Valid() bool {
-	return cdev.Backend != "" && cdev.ID != "" && cdev.Path != "" &&
-		clean(string(cdev.Backend), string(cdev.Driver), cdev.Bus, cdev.DeviceID, cdev.ID,
-			cdev.Path, cdev.Name)
+func (cdev CharDevice) Valid() bool { return cdev.problem() == "" }
+
+func (cdev CharDevice) problem() string {
+	return firstProblem(
+		need("Backend", string(cdev.Backend)), need("ID", cdev.ID), need("Path", cdev.Path),
+		cleanFields(string(cdev.Backend), string(cdev.Driver), cdev.Bus, cdev.DeviceID, cdev.ID,
+			cdev.Path, cdev.Name))
 }
 
 // QemuParams returns the -device and -chardev arguments of the character
@@ -352,25 +364,27 @@ type NetDevice struct {
 // Valid reports whether the network device can be rendered: it has an ID
 // and an IFName, its Type is TAP or MACVTAP, a MACVTAP has FDs, no entry
 // of FDs is nil, and no field holds a newline or NUL.
-func (netdev NetDevice) Valid() bool {
-	if netdev.ID == "" || netdev.IFName == "" {
-		return false
+func (netdev NetDevice) Valid() bool { return netdev.problem() == "" }
+
+func (netdev NetDevice) problem() string {
+	if p := firstProblem(need("ID", netdev.ID), need("IFName", netdev.IFName)); p != "" {
+		return p
 	}
 	switch netdev.Type {
 	case TAP:
 	case MACVTAP:
 		if len(netdev.FDs) == 0 {
-			return false
+			return "FDs is empty, which MACVTAP needs"
 		}
 	default:
-		return false
+		return fmt.Sprintf("Type is %q, not TAP or MACVTAP", netdev.Type)
 	}
-	for _, f := range netdev.FDs {
+	for i, f := range netdev.FDs {
 		if f == nil {
-			return false
+			return fmt.Sprintf("FDs[%d] is nil", i)
 		}
 	}
-	return clean(string(netdev.Driver), netdev.ID, netdev.IFName, netdev.DownScript,
+	return cleanFields(string(netdev.Driver), netdev.ID, netdev.IFName, netdev.DownScript,
 		netdev.Script, netdev.MACAddress)
 }
 
@@ -413,8 +427,11 @@ type SerialDevice struct {
 
 // Valid reports whether the device can be rendered: it has a Driver and an
 // ID, and neither holds a newline or NUL.
-func (dev SerialDevice) Valid() bool {
-	return dev.Driver != "" && dev.ID != "" && clean(string(dev.Driver), dev.ID)
+func (dev SerialDevice) Valid() bool { return dev.problem() == "" }
+
+func (dev SerialDevice) problem() string {
+	return firstProblem(need("Driver", string(dev.Driver)), need("ID", dev.ID),
+		cleanFields(string(dev.Driver), dev.ID))
 }
 
 // QemuParams returns the -device arguments of the device, or nil if it is
@@ -492,10 +509,13 @@ type BlockDevice struct {
 
 // Valid reports whether the block device can be rendered: it has a
 // Driver, an ID and a File, and no field holds a newline or NUL.
-func (blkdev BlockDevice) Valid() bool {
-	return blkdev.Driver != "" && blkdev.ID != "" && blkdev.File != "" &&
-		clean(string(blkdev.Driver), blkdev.ID, blkdev.File, string(blkdev.Interface),
-			string(blkdev.AIO), string(blkdev.Format))
+func (blkdev BlockDevice) Valid() bool { return blkdev.problem() == "" }
+
+func (blkdev BlockDevice) problem() string {
+	return firstProblem(
+		need("Driver", string(blkdev.Driver)), need("ID", blkdev.ID), need("File", blkdev.File),
+		cleanFields(string(blkdev.Driver), blkdev.ID, blkdev.File, string(blkdev.Interface),
+			string(blkdev.AIO), string(blkdev.Format)))
 }
 
 // QemuParams returns the -device and -drive arguments of the block device,
@@ -566,18 +586,20 @@ type RTC struct {
 // Valid reports whether the clock can be rendered: Clock is empty, Host or
 // VM, DriftFix is empty, Slew or NoDriftFix, and Base holds no newline or
 // NUL.
-func (rtc RTC) Valid() bool {
+func (rtc RTC) Valid() bool { return rtc.problem() == "" }
+
+func (rtc RTC) problem() string {
 	switch rtc.Clock {
 	case "", Host, VM:
 	default:
-		return false
+		return fmt.Sprintf("Clock is %q, not Host or VM", rtc.Clock)
 	}
 	switch rtc.DriftFix {
 	case "", Slew, NoDriftFix:
 	default:
-		return false
+		return fmt.Sprintf("DriftFix is %q, not Slew or NoDriftFix", rtc.DriftFix)
 	}
-	return clean(string(rtc.Base))
+	return cleanFields(string(rtc.Base))
 }
 
 // QMPSocketType is the kind of socket QEMU serves QMP on.
@@ -606,8 +628,11 @@ type QMPSocket struct {
 
 // Valid reports whether the socket can be rendered: it is a Unix socket
 // with a Name that holds no newline or NUL.
-func (qmp QMPSocket) Valid() bool {
-	return qmp.Type == Unix && qmp.Name != "" && clean(qmp.Name)
+func (qmp QMPSocket) Valid() bool { return qmp.problem() == "" }
+
+func (qmp QMPSocket) problem() string {
+	return firstProblem(when(qmp.Type != Unix, fmt.Sprintf("Type is %q, not Unix", qmp.Type)),
+		need("Name", qmp.Name), cleanFields(qmp.Name))
 }
 
 // params returns the -qmp argument of a Valid socket.
@@ -813,6 +838,26 @@ func clean(fields ...string) bool {
 		}
 	}
 	return true
+}
+
+// need returns the problem of a required field that is empty, or "".
+func need(field, value string) string {
+	return when(value == "", field+" is empty")
+}
+
+// cleanFields is clean as a problem: "" when every field is clean.
+func cleanFields(fields ...string) string {
+	return when(!clean(fields...), "a field contains a newline or NUL")
+}
+
+// firstProblem returns the first of problems that is not "".
+func firstProblem(problems ...string) string {
+	for _, p := range problems {
+		if p != "" {
+			return p
+		}
+	}
+	return ""
 }
 
 // plainPart is a part of the command line made from Config fields that
