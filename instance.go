@@ -70,6 +70,10 @@ type InstanceOptions struct {
 	// through a backlog like Stderr's, so that it never stalls the guest.
 	ConsoleLog io.Writer
 
+	// Env holds KEY=VALUE pairs added to this process's environment for
+	// QEMU. StartInstance adds Config.Env before them.
+	Env []string
+
 	// KillTimeout bounds the wait for QEMU to end after SIGKILL, in Stop
 	// and Close; zero means DefaultKillTimeout. Only a process stuck in
 	// the kernel (an uninterruptible read from a dead NFS server, say)
@@ -157,6 +161,11 @@ type Instance struct {
 // negotiated (qmp_capabilities has been sent). QEMU is not daemonized:
 // config.Knobs.Daemonize is an error, and config.Ctx is not used.
 //
+// Unlike LaunchQemu, which leaves an invalid device out with a warning,
+// StartInstance refuses a Config with any invalid part, before QEMU
+// starts, with an error that names each one ("Devices[1] (BlockDevice):
+// File is empty"): it does not start another VM than the one described.
+//
 // ctx bounds the start only. If it ends before QMP is ready, QEMU is
 // killed and reaped and the error wraps ctx.Err(); once StartInstance has
 // returned, ctx has no effect on the VM. If QEMU exits before QMP is ready
@@ -169,14 +178,15 @@ type Instance struct {
 // there is no socket path to wait for. config.QMPSockets, if any, are
 // added as usual.
 func StartInstance(ctx context.Context, config Config, opts InstanceOptions) (*Instance, error) {
-	err := checkConfig(&config)
-	if err == nil && config.Knobs.Daemonize {
-		err = errors.New("qemu: start: Knobs.Daemonize is set, but an Instance runs QEMU in the foreground")
+	problems := configProblems(&config)
+	if config.Knobs.Daemonize {
+		problems = append(problems, "Knobs.Daemonize is set, but an Instance runs QEMU in the foreground")
 	}
-	if err != nil {
-		return nil, abandonEvents(opts, err)
+	if len(problems) > 0 {
+		return nil, abandonEvents(opts, fmt.Errorf("qemu: start: invalid Config: %s", strings.Join(problems, "; ")))
 	}
 	params, fds := renderConfig(config, opts.Logger)
+	opts.Env = append(config.Env[:len(config.Env):len(config.Env)], opts.Env...)
 	return StartCustomInstance(ctx, config.Path, params, fds, opts)
 }
 
@@ -292,6 +302,9 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 	}
 	cmd := exec.Command(path, args...)
 	cmd.ExtraFiles = extra
+	if len(opts.Env) > 0 {
+		cmd.Env = append(os.Environ(), opts.Env...)
+	}
 	// An *os.File, so that os/exec starts no copying goroutine that Wait
 	// would wait for; the Instance drains the pipe itself.
 	cmd.Stderr = stderrW

@@ -654,6 +654,10 @@ type SMP struct {
 
 	// Sockets is the number of CPU sockets.
 	Sockets uint32
+
+	// MaxCPUs is the most virtual CPUs the guest can have, for CPU
+	// hot-plug (maxcpus=); zero means CPUs.
+	MaxCPUs uint32
 }
 
 // Memory is the guest's memory (-m).
@@ -700,6 +704,10 @@ type Knobs struct {
 	// Daemonize makes QEMU detach once the VM is set up (-daemonize), so
 	// that a launch returns then.
 	Daemonize bool
+
+	// Paused starts the guest's CPUs stopped (-S): the VM runs on the QMP
+	// command cont, once the caller has set up what it needs first.
+	Paused bool
 }
 
 // Config describes a VM for LaunchQemu. Its zero value renders no
@@ -752,6 +760,20 @@ type Config struct {
 
 	// Knobs are QEMU's on/off switches.
 	Knobs Knobs
+
+	// FirmwareDirs are directories QEMU searches for firmware and option
+	// ROMs before its own (-L DIR each), for a QEMU installed outside
+	// its default prefix.
+	FirmwareDirs []string
+
+	// ExtraParams are appended to the command line as they are, after
+	// everything else, for options the Config has no field for. Nothing
+	// in them is escaped.
+	ExtraParams []string
+
+	// Env holds KEY=VALUE pairs added to this process's environment for
+	// QEMU (QEMU_MODULE_DIR, say), by LaunchQemu and StartInstance.
+	Env []string
 
 	// fds are the files devices registered for QEMU to inherit;
 	// fds[i] becomes QEMU's file descriptor 3+i.
@@ -920,7 +942,8 @@ func smpPart(c *Config) plainPart {
 		return plainPart{}
 	}
 	return plainPart{"SMP", nil, []string{"-smp", options(count(s.CPUs),
-		"cores", count(s.Cores), "threads", count(s.Threads), "sockets", count(s.Sockets))}}
+		"cores", count(s.Cores), "threads", count(s.Threads), "sockets", count(s.Sockets),
+		"maxcpus", count(s.MaxCPUs))}}
 }
 
 func globalPart(c *Config) plainPart {
@@ -951,6 +974,9 @@ func knobsPart(c *Config) plainPart {
 	if c.Knobs.Daemonize {
 		argv = append(argv, "-daemonize")
 	}
+	if c.Knobs.Paused {
+		argv = append(argv, "-S")
+	}
 	return plainPart{"Knobs", nil, argv}
 }
 
@@ -972,23 +998,101 @@ func kernelPart(c *Config) plainPart {
 	return plainPart{"Kernel", []string{k.Path, k.InitrdPath, k.Params}, argv}
 }
 
+// firmwarePart passes each directory verbatim: -L takes a path.
+func firmwarePart(c *Config) plainPart {
+	if len(c.FirmwareDirs) == 0 {
+		return plainPart{}
+	}
+	var argv []string
+	for _, dir := range c.FirmwareDirs {
+		argv = append(argv, "-L", dir)
+	}
+	return plainPart{"FirmwareDirs", c.FirmwareDirs, argv}
+}
+
+func extraPart(c *Config) plainPart {
+	if len(c.ExtraParams) == 0 {
+		return plainPart{}
+	}
+	return plainPart{"ExtraParams", c.ExtraParams, append([]string(nil), c.ExtraParams...)}
+}
+
 // plainParts lists every plainPart, for checkConfig.
 var plainParts = []func(*Config) plainPart{
 	namePart, uuidPart, machinePart, cpuPart, memoryPart, smpPart,
-	globalPart, vgaPart, knobsPart, kernelPart,
+	globalPart, vgaPart, knobsPart, kernelPart, firmwarePart, extraPart,
 }
 
 // checkConfig returns an error naming the first part of config, among
-// those without a Valid method, that holds a newline or a NUL. LaunchQemu
-// refuses such a Config rather than start a VM without its kernel, memory
-// size or machine type.
+// those without a Valid method, that holds a newline or a NUL, or the first
+// Env entry that is not KEY=VALUE. LaunchQemu refuses such a Config rather
+// than start a VM without its kernel, memory size or machine type.
 func checkConfig(config *Config) error {
 	for _, part := range plainParts {
 		if p := part(config); p.argv != nil && !clean(p.fields...) {
 			return fmt.Errorf("qemu: config %s contains a newline or NUL", p.name)
 		}
 	}
+	if p := envProblem(config.Env); p != "" {
+		return fmt.Errorf("qemu: config %s", p)
+	}
 	return nil
+}
+
+// envProblem says what makes env not a list of KEY=VALUE, or "".
+func envProblem(env []string) string {
+	for i, kv := range env {
+		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" || strings.IndexByte(kv, 0) >= 0 {
+			return fmt.Sprintf("Env[%d] %q is not KEY=VALUE", i, kv)
+		}
+	}
+	return ""
+}
+
+// configProblems lists every part of config that is not valid, each named
+// as the caller wrote it ("Devices[1] (BlockDevice): File is empty"), for
+// StartInstance, which refuses to start another VM than the one described.
+func configProblems(config *Config) []string {
+	var problems []string
+	for _, part := range plainParts {
+		if p := part(config); p.argv != nil && !clean(p.fields...) {
+			problems = append(problems, p.name+": a field contains a newline or NUL")
+		}
+	}
+	if k := config.Kernel; k.Path == "" && (k.InitrdPath != "" || k.Params != "") {
+		problems = append(problems, "Kernel: InitrdPath or Params is set, but Path is empty")
+	}
+	for i, s := range config.QMPSockets {
+		if p := s.problem(); p != "" {
+			problems = append(problems, fmt.Sprintf("QMPSockets[%d]: %s", i, p))
+		}
+	}
+	for i, d := range config.Devices {
+		if p := deviceProblem(d); p != "" {
+			problems = append(problems, fmt.Sprintf("Devices[%d] (%s): %s", i, strings.TrimPrefix(fmt.Sprintf("%T", d), "qemu."), p))
+		}
+	}
+	if config.RTC != (RTC{}) {
+		if p := config.RTC.problem(); p != "" {
+			problems = append(problems, "RTC: "+p)
+		}
+	}
+	if p := envProblem(config.Env); p != "" {
+		problems = append(problems, p)
+	}
+	return problems
+}
+
+// deviceProblem says why d is not valid, or "": in the words of the
+// package's own devices, or Valid's false for others.
+func deviceProblem(d Device) string {
+	switch d := d.(type) {
+	case nil:
+		return "nil"
+	case interface{ problem() string }:
+		return d.problem()
+	}
+	return when(!d.Valid(), "Valid reports false")
 }
 
 // renderer accumulates the argv of one Config.
@@ -1071,6 +1175,8 @@ func renderConfig(config Config, logger QMPLog) (params []string, fds []*os.File
 		r.log.Warningf("qemu: Kernel.InitrdPath and Kernel.Params left out: Kernel.Path is empty")
 	}
 	r.plain(kernelPart(&config))
+	r.plain(firmwarePart(&config))
+	r.plain(extraPart(&config))
 	if len(r.params) == 0 {
 		return nil, config.fds
 	}
@@ -1095,7 +1201,7 @@ func LaunchQemu(config Config, logger QMPLog) (string, error) {
 		return "", err
 	}
 	params, fds := renderConfig(config, logger)
-	return LaunchCustomQemu(config.Ctx, config.Path, params, fds, logger)
+	return launch(config.Ctx, config.Path, params, fds, config.Env, logger)
 }
 
 // defaultQEMU is the binary LaunchCustomQemu runs when given no path.
@@ -1128,6 +1234,11 @@ const stderrGrace = 200 * time.Millisecond
 // finds no parent to report to. A nil ctx means context.Background(), and
 // logger may be nil.
 func LaunchCustomQemu(ctx context.Context, path string, params []string, fds []*os.File, logger QMPLog) (string, error) {
+	return launch(ctx, path, params, fds, nil, logger)
+}
+
+// launch is LaunchCustomQemu with env added to QEMU's environment.
+func launch(ctx context.Context, path string, params []string, fds []*os.File, env []string, logger QMPLog) (string, error) {
 	log := orNullLogger(logger)
 	if ctx == nil {
 		ctx = context.Background()
@@ -1142,6 +1253,9 @@ func LaunchCustomQemu(ctx context.Context, path string, params []string, fds []*
 	}
 	cmd := exec.CommandContext(ctx, path, params...)
 	cmd.ExtraFiles = fds
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	stderr := &tailBuffer{max: maxStderr}
 	cmd.Stderr = stderr
 	cmd.WaitDelay = stderrGrace

@@ -921,6 +921,70 @@ func realQEMUCases() []realQEMUCase {
 				t.Errorf("%d CPUs, want 2", len(r))
 			}
 		}},
+		{"maxcpus and a CPU hot-plugged", plain(Config{SMP: SMP{CPUs: 1, MaxCPUs: 2}}), func(t *testing.T, ctx context.Context, q *QMP) {
+			var slots []struct {
+				Type    string                 `json:"type"`
+				Props   map[string]interface{} `json:"props"`
+				QOMPath string                 `json:"qom-path"`
+			}
+			queryQMP(t, ctx, q, "query-hotpluggable-cpus", &slots)
+			var free map[string]interface{}
+			for _, s := range slots {
+				if s.QOMPath == "" {
+					free = map[string]interface{}{"driver": s.Type, "id": "cpu1"}
+					for k, v := range s.Props {
+						free[k] = v
+					}
+				}
+			}
+			if len(slots) != 2 || free == nil {
+				t.Fatalf("hot-pluggable CPUs %+v, want 2 slots, one free", slots)
+			}
+			if err := q.ExecuteCommand(ctx, "device_add", free, nil); err != nil {
+				t.Fatal(err)
+			}
+			var cpus []struct{}
+			queryQMP(t, ctx, q, "query-cpus-fast", &cpus)
+			if len(cpus) != 2 {
+				t.Errorf("%d CPUs after the hot-plug, want 2", len(cpus))
+			}
+		}},
+		{"root port with a device plugged into it", plain(Config{Devices: []Device{
+			PCIeRootPort{ID: "rp1", Chassis: 1, Slot: 1},
+			GenericDevice{Driver: "virtio-rng-pci", ID: "rng0", Bus: "rp1", Properties: []DeviceProperty{{"max-bytes", "1024"}, {"period", "1000"}}},
+		}}), func(t *testing.T, ctx context.Context, q *QMP) {
+			var path string
+			if err := q.ExecuteCommand(ctx, "qom-get", map[string]string{"path": "/machine/peripheral/rng0", "property": "parent_bus"}, &path); err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(path, "rp1") {
+				t.Errorf("rng0's bus is %q, not the root port's", path)
+			}
+		}},
+		{"paused knob", plain(Config{Knobs: Knobs{Paused: true}}), nil},
+		{"firmware dirs and extra params", func(t *testing.T, dir string) Config {
+			var dirs []string
+			for i := 1; i < len(realVM.firmware); i += 2 {
+				dirs = append(dirs, realVM.firmware[i])
+			}
+			return Config{FirmwareDirs: append(dirs, dir), ExtraParams: []string{"-device", "virtio-rng-pci,id=extra0"}}
+		}, func(t *testing.T, ctx context.Context, q *QMP) {
+			var typ string
+			if err := q.ExecuteCommand(ctx, "qom-get", map[string]string{"path": "/machine/peripheral/extra0", "property": "type"}, &typ); err != nil || typ != "virtio-rng-pci" {
+				t.Errorf("the device from ExtraParams: %q, %v", typ, err)
+			}
+		}},
+		{"user network", plain(Config{Devices: []Device{UserNetwork{ID: "n0", DeviceID: "nic0", MACAddress: "52:54:00:12:34:56",
+			HostForwards: []HostForward{{HostAddr: "127.0.0.1", HostPort: 0xfff0, GuestPort: 22}}}}}), func(t *testing.T, ctx context.Context, q *QMP) {
+			var filters []struct {
+				Name string `json:"name"`
+				MAC  string `json:"main-mac"`
+			}
+			queryQMP(t, ctx, q, "query-rx-filter", &filters)
+			if len(filters) != 1 || filters[0].MAC != "52:54:00:12:34:56" {
+				t.Errorf("rx filters %+v", filters)
+			}
+		}},
 		{"rtc", plain(Config{RTC: RTC{Base: UTC, DriftFix: Slew, Clock: Host}}), nil},
 		{"rtc localtime vm", plain(Config{RTC: RTC{Base: LocalTime, DriftFix: NoDriftFix, Clock: VM}}), nil},
 		{"global", plain(Config{GlobalParam: "kvm-pit.lost_tick_policy=discard"}), nil},
