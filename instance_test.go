@@ -710,11 +710,36 @@ func TestInstanceRealQEMUStopSteps(t *testing.T) {
 		QuitTimeout:      2 * time.Second,
 		TermTimeout:      10 * time.Second,
 	}
+	// steps checks the report's steps, in order, and their outcomes.
+	steps := func(t *testing.T, r StopReport, want ...string) {
+		t.Helper()
+		t.Logf("Stop: %v", r)
+		var got []string
+		for _, a := range r.Steps {
+			got = append(got, a.Step.String()+": "+a.Outcome)
+			if a.Duration <= 0 {
+				t.Errorf("step %v took %v", a.Step, a.Duration)
+			}
+		}
+		if strings.Join(got, "; ") != strings.Join(want, "; ") {
+			t.Errorf("steps %q, want %q", got, want)
+		}
+	}
+	report := func(t *testing.T, inst *Instance) StopReport {
+		t.Helper()
+		r, err := inst.StopWithReport(ctxTimeout(t, time.Minute))
+		if err != nil {
+			t.Fatalf("Stop: %v (%v)", err, r)
+		}
+		return r
+	}
 	t.Run("powerdown", func(t *testing.T) {
 		inst := startGuestInstance(t, "", InstanceOptions{})
-		if step := stopWithin(t, inst, time.Minute); step != StopPowerdown {
-			t.Errorf("Stop ended at %v, want powerdown", step)
+		r := report(t, inst)
+		if r.Step != StopPowerdown {
+			t.Errorf("Stop ended at %v, want powerdown", r.Step)
 		}
+		steps(t, r, "powerdown: the guest shut down")
 		if state, err := inst.Wait(context.Background()); err != nil || !state.Success() {
 			t.Errorf("Wait = %v, %v", state, err)
 		}
@@ -722,25 +747,44 @@ func TestInstanceRealQEMUStopSteps(t *testing.T) {
 	})
 	t.Run("quit", func(t *testing.T) {
 		inst := startGuestInstance(t, "testguest.powerbutton=ignore", short)
-		if step := stopWithin(t, inst, time.Minute); step != StopQuit {
-			t.Errorf("Stop ended at %v, want quit", step)
+		r := report(t, inst)
+		if r.Step != StopQuit {
+			t.Errorf("Stop ended at %v, want quit", r.Step)
+		}
+		steps(t, r, "powerdown: no SHUTDOWN within 3s", "quit: QEMU exited")
+		if d := r.Steps[0].Duration; d < 3*time.Second || d > 4*time.Second {
+			t.Errorf("powerdown waited %v, want its 3 s bound", d)
 		}
 		checkReaped(t, inst.Pid())
+	})
+	t.Run("no powerdown", func(t *testing.T) {
+		opts := short
+		opts.NoPowerdown = true
+		inst := startGuestInstance(t, "testguest.powerbutton=ignore", opts)
+		r := report(t, inst)
+		if r.Step != StopQuit {
+			t.Errorf("Stop ended at %v, want quit", r.Step)
+		}
+		steps(t, r, "quit: QEMU exited")
 	})
 	t.Run("stopped", func(t *testing.T) {
 		inst := startGuestInstance(t, "", short)
 		if err := syscall.Kill(inst.Pid(), syscall.SIGSTOP); err != nil {
 			t.Fatal(err)
 		}
-		step := stopWithin(t, inst, time.Minute)
-		if step != StopTerm && step != StopKill {
-			t.Errorf("Stop ended at %v, want SIGTERM or SIGKILL", step)
+		r := report(t, inst)
+		// query-status gets no answer from a stopped QEMU, so the
+		// power button is tried; then quit, unanswered too; then SIGTERM
+		// with SIGCONT, on which QEMU exits.
+		if r.Step != StopTerm {
+			t.Errorf("Stop ended at %v, want SIGTERM", r.Step)
 		}
+		steps(t, r, "powerdown: no SHUTDOWN within 3s", "quit: qmp: quit: context deadline exceeded", "SIGTERM: QEMU exited")
 		state, err := inst.Wait(context.Background())
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("a stopped QEMU: Stop ended at %v, QEMU %v", step, state)
+		t.Logf("a stopped QEMU: Stop ended at %v, QEMU %v", r.Step, state)
 		checkReaped(t, inst.Pid())
 	})
 	checkNoGoroutines(t)

@@ -1,0 +1,362 @@
+package qemu
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// StopStep is the step of Instance.Stop that ended QEMU.
+type StopStep int
+
+const (
+	// StopExited means QEMU had exited before Stop asked it to.
+	StopExited StopStep = iota
+	// StopPowerdown means the guest shut down after system_powerdown.
+	StopPowerdown
+	// StopQuit means QEMU exited on the QMP quit command.
+	StopQuit
+	// StopTerm means QEMU exited on SIGTERM.
+	StopTerm
+	// StopKill means QEMU was killed with SIGKILL.
+	StopKill
+)
+
+// String returns the step's name: "exited", "powerdown", "quit", "SIGTERM"
+// or "SIGKILL".
+func (s StopStep) String() string {
+	switch s {
+	case StopExited:
+		return "exited"
+	case StopPowerdown:
+		return "powerdown"
+	case StopQuit:
+		return "quit"
+	case StopTerm:
+		return "SIGTERM"
+	case StopKill:
+		return "SIGKILL"
+	}
+	return "StopStep(" + strconv.Itoa(int(s)) + ")"
+}
+
+// StopReport says how Instance.StopWithReport went: the step that ended
+// QEMU and every step that ran, in order, with how long each took.
+type StopReport struct {
+	Step  StopStep
+	Steps []StopAttempt
+}
+
+// StopAttempt is one step of the stop ladder that ran.
+type StopAttempt struct {
+	Step     StopStep
+	Duration time.Duration
+	// Outcome says what came of it: "the guest shut down", "no
+	// SHUTDOWN within 30s", "QEMU exited", and so on.
+	Outcome string
+}
+
+// String returns the steps in order, such as "powerdown 3.1s (no SHUTDOWN
+// within 3s), quit 12ms (QEMU exited): quit".
+func (r StopReport) String() string {
+	var b strings.Builder
+	for i, a := range r.Steps {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%v %v (%s)", a.Step, a.Duration.Round(time.Millisecond), a.Outcome)
+	}
+	if len(r.Steps) == 0 {
+		b.WriteString("no step ran")
+	}
+	return b.String() + ": " + r.Step.String()
+}
+
+// record adds the step that started at start.
+func (r *StopReport) record(step StopStep, start time.Time, outcome string) {
+	r.Steps = append(r.Steps, StopAttempt{Step: step, Duration: time.Since(start), Outcome: outcome})
+}
+
+// Stop ends QEMU, gracefully when it can: it sends system_powerdown and
+// waits up to PowerdownTimeout for the guest to shut down (the SHUTDOWN
+// event or QEMU's exit); then sends quit and waits up to QuitTimeout; then
+// SIGTERM (with SIGCONT, so that a stopped QEMU can act on it) and waits up
+// to TermTimeout; then SIGKILL. Signals go to QEMU's process group, which
+// also holds whatever QEMU started. Stop returns once QEMU has exited and
+// been reaped, with the step that ended it; StopWithReport also says which
+// steps ran and how long each took.
+//
+// After a SHUTDOWN, Stop sends quit at once, since QEMU started with
+// -no-shutdown would otherwise stay; the step is still StopPowerdown. When
+// query-status says the guest is not running (paused, started with -S,
+// suspended, shut down), it cannot act on the power button, and Stop starts
+// at quit; so it does with InstanceOptions.NoPowerdown. When the QMP
+// session has already ended, Stop starts at SIGTERM.
+//
+// Stop returns StopExited when QEMU exited by itself: before Stop was
+// called (at once, then, whatever ctx says) or during a step that did not
+// cause it. If ctx ends before QEMU has exited, Stop goes straight to
+// SIGKILL and returns StopKill with an error that wraps ctx.Err(). Calls
+// to Stop are serialised; one that waits for another also goes to SIGKILL
+// when its ctx ends. A nil ctx means context.Background().
+func (inst *Instance) Stop(ctx context.Context) (StopStep, error) {
+	r, err := inst.StopWithReport(ctx)
+	return r.Step, err
+}
+
+// StopWithReport is Stop, returning the report of the steps that ran.
+func (inst *Instance) StopWithReport(ctx context.Context) (StopReport, error) {
+	var r StopReport
+	var err error
+	r.Step, err = inst.stop(orBackground(ctx), &r)
+	if inst.hasExited() {
+		// What QEMU wrote last is read soon after its exit (stderrGrace
+		// at most), so that Wait after Stop returns at once.
+		<-inst.drained
+	}
+	inst.log.Infof("qemu: stop pid %d: %v", inst.Pid(), r)
+	return r, err
+}
+
+func (inst *Instance) stop(ctx context.Context, r *StopReport) (StopStep, error) {
+	// The state first: on a QEMU that has exited, a done ctx must not
+	// turn the answer into a SIGKILL.
+	if inst.hasExited() {
+		return StopExited, nil
+	}
+	select {
+	case inst.stopTurn <- struct{}{}:
+		defer func() { <-inst.stopTurn }()
+	case <-ctx.Done():
+		return inst.killStep(ctx, r)
+	}
+	if inst.hasExited() {
+		return StopExited, nil
+	}
+	step := StopKill
+	if ctx.Err() == nil {
+		step = inst.runLadder(ctx, r)
+	}
+	switch {
+	case step == StopKill || !inst.hasExited():
+		return inst.killStep(ctx, r)
+	case inst.killed.Load():
+		// Close killed QEMU while a step was waiting.
+		return StopKill, nil
+	}
+	return step, nil
+}
+
+// runLadder runs Stop's graceful steps and returns the one that ended
+// QEMU, or StopKill when none did.
+func (inst *Instance) runLadder(ctx context.Context, r *StopReport) StopStep {
+	if !isClosed(inst.qmp.Done()) {
+		guestDown := false
+		if !inst.opts.NoPowerdown && inst.guestRunning(ctx) {
+			var exited bool
+			exited, guestDown = inst.powerdown(ctx, r)
+			switch {
+			case exited && guestDown:
+				return StopPowerdown
+			case exited:
+				return StopExited
+			}
+		}
+		// A guest that shut down but whose QEMU stays (-no-shutdown) was
+		// sent quit by powerdown already.
+		if !guestDown && ctx.Err() == nil && inst.quit(ctx, r) {
+			return StopQuit
+		}
+	}
+	if inst.hasExited() {
+		return StopExited
+	}
+	if ctx.Err() == nil {
+		return inst.terminate(ctx, r)
+	}
+	return StopKill
+}
+
+func (inst *Instance) hasExited() bool { return isClosed(inst.exited) }
+
+// waitExited waits until QEMU exits or ctx ends, and reports whether QEMU
+// has exited.
+func (inst *Instance) waitExited(ctx context.Context) bool {
+	select {
+	case <-inst.exited:
+		return true
+	case <-ctx.Done():
+		return inst.hasExited()
+	}
+}
+
+// withTimeout is context.WithTimeout with d, or def when d is zero.
+func withTimeout(ctx context.Context, d, def time.Duration) (context.Context, context.CancelFunc) {
+	if d <= 0 {
+		d = def
+	}
+	return context.WithTimeout(ctx, d)
+}
+
+// guestRunning asks QEMU whether the guest is running. Only a clear no is
+// a no: when QEMU does not say, Stop tries the power button anyway. A
+// guest that is not running (paused, started with -S, suspended, or shut
+// down under -no-shutdown) cannot act on the power button; waiting for it
+// would only spend the timeout.
+func (inst *Instance) guestRunning(ctx context.Context) bool {
+	var status struct {
+		Running *bool `json:"running"`
+	}
+	qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+	defer cancel()
+	if err := inst.qmp.ExecuteCommand(qctx, "query-status", nil, &status); err != nil || status.Running == nil {
+		return true
+	}
+	if !*status.Running {
+		inst.log.Infof("qemu: stop pid %d: the guest is not running, so no system_powerdown", inst.Pid())
+	}
+	return *status.Running
+}
+
+// powerdown is Stop's first step. It reports whether QEMU has exited and
+// whether the guest shut down.
+func (inst *Instance) powerdown(ctx context.Context, r *StopReport) (exited, guestDown bool) {
+	start := time.Now()
+	pctx, cancel := withTimeout(ctx, inst.opts.PowerdownTimeout, DefaultPowerdownTimeout)
+	defer cancel()
+	// The call returns on SHUTDOWN (also when QEMU then closes the
+	// connection), on QEMU closing the connection without it, on an error
+	// or when pctx ends.
+	err := inst.qmp.ExecuteSystemPowerdown(pctx)
+	if err == nil {
+		if !inst.hasExited() {
+			qctx, qcancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+			defer qcancel()
+			inst.qmp.ExecuteQuit(qctx)
+			inst.waitExited(qctx)
+		}
+		r.record(StopPowerdown, start, "the guest shut down")
+		return inst.hasExited(), true
+	}
+	inst.log.Infof("qemu: stop pid %d: %v", inst.Pid(), err)
+	if lostToPeer(err) {
+		// QEMU went away without a SHUTDOWN: it is exiting.
+		exited = inst.waitExited(pctx)
+		r.record(StopPowerdown, start, "QEMU exited without SHUTDOWN")
+		return exited, false
+	}
+	if pctx.Err() != nil && ctx.Err() == nil {
+		r.record(StopPowerdown, start, fmt.Sprintf("no SHUTDOWN within %v", time.Since(start).Round(time.Millisecond)))
+	} else {
+		r.record(StopPowerdown, start, err.Error())
+	}
+	return inst.hasExited(), false
+}
+
+// quit is Stop's second step.
+func (inst *Instance) quit(ctx context.Context, r *StopReport) bool {
+	start := time.Now()
+	qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+	defer cancel()
+	if err := inst.qmp.ExecuteQuit(qctx); err != nil {
+		inst.log.Infof("qemu: stop pid %d: %v", inst.Pid(), err)
+		r.record(StopQuit, start, err.Error())
+		return inst.hasExited()
+	}
+	if !inst.waitExited(qctx) {
+		r.record(StopQuit, start, "QEMU still running")
+		return false
+	}
+	r.record(StopQuit, start, "QEMU exited")
+	return true
+}
+
+// terminate is Stop's third step. It returns StopTerm when QEMU exited
+// after SIGTERM, StopExited when it had exited before, and StopKill when
+// it is still running.
+func (inst *Instance) terminate(ctx context.Context, r *StopReport) StopStep {
+	start := time.Now()
+	inst.log.Warningf("qemu: stop pid %d: sending SIGTERM", inst.Pid())
+	if !inst.signalGroup(syscall.SIGTERM) {
+		return StopExited
+	}
+	inst.signalGroup(syscall.SIGCONT)
+	tctx, cancel := withTimeout(ctx, inst.opts.TermTimeout, DefaultTermTimeout)
+	defer cancel()
+	if inst.waitExited(tctx) {
+		r.record(StopTerm, start, "QEMU exited")
+		return StopTerm
+	}
+	r.record(StopTerm, start, "QEMU still running")
+	return StopKill
+}
+
+// signalGroup sends sig to QEMU's process group while QEMU is running, and
+// reports whether it did. A QEMU that has exited is not signalled, reaped
+// or not: the signal would not be what ended it, and once it is reaped its
+// pid, the group's id, may belong to another process.
+func (inst *Instance) signalGroup(sig syscall.Signal) bool {
+	inst.sigMu.Lock()
+	defer inst.sigMu.Unlock()
+	if inst.reaped || exitedNoReap(inst.Pid()) {
+		return false
+	}
+	if sig == syscall.SIGKILL {
+		// Before the signal: a Stop that sees the exit must see why.
+		inst.killed.Store(true)
+	}
+	syscall.Kill(-inst.Pid(), sig)
+	return true
+}
+
+// killStep is kill as Stop's last step: StopExited when QEMU had exited
+// by itself before any SIGKILL, StopKill otherwise.
+func (inst *Instance) killStep(ctx context.Context, r *StopReport) (StopStep, error) {
+	start := time.Now()
+	sent, err := inst.kill(ctx)
+	if !sent && err == nil && !inst.killed.Load() {
+		return StopExited, nil
+	}
+	// Sent now, or by a concurrent Stop or Close: SIGKILL ended QEMU.
+	outcome := "QEMU exited"
+	if err != nil {
+		outcome = err.Error()
+	}
+	r.record(StopKill, start, outcome)
+	return StopKill, err
+}
+
+// kill is Close's only step: SIGKILL to QEMU's process group, then wait
+// until QEMU has been reaped, at most KillTimeout. It reports whether it
+// sent the signal; when it did not, QEMU had exited by itself, and ctx
+// does not matter.
+func (inst *Instance) kill(ctx context.Context) (sent bool, err error) {
+	sent = inst.signalGroup(syscall.SIGKILL)
+	if sent {
+		inst.log.Warningf("qemu: stop pid %d: sent SIGKILL", inst.Pid())
+	}
+	d := inst.opts.KillTimeout
+	if d <= 0 {
+		d = DefaultKillTimeout
+	}
+	kctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	if !inst.waitExited(kctx) {
+		if sent {
+			err = fmt.Errorf("qemu: stop pid %d: still running %v after SIGKILL, stuck in the kernel (state D) or traced", inst.Pid(), d)
+		} else {
+			err = fmt.Errorf("qemu: stop pid %d: exited but not reaped within %v (traced?)", inst.Pid(), d)
+		}
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w: %w", err, ctx.Err())
+		}
+		return sent, err
+	}
+	if err := ctx.Err(); err != nil && sent {
+		return sent, fmt.Errorf("qemu: stop pid %d: %w (QEMU killed)", inst.Pid(), err)
+	}
+	return sent, nil
+}
