@@ -48,6 +48,9 @@ func TestMain(m *testing.M) {
 	if pid := os.Getenv(ptraceHelper); pid != "" {
 		traceAndNeverWait(pid)
 	}
+	if dir := os.Getenv(startHelper); dir != "" {
+		startAndSleep(dir)
+	}
 	flag.Parse()
 	os.Setenv(leakMarker, strconv.Itoa(os.Getpid()))
 	findRealVM()

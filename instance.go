@@ -56,6 +56,22 @@ type InstanceOptions struct {
 	QuitTimeout      time.Duration
 	TermTimeout      time.Duration
 
+	// KeepRunning lets QEMU outlive this process, for a daemon that is
+	// restarted while its VMs run on: QEMU gets no parent-death signal
+	// and runs in a session of its own. Without it, QEMU is killed
+	// (SIGKILL) when this process dies, even by SIGKILL. Set PIDFile and
+	// QMPSocket too, so that a new process can find QEMU again with
+	// AttachInstance.
+	KeepRunning bool
+
+	// PIDFile, if set, is where QEMU writes its pid (-pidfile).
+	PIDFile string
+
+	// QMPSocket, if set, is a unix socket path QEMU also serves QMP on
+	// (server=on,wait=off), for AttachInstance. QEMU serves one client
+	// per socket at a time.
+	QMPSocket string
+
 	// Console, if set, connects the guest's console to a socket pair that
 	// QEMU inherits (after the QMP channel), so that nothing the guest
 	// writes is lost: ConsoleSerial (ttyS0) or ConsoleVirtio (hvc0).
@@ -96,7 +112,10 @@ type InstanceOptions struct {
 // reach it and Stop and Close signal whatever it started too; when QEMU
 // exits, anything left in its group is killed.
 type Instance struct {
-	cmd     *exec.Cmd
+	cmd     *exec.Cmd // nil for an attached Instance
+	pid     int
+	args    []string
+	pidfd   int // an attached Instance's handle on QEMU's process; -1 otherwise
 	qmp     *QMP
 	version QMPVersion
 	log     QMPLog
@@ -240,11 +259,17 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 		}
 		return nil, nil, fmt.Errorf("qemu: start %s: %s: %w", path, what, err)
 	}
-	args := make([]string, 0, len(params)+10)
+	args := make([]string, 0, len(params)+14)
 	args = append(args, params...)
 	args = append(args,
 		"-chardev", "socket,id="+instanceMonitor+",fd="+strconv.Itoa(3+len(fds)),
 		"-mon", "chardev="+instanceMonitor+",mode=control")
+	if opts.QMPSocket != "" {
+		args = append(args, QMPSocket{Type: Unix, Name: opts.QMPSocket, Server: true, NoWait: true}.params()...)
+	}
+	if opts.PIDFile != "" {
+		args = append(args, "-pidfile", opts.PIDFile)
+	}
 	if opts.Console != "" {
 		cargs, err := consoleParams(opts.Console, 4+len(fds))
 		if err != nil {
@@ -280,11 +305,21 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 	// would wait for; the Instance drains the pipe itself.
 	cmd.Stderr = stderrW
 	// Its own process group, so that Stop and Close can signal whatever
-	// QEMU (or a wrapper script standing for it) has started, too.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// QEMU (or a wrapper script standing for it) has started, too. The
+	// parent-death signal is the kernel's, sent when the thread that
+	// forks QEMU ends; os/exec kills the child itself if this process
+	// died between the fork and the prctl.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if opts.KeepRunning {
+		// A session of its own (and so a group): no hang-up from this
+		// process's terminal reaches it.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	}
 
 	inst := &Instance{
 		cmd:        cmd,
+		args:       append([]string{cmd.Path}, cmd.Args[1:]...),
+		pidfd:      -1,
 		log:        orNullLogger(opts.Logger),
 		opts:       opts,
 		stderr:     &tailBuffer{max: maxStderr},
@@ -311,6 +346,7 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 		}
 		return nil, nil, fmt.Errorf("qemu: start %s: %w", path, err)
 	}
+	inst.pid = cmd.Process.Pid
 	if conOurs != nil {
 		// Cannot fail for a socket made just now; if it did, QEMU would
 		// run without a console reader, which the error below prevents.
@@ -550,11 +586,11 @@ func (inst *Instance) Version() QMPVersion {
 }
 
 // Pid returns QEMU's process id.
-func (inst *Instance) Pid() int { return inst.cmd.Process.Pid }
+func (inst *Instance) Pid() int { return inst.pid }
 
 // Args returns QEMU's command line, the binary first, as it was started.
 func (inst *Instance) Args() []string {
-	return append([]string{inst.cmd.Path}, inst.cmd.Args[1:]...)
+	return append([]string(nil), inst.args...)
 }
 
 // CommandLine returns QEMU's command line quoted for a POSIX shell, for
@@ -612,6 +648,9 @@ func (inst *Instance) Wait(ctx context.Context) (*os.ProcessState, error) {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("qemu: wait for pid %d: copying stderr: %w", inst.Pid(), ctx.Err())
 		}
+	}
+	if inst.cmd == nil {
+		return nil, nil // attached: QEMU is not a child, its status is not ours to know
 	}
 	if inst.state == nil {
 		return nil, fmt.Errorf("qemu: wait for pid %d: %w", inst.Pid(), inst.waitErr)

@@ -297,16 +297,21 @@ func (inst *Instance) terminate(ctx context.Context, r *StopReport) StopStep {
 // signalGroup sends sig to QEMU's process group while QEMU is running, and
 // reports whether it did. A QEMU that has exited is not signalled, reaped
 // or not: the signal would not be what ended it, and once it is reaped its
-// pid, the group's id, may belong to another process.
+// pid, the group's id, may belong to another process. An attached QEMU,
+// reaped by someone else, is signalled through its pidfd, which names that
+// process and no other, and its group is left alone.
 func (inst *Instance) signalGroup(sig syscall.Signal) bool {
 	inst.sigMu.Lock()
 	defer inst.sigMu.Unlock()
-	if inst.reaped || exitedNoReap(inst.Pid()) {
+	if inst.reaped || inst.hasExited() || inst.cmd != nil && exitedNoReap(inst.Pid()) {
 		return false
 	}
 	if sig == syscall.SIGKILL {
 		// Before the signal: a Stop that sees the exit must see why.
 		inst.killed.Store(true)
+	}
+	if inst.cmd == nil {
+		return signalPidfd(inst.pidfd, sig) == nil
 	}
 	syscall.Kill(-inst.Pid(), sig)
 	return true
