@@ -144,8 +144,9 @@ func (c *SerialConsole) Write(p []byte) (int, error) {
 // and returns that line, without its line ending. The search starts where
 // the previous wait's match ended (at the start of the history for the
 // first), so it sees lines written before the call, and a wait never
-// returns the same line twice. The line being written, not yet ended, is
-// searched too, so a prompt can be waited for. If ctx ends first, or the
+// returns the same line twice. Only ended lines are searched: the line
+// being written may still grow, so a prompt with no newline after it is
+// not seen (read it with NewReader). If ctx ends first, or the
 // console ends (QEMU exited), WaitFor returns an error that says so.
 func (c *SerialConsole) WaitFor(ctx context.Context, substr string) (string, error) {
 	return c.wait(ctx, strconv.Quote(substr), func(line string) bool { return strings.Contains(line, substr) })
@@ -176,27 +177,24 @@ func (c *SerialConsole) wait(ctx context.Context, what string, match func(string
 	}
 }
 
-// search looks for a matching line from the mark on, and moves the mark
-// past it. Only the wait holding c.mu calls it.
+// search looks for a matching ended line from the mark on, and moves the
+// mark past it. Only the wait holding c.mu calls it.
 func (c *SerialConsole) search(match func(string) bool) (string, bool) {
 	from := max(c.mark-c.start, 0)
 	rest := c.hist[from:]
-	for len(rest) > 0 {
+	for {
 		line, after, complete := bytes.Cut(rest, []byte{'\n'})
-		text := string(bytes.TrimRight(line, "\r"))
-		if match(text) {
-			c.mark = c.start + int64(len(c.hist)-len(after))
-			if !complete {
-				c.mark = c.start + int64(len(c.hist))
-			}
-			return text, true
-		}
 		if !complete {
-			break
+			// The line being written may still grow: "block add v"
+			// is not yet "block add vda".
+			return "", false
+		}
+		if text := string(bytes.TrimRight(line, "\r")); match(text) {
+			c.mark = c.start + int64(len(c.hist)-len(after))
+			return text, true
 		}
 		rest = after
 	}
-	return "", false
 }
 
 // NewReader returns a reader of the console's output from the start of

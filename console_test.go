@@ -48,16 +48,25 @@ func TestConsoleWaits(t *testing.T) {
 	c, guest := fakeConsole(t, 0, &log)
 	guest.WriteString("Linux version 6.1\r\nfirst line\r\nready\r\nlogin: ")
 	ctx := ctxTimeout(t, 5*time.Second)
-	// Lines written before the wait are seen; a prompt with no line end
-	// is too.
+	// Lines written before the wait are seen.
 	if line, err := c.WaitFor(ctx, "first"); err != nil || line != "first line" {
 		t.Fatalf("WaitFor(first) = %q, %v", line, err)
 	}
-	if line, err := c.WaitForRegexp(ctx, regexp.MustCompile(`^login: $`)); err != nil || line != "login: " {
-		t.Fatalf("WaitForRegexp(login) = %q, %v", line, err)
+	if line, err := c.WaitForRegexp(ctx, regexp.MustCompile(`^rea`)); err != nil || line != "ready" {
+		t.Fatalf("WaitForRegexp(^rea) = %q, %v", line, err)
 	}
-	// A wait starts after the previous match: "ready" was passed by the
-	// prompt's match, so it must come again.
+	// A line not yet ended is not matched: it may still grow.
+	short, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if line, err := c.WaitFor(short, "login"); err == nil {
+		t.Fatalf("an unended line matched: %q", line)
+	}
+	guest.WriteString("\r\n")
+	if line, err := c.WaitFor(ctx, "login"); err != nil || line != "login: " {
+		t.Errorf("the prompt, once its line ended: %q, %v", line, err)
+	}
+	// A wait starts after the previous match: "ready" was passed, so it
+	// must come again.
 	pending := pendingCall(func() error {
 		line, err := c.WaitFor(ctx, "ready")
 		if err == nil && line != "ready again" {
@@ -66,11 +75,11 @@ func TestConsoleWaits(t *testing.T) {
 		return err
 	})
 	stillPending(t, pending, "a wait for a line already matched past")
-	guest.WriteString("\r\nready again\n")
+	guest.WriteString("ready again\n")
 	if err := <-pending; err != nil {
 		t.Fatal(err)
 	}
-	short, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	short, cancel = context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	if _, err := c.WaitFor(short, "never"); !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), `"never"`) {
 		t.Errorf("wait for a line that never comes: %v", err)

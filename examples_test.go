@@ -5,6 +5,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"log"
 	"net"
 	"os"
 	"os/exec"
@@ -691,71 +692,129 @@ func ExampleLaunchQemu() {
 	// quit
 }
 
-// ExampleInstance boots the test guest as an Instance: QEMU runs in the
-// foreground, its QMP session comes ready with it, and Stop shuts the guest
-// down with the power button and reaps QEMU.
+// ExampleInstance boots the test guest as an Instance, with its console on
+// a socket pair QEMU inherits: QEMU runs in the foreground, its QMP session
+// comes ready with it, the console sees the guest from its first byte, a
+// disk hot-plugged into a PCIe root port shows up in the guest, and Stop
+// shuts the guest down with the power button and reaps QEMU. The log lines
+// (on stderr) say how long each step took.
 func ExampleInstance() {
-	dir, err := os.MkdirTemp("", "qemu-example")
-	if err != nil {
-		panic(err)
-	}
-	defer os.RemoveAll(dir)
-	consoleSocket := filepath.Join(dir, "console.sock")
-	accel, cpu := guestAccelCPU()
-
+	accel, cpu := guestAccelCPU() // "kvm" and "host", or "tcg" and "qemu64"
 	config := Config{
-		Path:     realVM.bin,
-		Name:     "example",
-		Machine:  Machine{Type: "q35", Acceleration: accel},
-		CPUModel: cpu,
-		Memory:   Memory{Size: "256M"},
-		Devices: []Device{
-			CharDevice{Backend: Socket, Driver: "isa-serial", ID: "console", DeviceID: "serial0", Path: consoleSocket},
-		},
-		Kernel: Kernel{Path: realVM.kernel, InitrdPath: realVM.initrd, Params: guestKernelParams},
-		Knobs:  Knobs{NoUserConfig: true, NoDefaults: true, NoGraphic: true},
+		Path:         realVM.bin, // "" for qemu-system-x86_64 from PATH
+		Name:         "example",
+		Machine:      Machine{Type: "q35", Acceleration: accel},
+		CPUModel:     cpu,
+		Memory:       Memory{Size: "256M"},
+		Kernel:       Kernel{Path: realVM.kernel, InitrdPath: realVM.initrd, Params: "console=ttyS0 panic=-1 quiet"},
+		Knobs:        Knobs{NoUserConfig: true, NoDefaults: true},
+		FirmwareDirs: filepath.SplitList(os.Getenv("QEMU_FIRMWARE")), // for a QEMU outside /usr
+		// q35's root bus refuses hot-plug; a root port accepts it.
+		Devices:     []Device{PCIeRootPort{ID: "rp1", Chassis: 1, Slot: 1}},
+		ExtraParams: []string{"-display", "none"},
 	}
 	// The context bounds the start only; the VM outlives it.
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	inst, err := StartInstance(ctx, config, InstanceOptions{})
+	start := time.Now()
+	inst, err := StartInstance(ctx, config, InstanceOptions{Console: ConsoleSerial})
 	if err != nil {
 		panic(err)
 	}
 	defer inst.Close()
+	v := inst.Version()
+	log.Printf("QEMU %d.%d.%d (%s) answering QMP after %v", v.Major, v.Minor, v.Micro, accel, since(start))
 
-	console, err := waitForGuest(consoleSocket)
-	if err != nil {
+	if _, err := inst.Console().WaitFor(ctx, "TESTGUEST: ready"); err != nil {
 		panic(err)
 	}
-	defer console.Close()
+	log.Printf("guest ready after %v", since(start))
 	fmt.Println("guest is up")
 
-	var status struct {
-		Status string `json:"status"`
-	}
-	if err := inst.QMP().ExecuteCommand(ctx, "query-status", nil, &status); err != nil {
+	disk, err := os.CreateTemp("", "disk")
+	if err != nil {
 		panic(err)
 	}
-	fmt.Println("status:", status.Status)
+	defer os.Remove(disk.Name())
+	disk.Truncate(1 << 20)
+	disk.Close()
+	step := time.Now()
+	q := inst.QMP()
+	if err := q.ExecuteBlockdevAdd(ctx, disk.Name(), "drive0"); err != nil {
+		panic(err)
+	}
+	if err := q.ExecuteDeviceAdd(ctx, "drive0", "disk0", "virtio-blk-pci", "rp1"); err != nil {
+		panic(err)
+	}
+	line, err := inst.Console().WaitFor(ctx, "TESTGUEST: block add")
+	if err != nil {
+		panic(err)
+	}
+	log.Printf("the guest saw the disk %v after device_add: %q", since(step), line)
+	fmt.Println("guest:", line)
 
-	stopCtx, stopCancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer stopCancel()
-	step, err := inst.Stop(stopCtx)
+	step = time.Now()
+	report, err := inst.StopWithReport(ctx)
 	if err != nil {
 		panic(err)
 	}
-	state, err := inst.Wait(stopCtx)
+	state, err := inst.Wait(ctx)
 	if err != nil {
 		panic(err)
 	}
-	fmt.Println("stopped by:", step)
+	log.Printf("stopped in %v: %v", since(step), report)
+	fmt.Println("stopped by:", report.Step)
 	fmt.Println("QEMU:", state)
 	// Output:
 	// guest is up
-	// status: running
+	// guest: TESTGUEST: block add vda
 	// stopped by: powerdown
 	// QEMU: exit status 0
+}
+
+func since(t time.Time) time.Duration { return time.Since(t).Round(time.Millisecond) }
+
+// ExampleSerialConsole runs a command in the test guest through its
+// console, which the guest reads as a shell's input, and reads the answer.
+func ExampleSerialConsole() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	inst, err := StartInstance(ctx, exampleGuest(), InstanceOptions{Console: ConsoleSerial})
+	if err != nil {
+		panic(err)
+	}
+	defer inst.Close()
+	console := inst.Console()
+	if _, err := console.WaitFor(ctx, "TESTGUEST: ready"); err != nil {
+		panic(err)
+	}
+	// The guest's tty echoes the typed line, where $(...) is not yet
+	// expanded: only the shell's own output has the kernel's name.
+	fmt.Fprintln(console, "echo kernel=$(uname -s)")
+	line, err := console.WaitFor(ctx, "kernel=Linux")
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(line)
+	// Output:
+	// kernel=Linux
+}
+
+// exampleGuest is the test guest's Config of ExampleInstance, with a root
+// port for hot-plug.
+func exampleGuest() Config {
+	accel, cpu := guestAccelCPU()
+	return Config{
+		Path:         realVM.bin,
+		Machine:      Machine{Type: "q35", Acceleration: accel},
+		CPUModel:     cpu,
+		Memory:       Memory{Size: "256M"},
+		Kernel:       Kernel{Path: realVM.kernel, InitrdPath: realVM.initrd, Params: guestKernelParams},
+		Knobs:        Knobs{NoUserConfig: true, NoDefaults: true},
+		FirmwareDirs: filepath.SplitList(os.Getenv("QEMU_FIRMWARE")),
+		Devices:      []Device{PCIeRootPort{ID: "rp1", Chassis: 1, Slot: 1}},
+		ExtraParams:  []string{"-display", "none"},
+	}
 }
 
 // ExampleQMP_ExecuteDeviceAdd hot-plugs a disk into the running test guest
@@ -763,35 +822,33 @@ func ExampleInstance() {
 // guest sees the disk, device_del returns once QEMU reports DEVICE_DELETED,
 // and the block node is deleted.
 func ExampleQMP_ExecuteDeviceAdd() {
-	vm, err := bootTestVM(testVMOptions{
-		Machine: "q35",
-		// q35's root bus refuses hot-plug; a root port accepts it.
-		Extra: []string{"-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1"},
-	})
-	if vm != nil {
-		defer vm.close()
-	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	inst, err := StartInstance(ctx, exampleGuest(), InstanceOptions{Console: ConsoleSerial})
 	if err != nil {
 		panic(err)
 	}
-	if _, err := vm.waitConsole(guestReadyLine, 2*time.Minute); err != nil {
+	defer inst.Close()
+	console := inst.Console()
+	if _, err := console.WaitFor(ctx, "TESTGUEST: ready"); err != nil {
 		panic(err)
 	}
-	disk := filepath.Join(vm.Dir, "disk.img")
-	if err := os.WriteFile(disk, make([]byte, 1<<20), 0o600); err != nil {
+	disk, err := os.CreateTemp("", "disk")
+	if err != nil {
 		panic(err)
 	}
+	defer os.Remove(disk.Name())
+	disk.Truncate(1 << 20)
+	disk.Close()
 
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	q := vm.QMP
-	if err := q.ExecuteBlockdevAdd(ctx, disk, "drive0"); err != nil {
+	q := inst.QMP()
+	if err := q.ExecuteBlockdevAdd(ctx, disk.Name(), "drive0"); err != nil {
 		panic(err)
 	}
 	if err := q.ExecuteDeviceAdd(ctx, "drive0", "disk0", "virtio-blk-pci", "rp1"); err != nil {
 		panic(err)
 	}
-	line, err := vm.waitConsole("TESTGUEST: block add", time.Minute)
+	line, err := console.WaitFor(ctx, "TESTGUEST: block add")
 	if err != nil {
 		panic(err)
 	}
@@ -801,7 +858,7 @@ func ExampleQMP_ExecuteDeviceAdd() {
 		panic(err)
 	}
 	fmt.Println("device_del returned after DEVICE_DELETED")
-	if line, err = vm.waitConsole("TESTGUEST: block remove", time.Minute); err != nil {
+	if line, err = console.WaitFor(ctx, "TESTGUEST: block remove"); err != nil {
 		panic(err)
 	}
 	fmt.Println("guest:", line)
@@ -817,43 +874,85 @@ func ExampleQMP_ExecuteDeviceAdd() {
 	// block node deleted
 }
 
-// ExampleQMPEvent stops and resumes a VM and reads the STOP and RESUME
-// events from QMPConfig.EventCh.
+// ExampleQMPEvent starts a VM paused, resumes it, stops and resumes it
+// again, and reads the events from InstanceOptions.EventCh.
 func ExampleQMPEvent() {
-	vm, err := bootTestVM(testVMOptions{})
-	if vm != nil {
-		defer vm.close()
-	}
+	config := exampleGuest()
+	config.Knobs.Paused = true
+	events := make(chan QMPEvent, 16)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	inst, err := StartInstance(ctx, config, InstanceOptions{EventCh: events})
 	if err != nil {
 		panic(err)
 	}
-	// bootTestVM resumed the paused VM; that RESUME comes first.
-	next := func() QMPEvent {
-		select {
-		case ev := <-vm.Events:
-			return ev
-		case <-time.After(time.Minute):
-			panic("no event")
+	defer inst.Close()
+	q := inst.QMP()
+	for _, run := range []func(context.Context) error{q.ExecuteCont, q.ExecuteStop, q.ExecuteCont} {
+		if err := run(ctx); err != nil {
+			panic(err)
 		}
+		ev := <-events
+		fmt.Println(ev.Name, "recent:", time.Since(ev.Timestamp) < time.Minute)
 	}
-	for next().Name != "RESUME" {
-	}
-
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if err := vm.QMP.ExecuteStop(ctx); err != nil {
-		panic(err)
-	}
-	ev := next()
-	fmt.Println(ev.Name, "recent:", time.Since(ev.Timestamp) < time.Minute)
-	if err := vm.QMP.ExecuteCont(ctx); err != nil {
-		panic(err)
-	}
-	ev = next()
-	fmt.Println(ev.Name, "recent:", time.Since(ev.Timestamp) < time.Minute)
 	// Output:
+	// RESUME recent: true
 	// STOP recent: true
 	// RESUME recent: true
+}
+
+// ExampleQMP_Subscribe waits for a job's end with a subscription made
+// before the command, so that none of the job's events can be missed:
+// QEMU sends the first ones before its reply.
+func ExampleQMP_Subscribe() {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	config := Config{Path: realVM.bin, Machine: Machine{Type: "none"}, Knobs: Knobs{NoDefaults: true, Paused: true},
+		FirmwareDirs: filepath.SplitList(os.Getenv("QEMU_FIRMWARE")), ExtraParams: []string{"-display", "none"}}
+	inst, err := StartInstance(ctx, config, InstanceOptions{})
+	if err != nil {
+		panic(err)
+	}
+	defer inst.Close()
+	q := inst.QMP()
+	image, err := os.CreateTemp("", "image")
+	if err != nil {
+		panic(err)
+	}
+	defer os.Remove(image.Name())
+	image.Close()
+	if err := q.ExecuteCommand(ctx, "blockdev-add", map[string]string{"driver": "file", "node-name": "proto0", "filename": image.Name()}, nil); err != nil {
+		panic(err)
+	}
+
+	sub := q.Subscribe(JobStatusFilter("create0"))
+	defer sub.Close()
+	create := map[string]interface{}{
+		"job-id":  "create0",
+		"options": map[string]interface{}{"driver": "qcow2", "file": "proto0", "size": 1 << 30},
+	}
+	if err := q.ExecuteCommand(ctx, "blockdev-create", create, nil); err != nil {
+		panic(err)
+	}
+	for {
+		ev, err := sub.Receive(ctx)
+		if err != nil {
+			panic(err)
+		}
+		fmt.Println("job create0:", ev.Data["status"])
+		if ev.Data["status"] == "concluded" {
+			break
+		}
+	}
+	if err := q.ExecuteCommand(ctx, "job-dismiss", map[string]string{"id": "create0"}, nil); err != nil {
+		panic(err)
+	}
+	// Output:
+	// job create0: created
+	// job create0: running
+	// job create0: waiting
+	// job create0: pending
+	// job create0: concluded
 }
 
 // TestRealQEMUKilledWhileCommandPending kills QEMU with SIGKILL while a

@@ -195,10 +195,15 @@ func (inst *Instance) waitExited(ctx context.Context) bool {
 
 // withTimeout is context.WithTimeout with d, or def when d is zero.
 func withTimeout(ctx context.Context, d, def time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, orDefault(d, def))
+}
+
+// orDefault returns d, or def when d is zero.
+func orDefault(d, def time.Duration) time.Duration {
 	if d <= 0 {
-		d = def
+		return def
 	}
-	return context.WithTimeout(ctx, d)
+	return d
 }
 
 // guestRunning asks QEMU whether the guest is running. Only a clear no is
@@ -249,7 +254,7 @@ func (inst *Instance) powerdown(ctx context.Context, r *StopReport) (exited, gue
 		return exited, false
 	}
 	if pctx.Err() != nil && ctx.Err() == nil {
-		r.record(StopPowerdown, start, fmt.Sprintf("no SHUTDOWN within %v", time.Since(start).Round(time.Millisecond)))
+		r.record(StopPowerdown, start, fmt.Sprintf("no SHUTDOWN within %v", orDefault(inst.opts.PowerdownTimeout, DefaultPowerdownTimeout)))
 	} else {
 		r.record(StopPowerdown, start, err.Error())
 	}
@@ -343,10 +348,7 @@ func (inst *Instance) kill(ctx context.Context) (sent bool, err error) {
 	if sent {
 		inst.log.Warningf("qemu: stop pid %d: sent SIGKILL", inst.Pid())
 	}
-	d := inst.opts.KillTimeout
-	if d <= 0 {
-		d = DefaultKillTimeout
-	}
+	d := orDefault(inst.opts.KillTimeout, DefaultKillTimeout)
 	kctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
 	if !inst.waitExited(kctx) {
