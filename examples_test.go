@@ -3,6 +3,7 @@ package qemu
 import (
 	"bufio"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log"
@@ -292,119 +293,6 @@ func probeKVM(kvmArgs []string) error {
 	return fmt.Errorf("guest not ready under KVM within 4s")
 }
 
-// testVMOptions says how startTestVM boots the test guest.
-type testVMOptions struct {
-	Machine string   // default q35
-	Extra   []string // more QEMU arguments
-	Append  string   // more kernel parameters
-}
-
-// testVM is a QEMU running the test guest for one test, with its QMP
-// session negotiated and its serial console connected.
-type testVM struct {
-	QMP     *QMP
-	Version *QMPVersion
-	Events  chan QMPEvent
-	Dir     string
-	Gone    chan struct{} // disconnectedCh of the session
-	cmd     *exec.Cmd
-	exited  chan struct{}
-	stderr  lockedBuffer
-
-	mu         sync.Mutex
-	lines      []string
-	next       int
-	newLine    chan struct{}
-	consoleEnd chan struct{}
-	console    net.Conn
-}
-
-// startTestVM boots the test guest for a test; cleanup quits QEMU and
-// reaps it.
-func startTestVM(t *testing.T, opts testVMOptions) *testVM {
-	t.Helper()
-	requireGuest(t)
-	vm, err := bootTestVM(opts)
-	if vm != nil {
-		t.Cleanup(vm.close)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	return vm
-}
-
-// bootTestVM boots the test guest and returns once QMP is negotiated and
-// the console is connected. QEMU starts paused so that no console output
-// can be missed, and runs once the console is attached. On error the
-// returned vm, if not nil, must still be closed.
-func bootTestVM(opts testVMOptions) (*testVM, error) {
-	accel, _ := guestAccel()
-	if opts.Machine == "" {
-		opts.Machine = "q35"
-	}
-	dir, err := os.MkdirTemp("", "qt")
-	if err != nil {
-		return nil, err
-	}
-	qmpPath := filepath.Join(dir, "qmp.sock")
-	conPath := filepath.Join(dir, "con.sock")
-	params := opts.Append
-	if params != "" {
-		params = " " + params
-	}
-	args := []string{"-S", "-machine", opts.Machine, "-m", "256", "-nodefaults", "-display", "none",
-		"-no-user-config",
-		"-qmp", "unix:" + qmpPath + ",server=on,wait=off",
-		"-chardev", "socket,id=con,path=" + conPath + ",server=on,wait=off",
-		"-serial", "chardev:con",
-		"-kernel", realVM.kernel, "-initrd", realVM.initrd, "-append", guestKernelParams + params}
-	args = append(args, accel...)
-	args = append(args, realVM.firmware...)
-	args = append(args, opts.Extra...)
-
-	vm := &testVM{Dir: dir, Events: make(chan QMPEvent, 64), Gone: make(chan struct{}),
-		exited: make(chan struct{}), newLine: make(chan struct{}, 1), consoleEnd: make(chan struct{})}
-	vm.cmd = exec.Command(realVM.bin, args...)
-	vm.cmd.Stderr = &vm.stderr
-	vm.cmd.WaitDelay = time.Second
-	if err := vm.cmd.Start(); err != nil {
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("start qemu: %w", err)
-	}
-	go func() { vm.cmd.Wait(); close(vm.exited) }()
-
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for {
-		vm.QMP, vm.Version, err = QMPStart(ctx, qmpPath, QMPConfig{EventCh: vm.Events}, vm.Gone)
-		if err == nil {
-			break
-		}
-		vm.Gone = make(chan struct{})
-		vm.Events = make(chan QMPEvent, 64)
-		select {
-		case <-vm.exited:
-			return vm, fmt.Errorf("qemu exited at start: %s", vm.stderr.String())
-		case <-ctx.Done():
-			return vm, fmt.Errorf("qmp: %w", err)
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-	if err := vm.QMP.ExecuteQMPCapabilities(ctx); err != nil {
-		return vm, err
-	}
-	vm.console, err = net.Dial("unix", conPath)
-	if err != nil {
-		return vm, fmt.Errorf("connect console: %w", err)
-	}
-	go vm.readConsole()
-	if err := vm.QMP.ExecuteCont(ctx); err != nil {
-		return vm, err
-	}
-	return vm, nil
-}
-
 // shortTempDir returns a fresh temporary directory with a short path, since
 // a unix socket path must fit in 108 bytes and t.TempDir's can be long.
 func shortTempDir(t testing.TB) string {
@@ -414,68 +302,6 @@ func shortTempDir(t testing.TB) string {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
-}
-
-func (vm *testVM) readConsole() {
-	defer close(vm.consoleEnd)
-	sc := bufio.NewScanner(vm.console)
-	for sc.Scan() {
-		line := strings.TrimRight(sc.Text(), "\r")
-		vm.mu.Lock()
-		vm.lines = append(vm.lines, line)
-		vm.mu.Unlock()
-		select {
-		case vm.newLine <- struct{}{}:
-		default:
-		}
-	}
-}
-
-// waitConsole returns the first console line containing substr that comes
-// after the line the previous waitConsole returned.
-func (vm *testVM) waitConsole(substr string, timeout time.Duration) (string, error) {
-	deadline := time.After(timeout)
-	for {
-		vm.mu.Lock()
-		for i := vm.next; i < len(vm.lines); i++ {
-			if strings.Contains(vm.lines[i], substr) {
-				vm.next = i + 1
-				line := vm.lines[i]
-				vm.mu.Unlock()
-				return line, nil
-			}
-		}
-		vm.mu.Unlock()
-		select {
-		case <-vm.newLine:
-		case <-vm.consoleEnd:
-			// The reader may have queued one last line before it ended.
-			select {
-			case <-vm.newLine:
-				continue
-			default:
-			}
-			return "", fmt.Errorf("console closed before a line with %q; console:\n%s", substr, vm.consoleText())
-		case <-deadline:
-			return "", fmt.Errorf("no console line with %q within %v; console so far:\n%s", substr, timeout, vm.consoleText())
-		}
-	}
-}
-
-func (vm *testVM) consoleText() string {
-	vm.mu.Lock()
-	defer vm.mu.Unlock()
-	return strings.Join(vm.lines, "\n")
-}
-
-// waitExit waits for QEMU to exit.
-func (vm *testVM) waitExit(timeout time.Duration) error {
-	select {
-	case <-vm.exited:
-		return nil
-	case <-time.After(timeout):
-		return fmt.Errorf("qemu still running after %v", timeout)
-	}
 }
 
 // lockedBuffer is QEMU's stderr, written by os/exec while a test may read it.
@@ -494,29 +320,6 @@ func (l *lockedBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
-}
-
-func (vm *testVM) close() {
-	select {
-	case <-vm.exited:
-	default:
-		if vm.QMP != nil {
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			vm.QMP.ExecuteQuit(ctx)
-			cancel()
-		}
-		if vm.waitExit(3*time.Second) != nil {
-			vm.cmd.Process.Kill()
-			<-vm.exited
-		}
-	}
-	if vm.QMP != nil {
-		vm.QMP.Shutdown()
-	}
-	if vm.console != nil {
-		vm.console.Close()
-	}
-	os.RemoveAll(vm.Dir)
 }
 
 // waitForGuest connects to the guest's serial console socket and reads it
@@ -959,35 +762,37 @@ func ExampleQMP_Subscribe() {
 // command waits for its reply: the command fails within a second, the
 // session ends and none of its goroutines remains.
 func TestRealQEMUKilledWhileCommandPending(t *testing.T) {
-	vm := startTestVM(t, testVMOptions{})
+	events := make(chan QMPEvent, 64)
+	inst := startGuestInstance(t, "", InstanceOptions{EventCh: events})
+	q := inst.QMP()
 	// A stopped QEMU reads nothing, so the command stays pending.
-	if err := vm.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+	if err := syscall.Kill(inst.Pid(), syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	result := make(chan error, 1)
-	go func() { result <- vm.QMP.ExecuteCommand(context.Background(), "query-status", nil, nil) }()
+	go func() { result <- q.ExecuteCommand(context.Background(), "query-status", nil, nil) }()
 	select {
 	case err := <-result:
 		t.Fatalf("command returned while QEMU was stopped: %v", err)
 	case <-time.After(200 * time.Millisecond):
 	}
-	vm.cmd.Process.Kill()
+	syscall.Kill(inst.Pid(), syscall.SIGKILL)
 	select {
 	case err := <-result:
-		if err == nil || !strings.Contains(err.Error(), "connection to QEMU ended") {
+		if !errors.Is(err, ErrDisconnected) {
 			t.Errorf("pending command: %v", err)
 		}
 	case <-time.After(time.Second):
 		t.Fatal("pending command did not fail within a second of SIGKILL")
 	}
 	select {
-	case <-vm.Gone:
+	case <-q.Done():
 	case <-time.After(time.Second):
-		t.Fatal("disconnectedCh not closed")
+		t.Fatal("session not ended")
 	}
-	for range vm.Events {
+	for range events {
 	}
-	vm.QMP.Shutdown()
+	inst.Close()
 	if gs := lingeringSessionGoroutines(); gs != "" {
 		t.Errorf("session goroutines left:\n%s", gs)
 	}

@@ -273,10 +273,8 @@ func TestCloudInitISOInGuest(t *testing.T) {
 	}
 	virtio := "file=" + qemuOptionValue(drives[0].iso) + ",if=virtio,format=raw,readonly=on"
 	cdrom := "file=" + qemuOptionValue(drives[1].iso) + ",if=none,id=cd0,format=raw,readonly=on,media=cdrom"
-	vm := startTestVM(t, testVMOptions{Extra: []string{
-		"-drive", virtio,
-		"-drive", cdrom, "-device", "ide-cd,drive=cd0,bus=ide.0",
-	}})
+	inst := startGuest(t, "", InstanceOptions{}, "-drive", virtio, "-drive", cdrom, "-device", "ide-cd,drive=cd0,bus=ide.0")
+	ctx := ctxTimeout(t, 3*time.Minute)
 
 	var want, got []string
 	for _, d := range drives {
@@ -290,7 +288,7 @@ func TestCloudInitISOInGuest(t *testing.T) {
 	// A CD-ROM may be probed after the guest's ready line, so collect file
 	// lines until there are as many as expected, in whatever order.
 	for len(got) < len(want) {
-		line, err := vm.waitConsole("TESTGUEST: file ", 3*time.Minute)
+		line, err := inst.Console().WaitFor(ctx, "TESTGUEST: file ")
 		if err != nil {
 			t.Fatalf("after %d of %d files: %v", len(got), len(want), err)
 		}
