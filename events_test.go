@@ -357,13 +357,7 @@ func TestSubscriptionsLeaveNoGoroutines(t *testing.T) {
 			s.q.Shutdown()
 		})
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if n := runtime.NumGoroutine(); n > before {
-		t.Errorf("%d goroutines before, %d after:\n%s", before, n, sessionGoroutines())
-	}
+	checkGoroutinesBackTo(t, before)
 }
 
 // TestRealQEMUJobAndSubscriptions drives a paused QEMU: a blockdev-create

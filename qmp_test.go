@@ -762,13 +762,7 @@ func TestQMPNoGoroutinesLeft(t *testing.T) {
 			}
 		})
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if n := runtime.NumGoroutine(); n > before {
-		t.Errorf("%d goroutines before, %d after:\n%s", before, n, sessionGoroutines())
-	}
+	checkGoroutinesBackTo(t, before)
 }
 
 func TestQMPLongLines(t *testing.T) {
@@ -1047,4 +1041,17 @@ func TestQMPCancelRacingReply(t *testing.T) {
 	t.Logf("%d of 300 commands cancelled", cancelled)
 	s.q.Shutdown()
 	<-done
+}
+
+// checkGoroutinesBackTo fails the test unless the goroutine count comes
+// back to before within a few seconds.
+func checkGoroutinesBackTo(t *testing.T, before int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := runtime.NumGoroutine(); n > before {
+		t.Errorf("%d goroutines before, %d after:\n%s", before, n, sessionGoroutines())
+	}
 }
