@@ -631,8 +631,10 @@ type QMPSocket struct {
 func (qmp QMPSocket) Valid() bool { return qmp.problem() == "" }
 
 func (qmp QMPSocket) problem() string {
-	return firstProblem(when(qmp.Type != Unix, fmt.Sprintf("Type is %q, not Unix", qmp.Type)),
-		need("Name", qmp.Name), cleanFields(qmp.Name))
+	if qmp.Type != Unix {
+		return fmt.Sprintf("Type is %q, not Unix", qmp.Type)
+	}
+	return firstProblem(need("Name", qmp.Name), cleanFields(qmp.Name))
 }
 
 // params returns the -qmp argument of a Valid socket.
@@ -864,7 +866,10 @@ func clean(fields ...string) bool {
 
 // need returns the problem of a required field that is empty, or "".
 func need(field, value string) string {
-	return when(value == "", field+" is empty")
+	if value != "" {
+		return "" // before the concatenation: Valid runs on every render
+	}
+	return field + " is empty"
 }
 
 // cleanFields is clean as a problem: "" when every field is clean.
