@@ -457,7 +457,8 @@ func startPausedQEMU(t *testing.T) (*QMP, *Instance) {
 	t.Helper()
 	bin, fw := requireQEMU(t)
 	params := append([]string{"-S", "-machine", "none", "-nodefaults", "-display", "none"}, fw...)
-	inst, err := StartCustomInstance(ctxTimeout(t, 30*time.Second), bin, params, nil, InstanceOptions{})
+	// No guest: nothing can answer the power button, even once running.
+	inst, err := StartCustomInstance(ctxTimeout(t, 30*time.Second), bin, params, nil, InstanceOptions{NoPowerdown: true})
 	if err != nil {
 		t.Fatal(err)
 	}
