@@ -658,8 +658,10 @@ func TestTailBuffer(t *testing.T) {
 }
 
 func TestLaunchCustomQemuContextCancel(t *testing.T) {
-	path, dir := standIn(t, "qemu", `echo $$ > "$DIR/pid.tmp" && mv "$DIR/pid.tmp" "$DIR/pid"
-echo "qemu: started" >&2
+	// The pid file comes after the line on stderr, so that the test, which
+	// cancels once it sees the file, cancels after the line was written.
+	path, dir := standIn(t, "qemu", `echo "qemu: started" >&2
+echo $$ > "$DIR/pid.tmp" && mv "$DIR/pid.tmp" "$DIR/pid"
 exec sleep 600`)
 	ctx, cancel := context.WithCancel(testCtx(t))
 	type result struct {
