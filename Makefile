@@ -7,6 +7,8 @@
 #               against Debian's QEMU 7.2 and again against QEMU 10.0
 #
 # Smaller steps: make deps, make guest, make qemu10, make clean.
+# make schema records the QAPI schemas of QEMU 7.2 and 10.0 into
+# testdata/qapi, which the unit tests check every typed command against.
 # make bench runs the benchmarks of the README's Performance section against
 # Debian's QEMU 7.2 (ten runs, about 4 minutes) into bench.txt and
 # summarises them with benchstat, fetched from the Go module proxy as a tool
@@ -39,7 +41,7 @@ QEMU10_ENV := QEMU_BIN=$(QEMU10_BIN) \
 QEMU72_ENV := env -u QEMU_FIRMWARE -u QEMU_MODULE_DIR QEMU_BIN=$(QEMU72_BIN)
 GOTEST := QEMU_TEST_REQUIRE=1 $(GO) test -race -count=1 -timeout 30m ./...
 
-.PHONY: deps guest qemu10 demo test bench clean
+.PHONY: deps guest qemu10 demo test bench schema clean
 
 BENCHSTAT := golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da
 
@@ -81,6 +83,12 @@ test: deps guest qemu10
 	$(QEMU72_ENV) $(GOTEST)
 	@echo "=== go test -race: real-VM tests on $$($(QEMU10_ENV) $(QEMU10_BIN) --version | sed -n 1p)"
 	$(QEMU10_ENV) $(GOTEST)
+
+# The QAPI schemas the typed commands are checked against: query-qmp-schema
+# of each QEMU, one entity a line, sorted, gzipped, in testdata/qapi.
+schema: deps qemu10
+	$(QEMU72_ENV) $(GO) test -count=1 -run '^TestRecordSchema$$' -record-schema -v . | grep wrote
+	$(QEMU10_ENV) $(GO) test -count=1 -run '^TestRecordSchema$$' -record-schema -v . | grep wrote
 
 bench: deps
 	$(QEMU72_ENV) $(GO) test -run '^$$' -bench . -benchmem -count=10 -timeout 60m . | tee bench.txt
