@@ -309,7 +309,10 @@ func typedCommands(ctx context.Context, q *QMP, file *os.File) []string {
 		{"getfd", func() error { return q.ExecuteGetFD(ctx, "tap0", file) }},
 		{"closefd", func() error { return q.ExecuteCloseFD(ctx, "tap0") }},
 		{"add-fd", func() error { _, err := q.ExecuteAddFD(ctx, file, AddFDOptions{}); return err }},
-		{"add-fd set and opaque", func() error { _, err := q.ExecuteAddFD(ctx, file, AddFDOptions{FDSetID: &set, Opaque: "x"}); return err }},
+		{"add-fd set and opaque", func() error {
+			_, err := q.ExecuteAddFD(ctx, file, AddFDOptions{FDSetID: &set, Opaque: "x"})
+			return err
+		}},
 		{"remove-fd", func() error { return q.ExecuteRemoveFD(ctx, set, &fd) }},
 		{"remove-fd set", func() error { return q.ExecuteRemoveFD(ctx, set, nil) }},
 		{"query-fdsets", func() error { _, err := q.ExecuteQueryFDSets(ctx); return err }},
