@@ -316,10 +316,30 @@ func typedCommands(ctx context.Context, q *QMP, file *os.File) []string {
 		{"remove-fd", func() error { return q.ExecuteRemoveFD(ctx, set, &fd) }},
 		{"remove-fd set", func() error { return q.ExecuteRemoveFD(ctx, set, nil) }},
 		{"query-fdsets", func() error { _, err := q.ExecuteQueryFDSets(ctx); return err }},
+		{"query-status", func() error { _, err := q.ExecuteQueryStatus(ctx); return err }},
+		{"query-version", func() error { _, err := q.ExecuteQueryVersion(ctx); return err }},
+		{"query-kvm", func() error { _, err := q.ExecuteQueryKVM(ctx); return err }},
+		{"query-name", func() error { _, err := q.ExecuteQueryName(ctx); return err }},
+		{"query-uuid", func() error { _, err := q.ExecuteQueryUUID(ctx); return err }},
+		{"system_reset", func() error { return q.ExecuteSystemReset(ctx) }},
+		{"qom-list", func() error { _, err := q.ExecuteQOMList(ctx, "/machine"); return err }},
+		{"qom-get", func() error { var v string; return q.ExecuteQOMGet(ctx, "/machine", "type", &v) }},
+		{"qom-set", func() error { return q.ExecuteQOMSet(ctx, "/machine/peripheral/nic0", "x-pci-vendor-id", 1) }},
+		{"human-monitor-command", func() error { _, err := q.ExecuteHumanMonitorCommand(ctx, "info usernet"); return err }},
+		{"query-commands", func() error { _, err := q.ExecuteQueryCommands(ctx); return err }},
+		{"query-cpus-fast", func() error { _, err := q.ExecuteQueryCPUsFast(ctx); return err }},
+		{"AddCPU: query-hotpluggable-cpus", nil},
+		{"AddCPU: device_add", func() error { _, err := q.AddCPU(ctx, "cpu1"); return err }},
+		{"RemoveCPU: device_del", nil},
+		{"RemoveCPU: query-hotpluggable-cpus", func() error { return q.RemoveCPU(ctx, "cpu1") }},
 	}
 	var names []string
 	for _, c := range calls {
-		c.call()
+		// A call that writes several commands is listed with one name
+		// for each; nil calls name the commands before the last one.
+		if c.call != nil {
+			c.call()
+		}
 		names = append(names, c.name)
 	}
 	return names
@@ -350,6 +370,8 @@ func TestTypedCommandsMatchSchema(t *testing.T) {
 					return []string{`{"return": {"fdset-id": 3, "fd": 5}}`}
 				case strings.Contains(cmd, `"query-fdsets"`):
 					return []string{`{"return": []}`}
+				case strings.Contains(cmd, `"query-hotpluggable-cpus"`):
+					return []string{`{"return": [{"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "props": {"socket-id": 1, "core-id": 0, "thread-id": 0}}]}`}
 				}
 				return []string{okReply}
 			})

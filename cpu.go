@@ -1,0 +1,125 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// CPUProperties place a vCPU in the topology: "socket-id", "core-id",
+// "thread-id" and the others of the machine (QEMU 10.0 knows more than
+// 7.2, so they are kept as QEMU names them).
+type CPUProperties map[string]int64
+
+// HotpluggableCPU is one vCPU slot, as query-hotpluggable-cpus lists it:
+// the device type to plug into it and where it sits; QOMPath is set while a
+// vCPU is in the slot.
+type HotpluggableCPU struct {
+	Type       string        `json:"type"`
+	VCPUsCount int           `json:"vcpus-count"`
+	Props      CPUProperties `json:"props"`
+	QOMPath    string        `json:"qom-path,omitempty"`
+}
+
+// ExecuteQueryHotpluggableCPUs lists the vCPU slots
+// (query-hotpluggable-cpus); the machine needs -smp maxcpus above cpus for
+// free ones.
+func (q *QMP) ExecuteQueryHotpluggableCPUs(ctx context.Context) ([]HotpluggableCPU, error) {
+	var slots []HotpluggableCPU
+	err := q.run(ctx, "query-hotpluggable-cpus", "", nil, &slots)
+	return slots, err
+}
+
+// CPUInfo is one vCPU, as query-cpus-fast lists it.
+type CPUInfo struct {
+	CPUIndex int           `json:"cpu-index"`
+	QOMPath  string        `json:"qom-path"`
+	ThreadID int           `json:"thread-id"`
+	Props    CPUProperties `json:"props"`
+	Target   string        `json:"target"`
+}
+
+// ExecuteQueryCPUsFast lists the vCPUs without interrupting them
+// (query-cpus-fast).
+func (q *QMP) ExecuteQueryCPUsFast(ctx context.Context) ([]CPUInfo, error) {
+	var cpus []CPUInfo
+	err := q.run(ctx, "query-cpus-fast", "", nil, &cpus)
+	return cpus, err
+}
+
+// AddCPU plugs a vCPU with the given id into the first free slot of
+// query-hotpluggable-cpus, and returns the slot. The guest then brings it
+// online (or not: Linux without udev leaves a hot-added CPU offline until
+// something writes 1 to its online file).
+func (q *QMP) AddCPU(ctx context.Context, id string) (HotpluggableCPU, error) {
+	slots, err := q.ExecuteQueryHotpluggableCPUs(ctx)
+	if err != nil {
+		return HotpluggableCPU{}, err
+	}
+	for _, slot := range slots {
+		if slot.QOMPath != "" {
+			continue
+		}
+		args := map[string]interface{}{"driver": slot.Type, "id": id}
+		for k, v := range slot.Props {
+			args[k] = v
+		}
+		if err := q.run(ctx, "device_add", id, args, nil); err != nil {
+			return HotpluggableCPU{}, err
+		}
+		return slot, nil
+	}
+	return HotpluggableCPU{}, commandError("device_add", id, errors.New("no free vCPU slot (is -smp maxcpus above cpus?)"))
+}
+
+// cpuUnplugPoll is how often RemoveCPU looks at the slots between events.
+const cpuUnplugPoll = 250 * time.Millisecond
+
+// RemoveCPU unplugs the vCPU id (device_del) and returns once its slot is
+// empty. QEMU sends no DEVICE_DELETED naming a vCPU (7.2 and 10.0 name only
+// its lapic's path), so completion is read from query-hotpluggable-cpus,
+// each time QEMU reports progress (ACPI_DEVICE_OST, DEVICE_DELETED) and
+// every 250 ms, until ctx ends. A guest that refuses
+// (DEVICE_UNPLUG_GUEST_ERROR) fails it at once with ErrUnplugRefused.
+func (q *QMP) RemoveCPU(ctx context.Context, id string) error {
+	sub := q.Subscribe(EventFilter{Names: []string{"ACPI_DEVICE_OST", "DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"}})
+	defer sub.Close()
+	args := struct {
+		ID string `json:"id"`
+	}{id}
+	if err := q.run(ctx, "device_del", id, args, nil); err != nil {
+		return err
+	}
+	path := "/machine/peripheral/" + id
+	for {
+		slots, err := q.ExecuteQueryHotpluggableCPUs(ctx)
+		if err != nil {
+			return err
+		}
+		if !cpuInSlot(slots, path) {
+			return nil
+		}
+		wctx, cancel := context.WithTimeout(ctx, cpuUnplugPoll)
+		ev, err := sub.Receive(wctx)
+		cancel()
+		switch {
+		case err == nil && ev.Name == "DEVICE_UNPLUG_GUEST_ERROR" && ev.Data["device"] == id:
+			return commandError("device_del", id, ErrUnplugRefused)
+		case ctx.Err() != nil:
+			return commandError("device_del", id, fmt.Errorf("waiting for the vCPU's slot to empty: %w", ctx.Err()))
+		case err != nil && wctx.Err() == nil:
+			return commandError("device_del", id, err) // the session ended
+		}
+	}
+}
+
+// cpuInSlot reports whether a slot holds the vCPU at path.
+func cpuInSlot(slots []HotpluggableCPU, path string) bool {
+	for _, s := range slots {
+		if s.QOMPath == path {
+			return true
+		}
+	}
+	return false
+}

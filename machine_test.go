@@ -1,0 +1,106 @@
+package qemu
+
+import (
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The typed machine queries against a real QEMU, paused, with no guest.
+func TestRealQEMUMachineQueries(t *testing.T) {
+	bin, fw := requireQEMU(t)
+	config := Config{Path: bin, Name: "typed", UUID: "4cb19522-1e18-439a-883a-f9b2a3a95f5e",
+		Machine: Machine{Type: "q35", Acceleration: "tcg"}, Knobs: Knobs{NoDefaults: true, Paused: true},
+		ExtraParams: append([]string{"-display", "none"}, fw...)}
+	ctx := ctxTimeout(t, 30*time.Second)
+	inst, err := StartInstance(ctx, config, InstanceOptions{NoPowerdown: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	q := inst.QMP()
+	if st, err := q.ExecuteQueryStatus(ctx); err != nil || st != (StatusInfo{Running: false, Status: "prelaunch"}) {
+		t.Errorf("query-status = %+v, %v", st, err)
+	}
+	v, err := q.ExecuteQueryVersion(ctx)
+	if got := inst.Version(); err != nil || v.QEMU.Major != got.Major || v.QEMU.Minor != got.Minor || v.QEMU.Micro != got.Micro {
+		t.Errorf("query-version = %+v, %v; the greeting said %+v", v, err, got)
+	}
+	if kvm, err := q.ExecuteQueryKVM(ctx); err != nil || kvm.Enabled {
+		t.Errorf("query-kvm under TCG = %+v, %v", kvm, err)
+	}
+	if name, err := q.ExecuteQueryName(ctx); err != nil || name != "typed" {
+		t.Errorf("query-name = %q, %v", name, err)
+	}
+	if uuid, err := q.ExecuteQueryUUID(ctx); err != nil || uuid != config.UUID {
+		t.Errorf("query-uuid = %q, %v", uuid, err)
+	}
+	props, err := q.ExecuteQOMList(ctx, "/machine")
+	if err != nil || len(props) == 0 {
+		t.Fatalf("qom-list = %v, %v", props, err)
+	}
+	var typ string
+	if err := q.ExecuteQOMGet(ctx, "/machine", "type", &typ); err != nil || !strings.HasPrefix(typ, "pc-q35") {
+		t.Errorf("qom-get type = %q, %v", typ, err)
+	}
+	if err := q.ExecuteQOMSet(ctx, "/machine", "dump-guest-core", false); err != nil {
+		t.Errorf("qom-set: %v", err)
+	}
+	var core bool
+	if err := q.ExecuteQOMGet(ctx, "/machine", "dump-guest-core", &core); err != nil || core {
+		t.Errorf("qom-get after qom-set = %v, %v", core, err)
+	}
+	out, err := q.ExecuteHumanMonitorCommand(ctx, "info status")
+	if err != nil || !strings.Contains(out, "prelaunch") {
+		t.Errorf("HMP info status = %q, %v", out, err)
+	}
+	cmds, err := q.ExecuteQueryCommands(ctx)
+	if err != nil || !strings.Contains(" "+strings.Join(cmds, " ")+" ", " query-hotpluggable-cpus ") {
+		t.Errorf("query-commands: %d names, %v", len(cmds), err)
+	}
+	if err := q.ExecuteSystemReset(ctx); err != nil {
+		t.Errorf("system_reset: %v", err)
+	}
+}
+
+// A vCPU added to a free slot and removed: the guest's online CPUs go 1, 2,
+// 1, and the removal completes though QEMU sends no DEVICE_DELETED naming
+// the vCPU.
+func TestRealQEMUCPUHotplug(t *testing.T) {
+	inst := startGuestInstance(t, "", InstanceOptions{}, "-smp", "1,maxcpus=2")
+	ctx := ctxTimeout(t, 2*time.Minute)
+	q, con := inst.QMP(), inst.Console()
+	online := func(want string) {
+		t.Helper()
+		con.Write([]byte("echo cpus=$(grep -c ^processor /proc/cpuinfo)\n"))
+		line, err := con.WaitForRegexp(ctx, regexp.MustCompile(`^cpus=\d+$`))
+		if err != nil || line != "cpus="+want {
+			t.Fatalf("guest's online CPUs: %q, %v; want %s", line, err, want)
+		}
+	}
+	online("1")
+	if _, err := q.AddCPU(ctx, "cpu1"); err == nil {
+		// the guest brings a hot-added CPU online only when told
+		con.Write([]byte("until echo 1 > /sys/devices/system/cpu/cpu1/online 2>/dev/null; do sleep 0.1; done\n"))
+		if _, err := con.WaitFor(ctx, "TESTGUEST: exit 0"); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		t.Fatal(err)
+	}
+	online("2")
+	cpus, err := q.ExecuteQueryCPUsFast(ctx)
+	if err != nil || len(cpus) != 2 {
+		t.Fatalf("query-cpus-fast = %+v, %v", cpus, err)
+	}
+	if _, err := q.AddCPU(ctx, "cpu2"); err == nil || !strings.Contains(err.Error(), "no free vCPU slot") {
+		t.Errorf("a third vCPU in two slots: %v", err)
+	}
+	start := time.Now()
+	if err := q.RemoveCPU(ctx, "cpu1"); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("vCPU removed in %v", time.Since(start).Round(time.Millisecond))
+	online("1")
+}
