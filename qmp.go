@@ -548,10 +548,7 @@ func (q *QMP) ExecuteDeviceDel(ctx context.Context, devID string) error {
 // The file driver is "host_device" when device is a block or character
 // device, "file" otherwise.
 func (q *QMP) ExecuteBlockdevAdd(ctx context.Context, device, blockdevID string) error {
-	file := blockdevFile{Driver: "file", Filename: device}
-	if fi, err := os.Stat(device); err == nil && fi.Mode()&os.ModeDevice != 0 {
-		file.Driver = "host_device"
-	}
+	file := blockdevFile{Driver: fileDriver(device), Filename: device}
 	var args interface{}
 	if q.version.atLeast(2, 8) {
 		args = blockdevOptions{Driver: "raw", NodeName: blockdevID, File: file}

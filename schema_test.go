@@ -328,6 +328,25 @@ func typedCommands(ctx context.Context, q *QMP, file *os.File) []string {
 		{"human-monitor-command", func() error { _, err := q.ExecuteHumanMonitorCommand(ctx, "info usernet"); return err }},
 		{"query-commands", func() error { _, err := q.ExecuteQueryCommands(ctx); return err }},
 		{"query-cpus-fast", func() error { _, err := q.ExecuteQueryCPUsFast(ctx); return err }},
+		{"blockdev-add raw", func() error {
+			return q.ExecuteBlockdevAddNode(ctx, BlockdevNode{NodeName: "n0", Driver: "raw", File: BlockdevFile{Filename: file.Name()}})
+		}},
+		{"blockdev-add qcow2 all options", func() error {
+			return q.ExecuteBlockdevAddNode(ctx, BlockdevNode{NodeName: "n1", Driver: "qcow2", Backing: "n0", ReadOnly: true,
+				AutoReadOnly: true, CacheDirect: true, CacheNoFlush: true, Discard: "unmap",
+				File: BlockdevFile{Filename: "/dev/null", AIO: "native"}})
+		}},
+		{"blockdev-add qcow2 no backing on a node", func() error {
+			return q.ExecuteBlockdevAddNode(ctx, BlockdevNode{NodeName: "n2", Driver: "qcow2", FileNode: "proto0", NoBacking: true, Discard: "ignore"})
+		}},
+		{"blockdev-add file driver and io_uring", func() error {
+			return q.ExecuteBlockdevAddNode(ctx, BlockdevNode{NodeName: "n3", Driver: "raw",
+				File: BlockdevFile{Filename: "/dev/fdset/1", Driver: "file", AIO: "io_uring"}})
+		}},
+		{"blockdev-del node", func() error { return q.ExecuteBlockdevDel(ctx, "n0") }},
+		{"block_resize", func() error { return q.ExecuteBlockResize(ctx, "n0", 64<<20) }},
+		{"query-named-block-nodes", func() error { _, err := q.ExecuteQueryNamedBlockNodes(ctx); return err }},
+		{"query-block", func() error { _, err := q.ExecuteQueryBlock(ctx); return err }},
 		{"AddCPU: query-hotpluggable-cpus", nil},
 		{"AddCPU: device_add", func() error { _, err := q.AddCPU(ctx, "cpu1"); return err }},
 		{"RemoveCPU: device_del", nil},

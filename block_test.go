@@ -1,0 +1,135 @@
+package qemu
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestBlockdevNodeArgs(t *testing.T) {
+	for _, bad := range []BlockdevNode{
+		{Driver: "raw", File: BlockdevFile{Filename: "/x"}},
+		{NodeName: "n", File: BlockdevFile{Filename: "/x"}},
+		{NodeName: "n", Driver: "raw"},
+		{NodeName: "n", Driver: "qcow2", FileNode: "p", Backing: "b", NoBacking: true},
+	} {
+		if _, err := bad.args(); err == nil {
+			t.Errorf("%+v accepted", bad)
+		}
+	}
+}
+
+// A qcow2 overlay on a raw backing image, hot-plugged with its format:
+// the guest sees the overlay's virtual size, reads the backing data and
+// writes its own; after the unplug qemu-img check finds the overlay clean
+// and the backing image is unchanged. A read-only node refuses the guest's
+// write.
+func TestRealQEMUQcow2OverlayHotplug(t *testing.T) {
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		t.Skipf("no qemu-img: %v", err)
+	}
+	dir := t.TempDir()
+	base, overlay := filepath.Join(dir, "base.raw"), filepath.Join(dir, "overlay.qcow2")
+	baseData := make([]byte, 16<<20)
+	copy(baseData, "BASE-DATA-0042")
+	if err := os.WriteFile(base, baseData, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay, "32M").CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img create: %v: %s", err, out)
+	}
+	inst := startGuestInstance(t, "", InstanceOptions{}, "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1",
+		"-device", "pcie-root-port,id=rp2,bus=pcie.0,chassis=1,slot=2")
+	ctx := ctxTimeout(t, 2*time.Minute)
+	q, con := inst.QMP(), inst.Console()
+	run := func(cmd, wantRe string) string {
+		t.Helper()
+		fmt.Fprintln(con, cmd)
+		line, err := con.WaitForRegexp(ctx, regexp.MustCompile(wantRe))
+		if err == nil {
+			// Past the command's own end, so the next wait starts after it.
+			_, err = con.WaitFor(ctx, "TESTGUEST: exit ")
+		}
+		if err != nil {
+			t.Fatalf("%s: %v; console:\n%s", cmd, err, con.History())
+		}
+		return line
+	}
+
+	if err := q.ExecuteBlockdevAddNode(ctx, BlockdevNode{NodeName: "ov0", Driver: "qcow2", File: BlockdevFile{Filename: overlay}}); err != nil {
+		t.Fatal(err)
+	}
+	nodes, err := q.ExecuteQueryNamedBlockNodes(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var top *BlockNodeInfo
+	for i := range nodes {
+		if nodes[i].NodeName == "ov0" {
+			top = &nodes[i]
+		}
+	}
+	if top == nil || top.Driver != "qcow2" || top.Image.VirtualSize != 32<<20 || top.Image.BackingImage == nil ||
+		top.Image.BackingImage.Format != "raw" || top.Image.BackingImage.Filename != base {
+		t.Fatalf("query-named-block-nodes: %+v", top)
+	}
+	if err := q.ExecuteDeviceAdd(ctx, "ov0", "vd0", "virtio-blk-pci", "rp1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := con.WaitFor(ctx, "TESTGUEST: block add vda"); err != nil {
+		t.Fatal(err)
+	}
+	if line := run("echo size=$(cat /sys/block/vda/size)", `^size=\d+$`); line != fmt.Sprintf("size=%d", (32<<20)/512) {
+		t.Errorf("the guest sees %s sectors, want the overlay's 32 MiB", line)
+	}
+	run("head -c 14 /dev/vda; echo", `^BASE-DATA-0042$`)
+	run("printf OVERLAY-WRITE-7 | dd of=/dev/vda bs=1M seek=1 conv=notrunc 2>/dev/null && sync && echo written", `^written$`)
+	run("dd if=/dev/vda bs=1M skip=1 count=1 2>/dev/null | head -c 15; echo", `^OVERLAY-WRITE-7$`)
+	var blocks []BlockInfo
+	if blocks, err = q.ExecuteQueryBlock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, b := range blocks {
+		found = found || b.Inserted != nil && b.Inserted.NodeName == "ov0" && strings.Contains(b.QDev, "vd0")
+	}
+	if !found {
+		t.Errorf("query-block has no backend of vd0 on ov0: %+v", blocks)
+	}
+	if err := q.ExecuteDeviceDel(ctx, "vd0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.ExecuteBlockdevDel(ctx, "ov0"); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("qemu-img", "check", overlay).CombinedOutput(); err != nil || !strings.Contains(string(out), "No errors") {
+		t.Errorf("qemu-img check: %v: %s", err, out)
+	}
+	if got, err := os.ReadFile(base); err != nil || !bytes.Equal(got, baseData) {
+		t.Error("the backing image changed")
+	}
+
+	// Read-only: the guest sees a read-only disk and its write fails.
+	if err := q.ExecuteBlockdevAddNode(ctx, BlockdevNode{NodeName: "ro0", Driver: "raw", ReadOnly: true, File: BlockdevFile{Filename: base}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.ExecuteDeviceAdd(ctx, "ro0", "vd1", "virtio-blk-pci", "rp2"); err != nil {
+		t.Fatal(err)
+	}
+	line, err := con.WaitFor(ctx, "TESTGUEST: block add")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := line[strings.LastIndex(line, " ")+1:]
+	run("echo ro=$(cat /sys/block/"+dev+"/ro)", `^ro=1$`)
+	fmt.Fprintf(con, "printf X | dd of=/dev/%s bs=1 conv=notrunc 2>/dev/null\n", dev)
+	if line, err := con.WaitForRegexp(ctx, regexp.MustCompile(`^TESTGUEST: exit \d+$`)); err != nil || line == "TESTGUEST: exit 0" {
+		t.Errorf("a write to the read-only disk: %q, %v", line, err)
+	}
+}
