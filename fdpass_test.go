@@ -343,11 +343,11 @@ func TestRealQEMUTapFromGetFD(t *testing.T) {
 		t.Fatal(err)
 	}
 	tap.Close()
-	if err := q.ExecuteCommand(ctx, "netdev_add", map[string]string{"type": "tap", "id": "net0", "fd": "tapfd"}, nil); err != nil {
+	if err := q.ExecuteNetdevAddTap(ctx, TapNetdev{ID: "net0", FDName: "tapfd"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := q.ExecuteCommand(ctx, "device_add", map[string]string{"driver": "virtio-net-pci", "id": "nic0",
-		"netdev": "net0", "bus": "rp1", "mac": "52:54:00:00:09:02"}, nil); err != nil {
+	if err := q.ExecuteDeviceAddSpec(ctx, DeviceSpec{Driver: "virtio-net-pci", ID: "nic0", Bus: "rp1",
+		Properties: map[string]interface{}{"netdev": "net0", "mac": "52:54:00:00:09:02"}}); err != nil {
 		t.Fatal(err)
 	}
 	con := inst.Console()

@@ -347,6 +347,21 @@ func typedCommands(ctx context.Context, q *QMP, file *os.File) []string {
 		{"block_resize", func() error { return q.ExecuteBlockResize(ctx, "n0", 64<<20) }},
 		{"query-named-block-nodes", func() error { _, err := q.ExecuteQueryNamedBlockNodes(ctx); return err }},
 		{"query-block", func() error { _, err := q.ExecuteQueryBlock(ctx); return err }},
+		{"device_add spec", func() error {
+			return q.ExecuteDeviceAddSpec(ctx, DeviceSpec{Driver: "virtio-net-pci", ID: "nic0", Bus: "rp1", Addr: "0x0",
+				Properties: map[string]interface{}{"netdev": "net0", "mac": "52:54:00:12:34:56", "mq": true}})
+		}},
+		{"query-pci", func() error { _, err := q.ExecuteQueryPCI(ctx); return err }},
+		{"netdev_add user", func() error {
+			return q.ExecuteNetdevAddUser(ctx, "net0", []HostForward{{HostAddr: "127.0.0.1", HostPort: 2222, GuestPort: 22}, {Protocol: "udp", HostPort: 53, GuestPort: 53}})
+		}},
+		{"netdev_add user no forwards", func() error { return q.ExecuteNetdevAddUser(ctx, "net1", nil) }},
+		{"netdev_add tap fd", func() error { return q.ExecuteNetdevAddTap(ctx, TapNetdev{ID: "net2", FDName: "tapfd"}) }},
+		{"netdev_add tap ifname", func() error { return q.ExecuteNetdevAddTap(ctx, TapNetdev{ID: "net3", IFName: "tap0"}) }},
+		{"netdev_del", func() error { return q.ExecuteNetdevDel(ctx, "net0") }},
+		{"set_link", func() error { return q.ExecuteSetLink(ctx, "nic0", false) }},
+		{"query-rx-filter", func() error { _, err := q.ExecuteQueryRxFilter(ctx, "nic0"); return err }},
+		{"query-rx-filter all", func() error { _, err := q.ExecuteQueryRxFilter(ctx, ""); return err }},
 		{"AddCPU: query-hotpluggable-cpus", nil},
 		{"AddCPU: device_add", func() error { _, err := q.AddCPU(ctx, "cpu1"); return err }},
 		{"RemoveCPU: device_del", nil},
