@@ -362,6 +362,20 @@ func typedCommands(ctx context.Context, q *QMP, file *os.File) []string {
 		{"set_link", func() error { return q.ExecuteSetLink(ctx, "nic0", false) }},
 		{"query-rx-filter", func() error { _, err := q.ExecuteQueryRxFilter(ctx, "nic0"); return err }},
 		{"query-rx-filter all", func() error { _, err := q.ExecuteQueryRxFilter(ctx, ""); return err }},
+		{"object-add ram", func() error {
+			return q.ExecuteObjectAddMemoryBackend(ctx, MemoryBackend{Type: "memory-backend-ram", ID: "mem0", Size: 128 << 20})
+		}},
+		{"object-add file", func() error {
+			return q.ExecuteObjectAddMemoryBackend(ctx, MemoryBackend{Type: "memory-backend-file", ID: "mem1", Size: 128 << 20, MemPath: "/dev/shm/m", Share: true})
+		}},
+		{"object-del", func() error { return q.ExecuteObjectDel(ctx, "mem0") }},
+		{"query-memory-devices", func() error { _, err := q.ExecuteQueryMemoryDevices(ctx); return err }},
+		{"query-memory-size-summary", func() error { _, err := q.ExecuteQueryMemorySizeSummary(ctx); return err }},
+		{"chardev-add server", func() error { return q.ExecuteChardevAddUnixSocket(ctx, "ch0", "/tmp/ch0.sock", true) }},
+		{"chardev-add client", func() error { return q.ExecuteChardevAddUnixSocket(ctx, "ch1", "/tmp/ch1.sock", false) }},
+		{"chardev-remove", func() error { return q.ExecuteChardevRemove(ctx, "ch0") }},
+		{"balloon", func() error { return q.ExecuteBalloon(ctx, 128<<20) }},
+		{"query-balloon", func() error { _, err := q.ExecuteQueryBalloon(ctx); return err }},
 		{"AddCPU: query-hotpluggable-cpus", nil},
 		{"AddCPU: device_add", func() error { _, err := q.AddCPU(ctx, "cpu1"); return err }},
 		{"RemoveCPU: device_del", nil},

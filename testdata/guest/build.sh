@@ -16,12 +16,12 @@ out=${1:-$here/out}
 
 # Modules the guest loads, with their dependencies from modules.dep: disks,
 # network, consoles, 9p, CD-ROMs, the ACPI power button and its input device,
-# the file systems of a ConfigDrive (FAT needs its code page and charset)
-# and nvdimm.
+# the file systems of a ConfigDrive (FAT needs its code page and charset),
+# nvdimm and the memory balloon.
 modules=(
 	virtio_pci virtio_blk virtio_net virtio_console virtio_scsi
 	9pnet_virtio 9p button evdev ata_piix ahci sr_mod sd_mod
-	isofs vfat nls_cp437 nls_ascii nls_utf8 nfit nd_pmem
+	isofs vfat nls_cp437 nls_ascii nls_utf8 nfit nd_pmem virtio_balloon
 )
 inputs=("$here/build.sh" "$here/init" "$here/testguest-block")
 
