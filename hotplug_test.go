@@ -12,7 +12,24 @@ import (
 // carrier, query-pci and query-rx-filter describe it, and the unplug
 // removes it from the guest.
 func TestRealQEMUNICHotplug(t *testing.T) {
-	inst := startGuestInstance(t, "", InstanceOptions{}, "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1")
+	for _, m := range hotplugMachines {
+		t.Run(m.name, func(t *testing.T) { testNICHotplug(t, m.args, m.bus) })
+	}
+}
+
+// hotplugMachines are the machines the hot-plug tests run on: q35, whose
+// root bus refuses hot-plug, with a root port, and pc, which plugs into
+// pci.0 (ACPI hot-plug).
+var hotplugMachines = []struct {
+	name, bus string
+	args      []string
+}{
+	{"q35", "rp1", []string{"-machine", "q35", "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1"}},
+	{"pc", "pci.0", []string{"-machine", "pc"}},
+}
+
+func testNICHotplug(t *testing.T, machine []string, bus string) {
+	inst := startGuestInstance(t, "", InstanceOptions{}, machine...)
 	ctx := ctxTimeout(t, 2*time.Minute)
 	q, con := inst.QMP(), inst.Console()
 	ask := func(cmd, want string) {
@@ -30,7 +47,7 @@ func TestRealQEMUNICHotplug(t *testing.T) {
 	if err := q.ExecuteNetdevAddUser(ctx, "net0", nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := q.ExecuteDeviceAddSpec(ctx, DeviceSpec{Driver: "virtio-net-pci", ID: "nic0", Bus: "rp1",
+	if err := q.ExecuteDeviceAddSpec(ctx, DeviceSpec{Driver: "virtio-net-pci", ID: "nic0", Bus: bus,
 		Properties: map[string]interface{}{"netdev": "net0", "mac": mac}}); err != nil {
 		t.Fatal(err)
 	}

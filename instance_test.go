@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -690,9 +691,13 @@ func startGuest(t *testing.T, kernelParams string, opts InstanceOptions, extra .
 	if opts.Console == "" {
 		opts.Console = ConsoleSerial
 	}
-	params := []string{"-machine", "q35", "-m", "256", "-nodefaults", "-display", "none", "-no-user-config",
+	machine := []string{"-machine", "q35"}
+	if slices.Contains(extra, "-machine") {
+		machine = nil // the caller's
+	}
+	params := []string{"-m", "256", "-nodefaults", "-display", "none", "-no-user-config",
 		"-kernel", kernel, "-initrd", initrd, "-append", strings.TrimSpace(guestKernelParams + " " + kernelParams)}
-	params = append(append(append(params, accel...), firmware...), extra...)
+	params = append(append(append(append(machine, params...), accel...), firmware...), extra...)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	inst, err := StartCustomInstance(ctx, realVM.bin, params, nil, opts)

@@ -68,7 +68,13 @@ func TestRealQEMUMachineQueries(t *testing.T) {
 // 1, and the removal completes though QEMU sends no DEVICE_DELETED naming
 // the vCPU.
 func TestRealQEMUCPUHotplug(t *testing.T) {
-	inst := startGuestInstance(t, "", InstanceOptions{}, "-smp", "1,maxcpus=2")
+	for _, m := range hotplugMachines {
+		t.Run(m.name, func(t *testing.T) { testCPUHotplug(t, m.args) })
+	}
+}
+
+func testCPUHotplug(t *testing.T, machine []string) {
+	inst := startGuestInstance(t, "", InstanceOptions{}, append([]string{"-smp", "1,maxcpus=2"}, machine...)...)
 	ctx := ctxTimeout(t, 2*time.Minute)
 	q, con := inst.QMP(), inst.Console()
 	online := func(want string) {
