@@ -170,9 +170,7 @@ type ImageInfo struct {
 
 // ExecuteQueryNamedBlockNodes lists the block nodes (query-named-block-nodes).
 func (q *QMP) ExecuteQueryNamedBlockNodes(ctx context.Context) ([]BlockNodeInfo, error) {
-	var nodes []BlockNodeInfo
-	err := q.run(ctx, "query-named-block-nodes", "", nil, &nodes)
-	return nodes, err
+	return runFor[[]BlockNodeInfo](ctx, q, "query-named-block-nodes", "", nil)
 }
 
 // BlockInfo is a block backend as query-block lists it: a drive, or the
@@ -185,7 +183,5 @@ type BlockInfo struct {
 
 // ExecuteQueryBlock lists the block backends (query-block).
 func (q *QMP) ExecuteQueryBlock(ctx context.Context) ([]BlockInfo, error) {
-	var blocks []BlockInfo
-	err := q.run(ctx, "query-block", "", nil, &blocks)
-	return blocks, err
+	return runFor[[]BlockInfo](ctx, q, "query-block", "", nil)
 }

@@ -26,9 +26,7 @@ type HotpluggableCPU struct {
 // (query-hotpluggable-cpus); the machine needs -smp maxcpus above cpus for
 // free ones.
 func (q *QMP) ExecuteQueryHotpluggableCPUs(ctx context.Context) ([]HotpluggableCPU, error) {
-	var slots []HotpluggableCPU
-	err := q.run(ctx, "query-hotpluggable-cpus", "", nil, &slots)
-	return slots, err
+	return runFor[[]HotpluggableCPU](ctx, q, "query-hotpluggable-cpus", "", nil)
 }
 
 // CPUInfo is one vCPU, as query-cpus-fast lists it.
@@ -43,9 +41,7 @@ type CPUInfo struct {
 // ExecuteQueryCPUsFast lists the vCPUs without interrupting them
 // (query-cpus-fast).
 func (q *QMP) ExecuteQueryCPUsFast(ctx context.Context) ([]CPUInfo, error) {
-	var cpus []CPUInfo
-	err := q.run(ctx, "query-cpus-fast", "", nil, &cpus)
-	return cpus, err
+	return runFor[[]CPUInfo](ctx, q, "query-cpus-fast", "", nil)
 }
 
 // AddCPU plugs a vCPU with the given id into the first free slot of

@@ -92,9 +92,7 @@ type FDSetEntry struct {
 
 // ExecuteQueryFDSets lists the fd sets QEMU holds (query-fdsets).
 func (q *QMP) ExecuteQueryFDSets(ctx context.Context) ([]FDSet, error) {
-	var sets []FDSet
-	err := q.run(ctx, "query-fdsets", "", nil, &sets)
-	return sets, err
+	return runFor[[]FDSet](ctx, q, "query-fdsets", "", nil)
 }
 
 // runWithFile runs a command with f sent on its write.

@@ -66,9 +66,7 @@ type PCIDevice struct {
 
 // ExecuteQueryPCI lists the PCI buses and their devices (query-pci).
 func (q *QMP) ExecuteQueryPCI(ctx context.Context) ([]PCIBus, error) {
-	var buses []PCIBus
-	err := q.run(ctx, "query-pci", "", nil, &buses)
-	return buses, err
+	return runFor[[]PCIBus](ctx, q, "query-pci", "", nil)
 }
 
 // FindPCIDevice returns the device with qdev id id among buses, behind
@@ -175,7 +173,5 @@ func (q *QMP) ExecuteQueryRxFilter(ctx context.Context, name string) ([]RxFilter
 			Name string `json:"name"`
 		}{name}
 	}
-	var filters []RxFilterInfo
-	err := q.run(ctx, "query-rx-filter", name, args, &filters)
-	return filters, err
+	return runFor[[]RxFilterInfo](ctx, q, "query-rx-filter", name, args)
 }

@@ -18,9 +18,7 @@ type StatusInfo struct {
 
 // ExecuteQueryStatus returns the VM's run state (query-status).
 func (q *QMP) ExecuteQueryStatus(ctx context.Context) (StatusInfo, error) {
-	var info StatusInfo
-	err := q.run(ctx, "query-status", "", nil, &info)
-	return info, err
+	return runFor[StatusInfo](ctx, q, "query-status", "", nil)
 }
 
 // VersionInfo is query-version's answer. Package is the distribution's
@@ -36,9 +34,7 @@ type VersionInfo struct {
 
 // ExecuteQueryVersion returns QEMU's version (query-version).
 func (q *QMP) ExecuteQueryVersion(ctx context.Context) (VersionInfo, error) {
-	var info VersionInfo
-	err := q.run(ctx, "query-version", "", nil, &info)
-	return info, err
+	return runFor[VersionInfo](ctx, q, "query-version", "", nil)
 }
 
 // KVMInfo is query-kvm's answer: whether KVM is there and in use.
@@ -49,9 +45,7 @@ type KVMInfo struct {
 
 // ExecuteQueryKVM says whether the VM runs under KVM (query-kvm).
 func (q *QMP) ExecuteQueryKVM(ctx context.Context) (KVMInfo, error) {
-	var info KVMInfo
-	err := q.run(ctx, "query-kvm", "", nil, &info)
-	return info, err
+	return runFor[KVMInfo](ctx, q, "query-kvm", "", nil)
 }
 
 // ExecuteQueryName returns the VM's name (query-name), "" when it has none.
@@ -91,9 +85,7 @@ func (q *QMP) ExecuteQOMList(ctx context.Context, path string) ([]ObjectProperty
 	args := struct {
 		Path string `json:"path"`
 	}{path}
-	var props []ObjectProperty
-	err := q.run(ctx, "qom-list", path, args, &props)
-	return props, err
+	return runFor[[]ObjectProperty](ctx, q, "qom-list", path, args)
 }
 
 // ExecuteQOMGet reads property of the QOM object at path into result, a
@@ -128,9 +120,7 @@ func (q *QMP) ExecuteHumanMonitorCommand(ctx context.Context, commandLine string
 	args := struct {
 		CommandLine string `json:"command-line"`
 	}{commandLine}
-	var out string
-	err := q.run(ctx, "human-monitor-command", "", args, &out)
-	return out, err
+	return runFor[string](ctx, q, "human-monitor-command", "", args)
 }
 
 // ExecuteQueryCommands lists the names of the commands this QEMU accepts

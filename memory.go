@@ -65,9 +65,7 @@ type MemoryDevice struct {
 
 // ExecuteQueryMemoryDevices lists the memory devices (query-memory-devices).
 func (q *QMP) ExecuteQueryMemoryDevices(ctx context.Context) ([]MemoryDevice, error) {
-	var devs []MemoryDevice
-	err := q.run(ctx, "query-memory-devices", "", nil, &devs)
-	return devs, err
+	return runFor[[]MemoryDevice](ctx, q, "query-memory-devices", "", nil)
 }
 
 // MemorySizeSummary is the guest's memory at start and in memory devices
@@ -79,9 +77,7 @@ type MemorySizeSummary struct {
 
 // ExecuteQueryMemorySizeSummary returns the guest's memory sizes.
 func (q *QMP) ExecuteQueryMemorySizeSummary(ctx context.Context) (MemorySizeSummary, error) {
-	var s MemorySizeSummary
-	err := q.run(ctx, "query-memory-size-summary", "", nil, &s)
-	return s, err
+	return runFor[MemorySizeSummary](ctx, q, "query-memory-size-summary", "", nil)
 }
 
 // ExecuteChardevAddUnixSocket adds a character device backed by a unix

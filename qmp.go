@@ -473,6 +473,14 @@ func (q *QMP) run(ctx context.Context, name, about string, args, result interfac
 	return nil
 }
 
+// runFor is run for a command whose reply decodes into a T, which it
+// returns.
+func runFor[T any](ctx context.Context, q *QMP, name, about string, args interface{}) (T, error) {
+	var result T
+	err := q.run(ctx, name, about, args, &result)
+	return result, err
+}
+
 // ExecuteCommand runs any QMP command. args may be nil or anything that
 // encodes to a JSON object; result, when not nil, must be a pointer, and
 // receives the decoded "return" value of the reply. Both are checked
