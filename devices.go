@@ -116,6 +116,8 @@ type HostForward struct {
 	GuestPort uint16
 }
 
+// String returns the forward as QEMU's hostfwd option writes it:
+// tcp:127.0.0.1:2222-:22.
 func (f HostForward) String() string {
 	proto := f.Protocol
 	if proto == "" {
