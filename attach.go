@@ -32,10 +32,11 @@ func AttachInstance(ctx context.Context, pidFile, qmpSocket string, opts Instanc
 		return nil, abandonEvents(opts, err)
 	}
 	q, version, err := QMPStart(ctx, qmpSocket, QMPConfig{Logger: opts.Logger, EventCh: opts.EventCh}, nil)
-	if err == nil {
-		if err = q.ExecuteQMPCapabilities(ctx); err != nil {
-			q.Shutdown()
-		}
+	if err != nil {
+		// A failed QMPStart leaves EventCh open.
+		abandonEvents(opts, nil)
+	} else if err = q.ExecuteQMPCapabilities(ctx); err != nil {
+		q.Shutdown() // which closes EventCh
 	}
 	if err != nil {
 		syscall.Close(inst.pidfd)

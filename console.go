@@ -144,7 +144,10 @@ func (c *SerialConsole) Write(p []byte) (int, error) {
 // and returns that line, without its line ending. The search starts where
 // the previous wait's match ended (at the start of the history for the
 // first), so it sees lines written before the call, and a wait never
-// returns the same line twice. Only ended lines are searched: the line
+// returns the same line twice. The position is the console's, shared by
+// every wait: waits from several goroutines at once each move it past what
+// they matched, so one may pass over a line another wanted. Only ended
+// lines are searched: the line
 // being written may still grow, so a prompt with no newline after it is
 // not seen (read it with NewReader). If ctx ends first, or the
 // console ends (QEMU exited), WaitFor returns an error that says so.
@@ -180,8 +183,14 @@ func (c *SerialConsole) wait(ctx context.Context, what string, match func(string
 // search looks for a matching ended line from the mark on, and moves the
 // mark past it. Only the wait holding c.mu calls it.
 func (c *SerialConsole) search(match func(string) bool) (string, bool) {
-	from := max(c.mark-c.start, 0)
-	rest := c.hist[from:]
+	var rest []byte
+	if c.mark >= c.start {
+		rest = c.hist[c.mark-c.start:]
+	} else if i := bytes.IndexByte(c.hist, '\n'); i >= 0 {
+		// The mark fell out of the history: its first line may be the
+		// tail of one, so the search starts at the next.
+		rest = c.hist[i+1:]
+	}
 	for {
 		line, after, complete := bytes.Cut(rest, []byte{'\n'})
 		if !complete {

@@ -227,6 +227,7 @@ func (s *Subscription) Receive(ctx context.Context) (QMPEvent, error) {
 			return ev, nil
 		}
 		if err != nil {
+			s.wake() // the end is for every goroutine receiving
 			return QMPEvent{}, err
 		}
 		select {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -467,4 +468,63 @@ func startPausedQEMU(t *testing.T) (*QMP, *Instance) {
 		inst.Close()
 	})
 	return inst.QMP(), inst
+}
+
+// Every goroutine blocked in Receive learns of the end or the Close.
+func TestSubscriptionEndWakesAllReceivers(t *testing.T) {
+	for _, how := range []string{"end", "close"} {
+		t.Run(how, func(t *testing.T) {
+			var r router
+			sub := r.subscribe(EventFilter{})
+			errs := make(chan error, 2)
+			for i := 0; i < 2; i++ {
+				go func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+					defer cancel()
+					_, err := sub.Receive(ctx)
+					errs <- err
+				}()
+			}
+			time.Sleep(100 * time.Millisecond)
+			if how == "end" {
+				r.end(ErrShutdown)
+			} else {
+				sub.Close()
+			}
+			for i := 0; i < 2; i++ {
+				err := <-errs
+				if errors.Is(err, context.DeadlineExceeded) {
+					t.Errorf("receiver %d stayed blocked after %s: %v", i, how, err)
+				}
+			}
+		})
+	}
+}
+
+// The queue against a slice: random pushes and pops, in order, none lost.
+func TestEventQueueModel(t *testing.T) {
+	r := rand.New(rand.NewSource(1))
+	for round := 0; round < 200; round++ {
+		var q eventQueue
+		var model []string
+		next := 0
+		for i := 0; i < 5000; i++ {
+			if r.Intn(3) != 0 {
+				q.push(QMPEvent{Name: strconv.Itoa(next)})
+				model = append(model, strconv.Itoa(next))
+				next++
+			} else {
+				ev, ok := q.pop()
+				if ok != (len(model) > 0) || ok && ev.Name != model[0] {
+					t.Fatalf("pop %v %v, model %v", ev.Name, ok, model[:min(3, len(model))])
+				}
+				if ok {
+					model = model[1:]
+				}
+			}
+			if q.len() != len(model) {
+				t.Fatal("len")
+			}
+		}
+	}
 }

@@ -509,9 +509,13 @@ func (inst *Instance) reap() {
 	// reused: learn of the exit without reaping, so that whatever QEMU
 	// started and left in its group can be killed without any risk of
 	// signalling another group.
-	waitExitNoReap(pid)
+	waited := waitExitNoReap(pid)
 	inst.sigMu.Lock()
-	syscall.Kill(-pid, syscall.SIGKILL)
+	if waited {
+		// Only for a zombie we know of: if waitid failed, the pid may
+		// already be reaped and reused.
+		syscall.Kill(-pid, syscall.SIGKILL)
+	}
 	err := inst.cmd.Wait()
 	inst.reaped = true
 	inst.sigMu.Unlock()
@@ -530,12 +534,14 @@ func (inst *Instance) reap() {
 }
 
 // waitExitNoReap waits until the child pid has exited, leaving it a
-// zombie for cmd.Wait to reap.
-func waitExitNoReap(pid int) {
+// zombie for cmd.Wait to reap, and reports whether waitid said so; on
+// any other error it leaves cmd.Wait to report.
+func waitExitNoReap(pid int) bool {
 	var info siginfo
 	for {
-		if err := waitid(pid, &info, syscall.WEXITED|wNoWait); err != syscall.EINTR {
-			return // an error other than EINTR leaves it to cmd.Wait to report
+		err := waitid(pid, &info, syscall.WEXITED|wNoWait)
+		if err != syscall.EINTR {
+			return err == nil
 		}
 	}
 }

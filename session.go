@@ -97,8 +97,14 @@ type session struct {
 	log   QMPLog
 
 	turn chan struct{}
-	// wbuf is the write buffer, owned by the holder of the turn.
-	wbuf []byte
+	// wmu is held while a command is built and written, deadline cleanup
+	// included: once a command's reply has given the turn to the next
+	// caller, the previous write may still be running (QEMU can answer
+	// as soon as it has the closing brace, before the newline has gone),
+	// and the next caller must not touch wbuf or the deadline until it
+	// has returned.
+	wmu  sync.Mutex
+	wbuf []byte // guarded by wmu
 
 	// done is closed once the session has ended: the in-flight command
 	// has been failed and the protocol told.
@@ -310,16 +316,14 @@ func (s *session) send(ctx context.Context, name string, argsJSON []byte, files 
 		<-s.turn
 		return nil, err
 	}
+	s.wmu.Lock()
 	buf := appendCommand(s.wbuf[:0], name, argsJSON)
-	// Settled before the write: once the command is out, its reply can
-	// give the turn, and wbuf, to the next caller. The kernel has copied
-	// every byte before the peer can answer, so the next caller cannot
-	// overwrite what this write still reads.
+	n, err := s.write(ctx, buf, files)
 	s.wbuf = buf
 	if cap(buf) > 1<<20 {
 		s.wbuf = nil // don't keep a huge buffer for one large command
 	}
-	n, err := s.write(ctx, buf, files)
+	s.wmu.Unlock()
 	if err == nil {
 		return c, nil
 	}

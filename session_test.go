@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"io"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -224,4 +226,113 @@ func TestSessionFilesNeedUnixSocket(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "not on a unix socket") {
 		t.Errorf("files over a pipe: %v", err)
 	}
+}
+
+// holdConn simulates the writer being preempted after its bytes are out
+// (or a partial write whose tail is still pending): the first Write sends
+// all but the last keep bytes, then waits for release before sending them
+// from p. A mutex serialises Writes like net's fd write lock.
+type holdConn struct {
+	net.Conn
+	wmu     sync.Mutex
+	n       int
+	keep    int
+	sent    chan struct{}
+	release chan struct{}
+}
+
+func (c *holdConn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	c.n++
+	if c.n != 1 || c.keep == 0 {
+		first := c.n == 1
+		n, err := c.Conn.Write(p)
+		c.wmu.Unlock()
+		if first {
+			// Write has returned (fd lock released); the goroutine is
+			// preempted before write's deferred cleanup.
+			close(c.sent)
+			<-c.release
+		}
+		return n, err
+	}
+	defer c.wmu.Unlock()
+	n, err := c.Conn.Write(p[:len(p)-c.keep])
+	if err != nil {
+		return n, err
+	}
+	close(c.sent)
+	<-c.release
+	m, err := c.Conn.Write(p[len(p)-c.keep:])
+	return n + m, err
+}
+
+func heldWritePair(t *testing.T, keep int) (*session, *holdConn, net.Conn) {
+	a, b, err := socketPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := net.FileConn(a)
+	cb, _ := net.FileConn(b)
+	a.Close()
+	b.Close()
+	hc := &holdConn{Conn: ca, keep: keep, sent: make(chan struct{}), release: make(chan struct{})}
+	var dec qmpDecoder
+	s := newSession(hc, bufio.NewReader(hc), protocol{name: "t", decode: dec.decode, event: func(QMPEvent) {}, end: func(error) {}}, nullLogger{})
+	t.Cleanup(func() { s.shutdown(); cb.Close() })
+	return s, hc, cb
+}
+
+// The context of a command whose write is over but not yet cleaned up
+// ends after its reply: its deadline must not reach the next command's
+// write, which has no deadline of its own.
+func TestSessionLateDeadlineAfterReplyDoesNotReachNextWrite(t *testing.T) {
+	s, hc, peer := heldWritePair(t, 0)
+	pr := bufio.NewReader(peer)
+	ctx1, cancel1 := context.WithCancel(context.Background())
+	aDone := make(chan error, 1)
+	go func() { _, err := s.call(ctx1, "stop", nil, nil); aDone <- err }()
+	<-hc.sent
+	pr.ReadString('\n')
+	peer.Write([]byte(okReply + "\r\n")) // the reply gives the turn back
+	time.Sleep(50 * time.Millisecond)
+	cancel1() // A's write is over, but its cleanup has not run
+	time.Sleep(50 * time.Millisecond)
+	go func() { pr.ReadString('\n'); peer.Write([]byte(okReply + "\r\n")) }()
+	bDone := make(chan error, 1)
+	go func() { _, err := s.call(context.Background(), "cont", nil, nil); bDone <- err }()
+	time.Sleep(50 * time.Millisecond) // B waits for A's write to be over
+	close(hc.release)
+	if err := <-aDone; err != nil {
+		t.Errorf("the first command: %v", err)
+	}
+	if err := returnsWithin(t, 5*time.Second, func() error { return <-bDone }); err != nil {
+		t.Fatalf("command with context.Background failed: %v", err)
+	}
+}
+
+// The reply can come before the writer has sent its last bytes (QEMU
+// answers at the closing brace): the next command must not overwrite the
+// buffer under the pending write.
+func TestSessionNextCommandWaitsForPreviousWrite(t *testing.T) {
+	s, hc, peer := heldWritePair(t, 1) // the '\n' is still pending
+	pr := bufio.NewReader(peer)
+	aDone := make(chan error, 1)
+	go func() { _, err := s.call(context.Background(), "stop", nil, nil); aDone <- err }()
+	<-hc.sent
+	want := `{"execute":"stop"}`
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(pr, got); err != nil || string(got) != want {
+		t.Fatalf("%q %v", got, err)
+	}
+	peer.Write([]byte(okReply + "\r\n"))
+	bDone := make(chan error, 1)
+	go func() { _, err := s.call(context.Background(), "query-status", nil, nil); bDone <- err }()
+	time.Sleep(100 * time.Millisecond) // B has built its command in wbuf
+	close(hc.release)
+	b, _ := pr.ReadByte()
+	if b != '\n' {
+		t.Errorf("byte after the first command is %q, want '\\n': the stream is corrupt", b)
+	}
+	<-aDone
 }

@@ -311,12 +311,18 @@ func (inst *Instance) signalGroup(sig syscall.Signal) bool {
 	if inst.reaped || inst.hasExited() || inst.cmd != nil && exitedNoReap(inst.Pid()) {
 		return false
 	}
+	var wasKilled bool
 	if sig == syscall.SIGKILL {
 		// Before the signal: a Stop that sees the exit must see why.
-		inst.killed.Store(true)
+		wasKilled = inst.killed.Swap(true)
 	}
 	if inst.cmd == nil {
-		return signalPidfd(inst.pidfd, sig) == nil
+		if err := signalPidfd(inst.pidfd, sig); err != nil {
+			// ESRCH: the attached QEMU exited before the watcher saw it.
+			inst.killed.Store(wasKilled)
+			return false
+		}
+		return true
 	}
 	syscall.Kill(-inst.Pid(), sig)
 	return true
