@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -9,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"runtime"
 	"strings"
 	"syscall"
@@ -168,13 +166,12 @@ func writeDiskWithData(t *testing.T, data string) (rw, ro *os.File) {
 	return rw, ro
 }
 
-// guestReads has the guest print the first bytes of its disk and waits for
-// them on the console.
-func guestReads(t *testing.T, ctx context.Context, con *SerialConsole, dev, want string) {
+// guestReads has the guest print the first bytes of its disk dev and checks
+// they are want.
+func guestReads(t *testing.T, inst *Instance, dev, want string) {
 	t.Helper()
-	fmt.Fprintf(con, "head -c %d /dev/%s; echo\n", len(want), dev)
-	if _, err := con.WaitForRegexp(ctx, regexp.MustCompile("^"+regexp.QuoteMeta(want)+"$")); err != nil {
-		t.Fatalf("the guest did not read %q from %s: %v; console:\n%s", want, dev, err, con.History())
+	if got := guestAsk(t, inst, fmt.Sprintf("echo ans=$(head -c %d /dev/%s)", len(want), dev)); got != want {
+		t.Fatalf("the guest read %q from %s, want %q", got, dev, want)
 	}
 }
 
@@ -201,7 +198,7 @@ func TestRealQEMUAddFDHotplugDisk(t *testing.T) {
 	if _, err := inst.Console().WaitFor(ctx, "TESTGUEST: block add vda"); err != nil {
 		t.Fatal(err)
 	}
-	guestReads(t, ctx, inst.Console(), "vda", "FDSET-HOTPLUG-42")
+	guestReads(t, inst, "vda", "FDSET-HOTPLUG-42")
 	sets, err := q.ExecuteQueryFDSets(ctx)
 	if err != nil || len(sets) != 1 || sets[0].FDSetID != info.FDSetID || len(sets[0].FDs) != 1 ||
 		sets[0].FDs[0] != (FDSetEntry{FD: info.FD, Opaque: "hotplug disk"}) {
@@ -241,7 +238,7 @@ func TestRealQEMUAddFDAtBoot(t *testing.T) {
 	if _, err := inst.Console().WaitFor(ctx, guestReadyLine); err != nil {
 		t.Fatal(err)
 	}
-	guestReads(t, ctx, inst.Console(), "vda", "FDSET-AT-BOOT-7")
+	guestReads(t, inst, "vda", "FDSET-AT-BOOT-7")
 }
 
 // openFDs counts the descriptors of a process.

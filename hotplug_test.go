@@ -1,8 +1,6 @@
 package qemu
 
 import (
-	"fmt"
-	"regexp"
 	"testing"
 	"time"
 )
@@ -31,16 +29,11 @@ var hotplugMachines = []struct {
 func testNICHotplug(t *testing.T, machine []string, bus string) {
 	inst := startGuestInstance(t, "", InstanceOptions{}, machine...)
 	ctx := ctxTimeout(t, 2*time.Minute)
-	q, con := inst.QMP(), inst.Console()
+	q := inst.QMP()
 	ask := func(cmd, want string) {
 		t.Helper()
-		fmt.Fprintln(con, cmd)
-		line, err := con.WaitForRegexp(ctx, regexp.MustCompile(`^ans=`))
-		if err == nil {
-			_, err = con.WaitFor(ctx, "TESTGUEST: exit ")
-		}
-		if err != nil || line != "ans="+want {
-			t.Fatalf("%s: %q, %v; want ans=%s; console:\n%s", cmd, line, err, want, con.History())
+		if got := guestAsk(t, inst, cmd); got != want {
+			t.Fatalf("%s: the guest answered %q, want %q", cmd, got, want)
 		}
 	}
 	const mac = "52:54:00:ab:cd:01"

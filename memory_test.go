@@ -11,23 +11,6 @@ import (
 	"time"
 )
 
-// guestAsk types cmd on the console, which must print one line "ans=...",
-// and returns what follows "ans=", once the command has ended.
-func guestAsk(t *testing.T, inst *Instance, cmd string) string {
-	t.Helper()
-	con := inst.Console()
-	ctx := ctxTimeout(t, time.Minute)
-	fmt.Fprintln(con, cmd)
-	line, err := con.WaitForRegexp(ctx, regexp.MustCompile(`^ans=`))
-	if err == nil {
-		_, err = con.WaitFor(ctx, "TESTGUEST: exit ")
-	}
-	if err != nil {
-		t.Fatalf("%s: %v; console:\n%s", cmd, err, con.History())
-	}
-	return line[len("ans="):]
-}
-
 func memTotalKiB(t *testing.T, inst *Instance) int {
 	t.Helper()
 	n, err := strconv.Atoi(guestAsk(t, inst, "echo ans=$(awk '/^MemTotal/ {print $2}' /proc/meminfo)"))
