@@ -123,10 +123,15 @@ func TestConsoleHistoryBoundAndInput(t *testing.T) {
 	if n := len(c.History()); n < 1000 || n > 2000 || !bytes.HasSuffix(c.History(), []byte("END\n")) {
 		t.Errorf("history of %d bytes, want 1000-2000 ending with END", n)
 	}
+	// Made before the first byte, the reader fell more than the history
+	// behind: it skips what was dropped and reads exactly what is kept.
 	buf := make([]byte, 20000)
 	n, _ := r.Read(buf)
 	if n > 2000 {
 		t.Errorf("a reader that fell behind read %d bytes, more than the history holds", n)
+	}
+	if h := c.History(); !bytes.Equal(buf[:n], h) {
+		t.Errorf("a reader that fell behind read %d bytes, not the %d the history holds", n, len(h))
 	}
 	if _, err := c.Write([]byte("typed\n")); err != nil {
 		t.Fatal(err)
