@@ -384,7 +384,7 @@ func tapInNamespace(t *testing.T, ns, name string) *os.File {
 			ch <- result{err: fmt.Errorf("setns: %w", e)}
 			return
 		}
-		f, err := createTap(name)
+		f, err := createTap(name, 0)
 		ch <- result{f, err}
 	}()
 	r := <-ch
@@ -395,8 +395,12 @@ func tapInNamespace(t *testing.T, ns, name string) *os.File {
 	return r.f
 }
 
-// createTap makes the tap device name in the calling thread's namespace.
-func createTap(name string) (*os.File, error) {
+// iffMultiQueue, for createTap, makes the device one of a multi-queue tap.
+const iffMultiQueue = 0x0100
+
+// createTap makes (or, with iffMultiQueue, adds a queue to) the tap device
+// name in the calling thread's namespace, with a virtio-net header.
+func createTap(name string, flags uint16) (*os.File, error) {
 	const (
 		tunSetIff  = 0x400454ca
 		iffTap     = 0x0002
@@ -409,7 +413,7 @@ func createTap(name string) (*os.File, error) {
 	}
 	var req [40]byte // struct ifreq: the name, then the flags
 	copy(req[:15], name)
-	binary.NativeEndian.PutUint16(req[16:], iffTap|iffNoPI|iffVnetHdr)
+	binary.NativeEndian.PutUint16(req[16:], iffTap|iffNoPI|iffVnetHdr|flags)
 	raw, err := f.SyscallConn()
 	if err != nil {
 		f.Close()

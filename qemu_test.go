@@ -17,7 +17,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-	"unsafe"
 )
 
 // argv splits a command line written with single spaces, the way the
@@ -1252,36 +1251,15 @@ func requireTun(t *testing.T) {
 func openTap(t *testing.T, name string, queues int) []*os.File {
 	t.Helper()
 	requireTun(t)
-	const (
-		tunSetIff     = 0x400454ca
-		iffTap        = 0x0002
-		iffNoPI       = 0x1000
-		iffVnetHdr    = 0x4000
-		iffMultiQueue = 0x0100
-	)
 	var files []*os.File
 	for i := 0; i < queues; i++ {
-		f, err := os.OpenFile("/dev/net/tun", os.O_RDWR, 0)
-		if err != nil {
+		f, err := createTap(name, iffMultiQueue)
+		if errors.Is(err, syscall.EPERM) {
+			t.Skipf("cannot create tap device %s: %v", name, err)
+		} else if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { f.Close() })
-		var req [40]byte // struct ifreq: the name, then the flags
-		copy(req[:15], name)
-		binary.NativeEndian.PutUint16(req[16:], iffTap|iffNoPI|iffVnetHdr|iffMultiQueue)
-		raw, err := f.SyscallConn()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var errno syscall.Errno
-		raw.Control(func(fd uintptr) {
-			_, _, errno = syscall.Syscall(syscall.SYS_IOCTL, fd, tunSetIff, uintptr(unsafe.Pointer(&req[0])))
-		})
-		if errno == syscall.EPERM {
-			t.Skipf("cannot create tap device %s: %v", name, errno)
-		} else if errno != 0 {
-			t.Fatalf("TUNSETIFF %s: %v", name, errno)
-		}
 		files = append(files, f)
 	}
 	return files
