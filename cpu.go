@@ -81,9 +81,7 @@ const cpuUnplugPoll = 250 * time.Millisecond
 func (q *QMP) RemoveCPU(ctx context.Context, id string) error {
 	sub := q.Subscribe(EventFilter{Names: []string{"ACPI_DEVICE_OST", "DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"}})
 	defer sub.Close()
-	args := struct {
-		ID string `json:"id"`
-	}{id}
+	args := idArgs{id}
 	if err := q.run(ctx, "device_del", id, args, nil); err != nil {
 		return err
 	}

@@ -19,17 +19,17 @@ import (
 // ExecuteGetFD sends f to QEMU under name (getfd), for the commands that
 // take a file by name: netdev_add's tap fd, migrate's fd: URI, and so on.
 func (q *QMP) ExecuteGetFD(ctx context.Context, name string, f *os.File) error {
-	args := struct {
-		FDName string `json:"fdname"`
-	}{name}
+	args := fdNameArgs{name}
 	return q.runWithFile(ctx, "getfd", name, args, nil, f)
+}
+
+type fdNameArgs struct {
+	FDName string `json:"fdname"`
 }
 
 // ExecuteCloseFD closes the file QEMU holds under name (closefd).
 func (q *QMP) ExecuteCloseFD(ctx context.Context, name string) error {
-	args := struct {
-		FDName string `json:"fdname"`
-	}{name}
+	args := fdNameArgs{name}
 	return q.run(ctx, "closefd", name, args, nil)
 }
 

@@ -139,9 +139,7 @@ func (q *QMP) ExecuteNetdevAddTap(ctx context.Context, tap TapNetdev) error {
 
 // ExecuteNetdevDel removes a network backend (netdev_del).
 func (q *QMP) ExecuteNetdevDel(ctx context.Context, id string) error {
-	args := struct {
-		ID string `json:"id"`
-	}{id}
+	args := idArgs{id}
 	return q.run(ctx, "netdev_del", id, args, nil)
 }
 

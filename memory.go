@@ -40,9 +40,7 @@ func (q *QMP) ExecuteObjectAddMemoryBackend(ctx context.Context, m MemoryBackend
 // ExecuteObjectDel deletes an object (object-del), such as a memory backend
 // no device uses any more.
 func (q *QMP) ExecuteObjectDel(ctx context.Context, id string) error {
-	args := struct {
-		ID string `json:"id"`
-	}{id}
+	args := idArgs{id}
 	return q.run(ctx, "object-del", id, args, nil)
 }
 
@@ -106,9 +104,7 @@ func (q *QMP) ExecuteChardevAddUnixSocket(ctx context.Context, id, path string, 
 // ExecuteChardevRemove removes a character device no device uses
 // (chardev-remove).
 func (q *QMP) ExecuteChardevRemove(ctx context.Context, id string) error {
-	args := struct {
-		ID string `json:"id"`
-	}{id}
+	args := idArgs{id}
 	return q.run(ctx, "chardev-remove", id, args, nil)
 }
 

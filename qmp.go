@@ -536,9 +536,7 @@ func (q *QMP) ExecuteSystemPowerdown(ctx context.Context) error {
 // refuses the unplug (QEMU sends DEVICE_UNPLUG_GUEST_ERROR for the device),
 // it fails at once with an error that wraps ErrUnplugRefused.
 func (q *QMP) ExecuteDeviceDel(ctx context.Context, devID string) error {
-	args := struct {
-		ID string `json:"id"`
-	}{devID}
+	args := idArgs{devID}
 	ev, err := q.runAndWait(ctx, "device_del", devID, args, nil, DeviceUnplugFilter(devID))
 	if err == nil && ev.Name == "DEVICE_UNPLUG_GUEST_ERROR" {
 		err = commandError("device_del", devID, ErrUnplugRefused)
@@ -611,13 +609,17 @@ func (q *QMP) ExecuteXBlockdevDel(ctx context.Context, blockdevID string) error 
 	case q.version.atLeast(2, 8):
 		return q.run(ctx, "x-blockdev-del", blockdevID, nodeNameArgs{blockdevID}, nil)
 	default:
-		args := struct {
-			ID string `json:"id"`
-		}{blockdevID}
+		args := idArgs{blockdevID}
 		return q.run(ctx, "x-blockdev-del", blockdevID, args, nil)
 	}
 }
 
+// nodeNameArgs and idArgs are the arguments of the many commands that
+// take only a node name or only an id.
 type nodeNameArgs struct {
 	NodeName string `json:"node-name"`
+}
+
+type idArgs struct {
+	ID string `json:"id"`
 }
