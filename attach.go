@@ -98,12 +98,11 @@ func (inst *Instance) watchExit() {
 		}
 	}
 	inst.sigMu.Lock()
-	inst.reaped = true
 	syscall.Close(inst.pidfd)
 	inst.pidfd = -1
+	close(inst.exited)
 	inst.sigMu.Unlock()
 	inst.log.Infof("qemu: attached pid %d ended", inst.pid)
-	close(inst.exited)
 	close(inst.drained)
 }
 

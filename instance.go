@@ -128,18 +128,18 @@ type Instance struct {
 	console    *SerialConsole
 
 	// exited is closed once QEMU has been reaped, with state and
-	// waitErr set; drained after it, once QEMU's stderr has been read to
-	// its end (or the grace for what QEMU left holding it has run out).
+	// waitErr set, and with sigMu held; drained after it, once QEMU's
+	// stderr has been read to its end (or the grace for what QEMU left
+	// holding it has run out).
 	exited  chan struct{}
 	drained chan struct{}
 	state   *os.ProcessState
 	waitErr error // what cmd.Wait returned
 
 	// sigMu is held while a signal is sent to QEMU's group and while QEMU
-	// is reaped, so that no signal can reach the group of a reaped pid,
-	// which another process may have by then.
-	sigMu  sync.Mutex
-	reaped bool // guarded by sigMu
+	// is reaped and exited closed, so that no signal can reach the group
+	// of a reaped pid, which another process may have by then.
+	sigMu sync.Mutex
 
 	stopTurn  chan struct{} // holds a token while a Stop runs
 	killed    atomic.Bool   // SIGKILL was sent to a running QEMU
@@ -517,11 +517,10 @@ func (inst *Instance) reap() {
 		syscall.Kill(-pid, syscall.SIGKILL)
 	}
 	err := inst.cmd.Wait()
-	inst.reaped = true
-	inst.sigMu.Unlock()
 	inst.state, inst.waitErr = inst.cmd.ProcessState, err
-	inst.log.Infof("qemu: pid %d ended: %s", pid, inst.state)
 	close(inst.exited)
+	inst.sigMu.Unlock()
+	inst.log.Infof("qemu: pid %d ended: %s", pid, inst.state)
 	select {
 	case <-inst.stderrRead:
 	case <-time.After(stderrGrace):

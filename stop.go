@@ -308,7 +308,7 @@ func (inst *Instance) terminate(ctx context.Context, r *StopReport) StopStep {
 func (inst *Instance) signalGroup(sig syscall.Signal) bool {
 	inst.sigMu.Lock()
 	defer inst.sigMu.Unlock()
-	if inst.reaped || inst.hasExited() || inst.cmd != nil && exitedNoReap(inst.Pid()) {
+	if inst.hasExited() || inst.cmd != nil && exitedNoReap(inst.Pid()) {
 		return false
 	}
 	var wasKilled bool
