@@ -70,17 +70,9 @@ func attachProcess(pidFile, qmpSocket string, opts InstanceOptions) (*Instance, 
 		syscall.Close(pidfd)
 		return nil, fmt.Errorf("qemu: attach to pid %d from %s: its command line does not serve %s: %q", pid, pidFile, qmpSocket, args)
 	}
-	return &Instance{
-		pid:      pid,
-		args:     args,
-		pidfd:    pidfd,
-		log:      orNullLogger(opts.Logger),
-		opts:     opts,
-		stderr:   &tailBuffer{max: maxStderr},
-		exited:   make(chan struct{}),
-		drained:  make(chan struct{}),
-		stopTurn: make(chan struct{}, 1),
-	}, nil
+	inst := newInstance(args, opts)
+	inst.pid, inst.pidfd = pid, pidfd
+	return inst, nil
 }
 
 // watchExit is an attached Instance's reap: it waits until the pidfd says

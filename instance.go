@@ -316,19 +316,9 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	}
 
-	inst := &Instance{
-		cmd:        cmd,
-		args:       append([]string{cmd.Path}, cmd.Args[1:]...),
-		pidfd:      -1,
-		log:        orNullLogger(opts.Logger),
-		opts:       opts,
-		stderr:     &tailBuffer{max: maxStderr},
-		stderrR:    stderrR,
-		stderrRead: make(chan struct{}),
-		exited:     make(chan struct{}),
-		drained:    make(chan struct{}),
-		stopTurn:   make(chan struct{}, 1),
-	}
+	inst := newInstance(append([]string{cmd.Path}, cmd.Args[1:]...), opts)
+	inst.cmd, inst.pidfd = cmd, -1
+	inst.stderrR, inst.stderrRead = stderrR, make(chan struct{})
 	inst.log.Infof("qemu: starting %s", inst.CommandLine())
 	err = cmd.Start()
 	for _, f := range parentEnds {
@@ -361,6 +351,20 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 	go inst.readStderr()
 	go inst.reap()
 	return inst, ours, nil
+}
+
+// newInstance returns the state an Instance starts with, for a QEMU
+// started here or attached to.
+func newInstance(args []string, opts InstanceOptions) *Instance {
+	return &Instance{
+		args:     args,
+		log:      orNullLogger(opts.Logger),
+		opts:     opts,
+		stderr:   &tailBuffer{max: maxStderr},
+		exited:   make(chan struct{}),
+		drained:  make(chan struct{}),
+		stopTurn: make(chan struct{}, 1),
+	}
 }
 
 // socketPair returns a connected pair of unix stream sockets, both
