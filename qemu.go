@@ -1033,15 +1033,25 @@ var plainParts = []func(*Config) plainPart{
 // Env entry that is not KEY=VALUE. LaunchQemu refuses such a Config rather
 // than start a VM without its kernel, memory size or machine type.
 func checkConfig(config *Config) error {
+	if problems := plainProblems(config); len(problems) > 0 {
+		return fmt.Errorf("qemu: config %s", problems[0])
+	}
+	return nil
+}
+
+// plainProblems lists the parts of config without a Valid method that
+// hold a newline or a NUL, and the Env entries that are not KEY=VALUE.
+func plainProblems(config *Config) []string {
+	var problems []string
 	for _, part := range plainParts {
 		if p := part(config); p.argv != nil && !clean(p.fields...) {
-			return fmt.Errorf("qemu: config %s contains a newline or NUL", p.name)
+			problems = append(problems, p.name+": a field contains a newline or NUL")
 		}
 	}
 	if p := envProblem(config.Env); p != "" {
-		return fmt.Errorf("qemu: config %s", p)
+		problems = append(problems, p)
 	}
-	return nil
+	return problems
 }
 
 // envProblem says what makes env not a list of KEY=VALUE, or "".
@@ -1058,12 +1068,7 @@ func envProblem(env []string) string {
 // as the caller wrote it ("Devices[1] (BlockDevice): File is empty"), for
 // StartInstance, which refuses to start another VM than the one described.
 func configProblems(config *Config) []string {
-	var problems []string
-	for _, part := range plainParts {
-		if p := part(config); p.argv != nil && !clean(p.fields...) {
-			problems = append(problems, p.name+": a field contains a newline or NUL")
-		}
-	}
+	problems := plainProblems(config)
 	if k := config.Kernel; k.Path == "" && (k.InitrdPath != "" || k.Params != "") {
 		problems = append(problems, "Kernel: InitrdPath or Params is set, but Path is empty")
 	}
@@ -1081,9 +1086,6 @@ func configProblems(config *Config) []string {
 		if p := config.RTC.problem(); p != "" {
 			problems = append(problems, "RTC: "+p)
 		}
-	}
-	if p := envProblem(config.Env); p != "" {
-		problems = append(problems, p)
 	}
 	return problems
 }
