@@ -36,7 +36,7 @@ const instanceConsole = "instance-console"
 // consoleParams returns the arguments that connect port to the chardev on
 // QEMU's descriptor fd.
 func consoleParams(port ConsolePort, fd int) ([]string, error) {
-	chardev := []string{"-chardev", "socket,id=" + instanceConsole + ",fd=" + strconv.Itoa(fd)}
+	chardev := inheritedSocket(instanceConsole, fd)
 	switch port {
 	case ConsoleSerial:
 		return append(chardev, "-serial", "chardev:"+instanceConsole), nil

@@ -261,9 +261,8 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 	}
 	args := make([]string, 0, len(params)+14)
 	args = append(args, params...)
-	args = append(args,
-		"-chardev", "socket,id="+instanceMonitor+",fd="+strconv.Itoa(3+len(fds)),
-		"-mon", "chardev="+instanceMonitor+",mode=control")
+	args = append(args, inheritedSocket(instanceMonitor, 3+len(fds))...)
+	args = append(args, "-mon", "chardev="+instanceMonitor+",mode=control")
 	if opts.QMPSocket != "" {
 		args = append(args, QMPSocket{Type: Unix, Name: opts.QMPSocket, Server: true, NoWait: true}.params()...)
 	}
@@ -351,6 +350,12 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 	go inst.readStderr()
 	go inst.reap()
 	return inst, ours, nil
+}
+
+// inheritedSocket is the chardev of a socket QEMU inherits as descriptor
+// fd: the QMP channel, the console.
+func inheritedSocket(id string, fd int) []string {
+	return []string{"-chardev", "socket,id=" + id + ",fd=" + strconv.Itoa(fd)}
 }
 
 // newInstance returns the state an Instance starts with, for a QEMU
