@@ -17,13 +17,18 @@ out=${1:-$here/out}
 # Modules the guest loads, with their dependencies from modules.dep: disks,
 # network, consoles, 9p, CD-ROMs, the ACPI power button and its input device,
 # the file systems of a ConfigDrive (FAT needs its code page and charset),
-# nvdimm and the memory balloon.
+# nvdimm, the memory balloon, and ext4 (which also mounts ext2) for the guest
+# agent's freeze tests.
 modules=(
 	virtio_pci virtio_blk virtio_net virtio_console virtio_scsi
 	9pnet_virtio 9p button evdev ata_piix ahci sr_mod sd_mod
 	isofs vfat nls_cp437 nls_ascii nls_utf8 nfit nd_pmem virtio_balloon
+	ext4
 )
-inputs=("$here/build.sh" "$here/init" "$here/testguest-block")
+# The guest agent and the packages of the libraries its binary loads
+# (checked below: a library from anywhere else fails the build).
+agent_packages=(qemu-guest-agent libc6 libglib2.0-0 libnuma1 libudev1 liburing2 libpcre2-8-0)
+inputs=("$here/build.sh" "$here/init" "$here/testguest-block" "$here/testguest-agent")
 
 die() {
 	echo "build.sh: $*" >&2
@@ -90,7 +95,9 @@ if [[ ! -f $debs/${kpkg}_${kver//:/%3a}_amd64.deb ]]; then
 	rm -f "$debs/$kpkg"_*.deb
 	fetch "$kpkg=$kver"
 fi
-[[ -n $(compgen -G "$debs/busybox-static_*.deb") ]] || fetch busybox-static
+for p in busybox-static "${agent_packages[@]}"; do
+	[[ -n $(compgen -G "$debs/${p}_*.deb") ]] || fetch "$p"
+done
 unpack "$kpkg"
 unpack busybox-static
 busybox=$work/busybox-static/bin/busybox
@@ -160,6 +167,40 @@ for p in "${order[@]}"; do
 	cp "$moddir/$p" "$root/lib/modules/$p"
 	echo "$p"
 done >"$root/etc/testguest/modules"
+
+# The guest agent: qemu-ga and every library the unpacked dynamic loader
+# resolves for it, each from one of the agent's packages, into
+# /lib/x86_64-linux-gnu (the loader at the path its ELF header names).
+agent=$work/agent
+mkdir -p "$agent"
+for p in "${agent_packages[@]}"; do
+	dpkg-deb -x "$(deb "$p")" "$agent"
+done
+qga=$agent/usr/sbin/qemu-ga
+loader=$agent/lib64/ld-linux-x86-64.so.2
+[[ -x $qga && -e $loader ]] || die "qemu-guest-agent or libc6 lacks usr/sbin/qemu-ga or lib64/ld-linux-x86-64.so.2"
+libpath=$agent/lib/x86_64-linux-gnu:$agent/usr/lib/x86_64-linux-gnu
+mkdir -p "$root/lib64" "$root/lib/x86_64-linux-gnu"
+cp -L "$loader" "$root/lib64/ld-linux-x86-64.so.2"
+install -m 755 "$qga" "$root/bin/qemu-ga"
+"$loader" --library-path "$libpath" --list "$qga" >"$work/qga.libs" ||
+	die "the dynamic loader of libc6 cannot resolve qemu-ga's libraries"
+while read -r name arrow lib _; do
+	# The loader itself is listed by its path, and the vDSO without one.
+	[[ $arrow == "=>" && $name != */* ]] || continue
+	[[ $lib == "$agent"/* ]] || die "qemu-ga needs $name, which none of ${agent_packages[*]} has ($lib)"
+	cp -L "$lib" "$root/lib/x86_64-linux-gnu/$name"
+done <"$work/qga.libs"
+# What the agent's commands read: a user with a home (guest-ssh-*), a host
+# name and an os-release (guest-get-host-name, guest-get-osinfo).
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+printf 'root:x:0:\n' >"$root/etc/group"
+printf 'testguest\n' >"$root/etc/hostname"
+printf 'ID=testguest\nNAME="Test guest"\nPRETTY_NAME="Test guest (busybox)"\nVERSION_ID=1\n' >"$root/etc/os-release"
+mkdir -p "$root/root"
+chmod 700 "$root/root"
+install -m 755 "$here/testguest-agent" "$root/bin/testguest-agent"
+
 # The kernel opens /dev/console for init before devtmpfs is mounted.
 if [[ $(id -u) == 0 ]]; then
 	mknod -m 600 "$root/dev/console" c 5 1
