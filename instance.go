@@ -78,6 +78,12 @@ type InstanceOptions struct {
 	// Instance.Console returns it.
 	Console ConsolePort
 
+	// GuestAgent, if set, adds a channel for the QEMU guest agent: a
+	// virtio serial controller and a port named GuestAgentPort, whose
+	// backend is a socket pair QEMU inherits (after the console), so
+	// there is no path. Instance.GuestAgent returns its client.
+	GuestAgent bool
+
 	// ConsoleHistory bounds how much of the console's output is kept;
 	// zero means DefaultConsoleHistory.
 	ConsoleHistory int
@@ -126,6 +132,7 @@ type Instance struct {
 	stderrRead chan struct{} // closed when the stderr pipe has been read to its end
 	sink       *outputSink   // nil without InstanceOptions.Stderr
 	console    *SerialConsole
+	agent      *GuestAgent
 
 	// exited is closed once QEMU has been reaped, with state and
 	// waitErr set, and with sigMu held; drained after it, once QEMU's
@@ -269,12 +276,17 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 	if opts.PIDFile != "" {
 		args = append(args, "-pidfile", opts.PIDFile)
 	}
+	next := 4 + len(fds) // the descriptor of the next channel QEMU inherits
 	if opts.Console != "" {
-		cargs, err := consoleParams(opts.Console, 4+len(fds))
+		cargs, err := consoleParams(opts.Console, next)
 		if err != nil {
 			return fail("InstanceOptions", err)
 		}
 		args = append(args, cargs...)
+		next++
+	}
+	if opts.GuestAgent {
+		args = append(args, agentParams(next)...)
 	}
 	ours, theirs, err := socketPair()
 	if err != nil {
@@ -291,9 +303,18 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 		extra = append(extra, conTheirs)
 		parentEnds = append(parentEnds, conTheirs)
 	}
+	var agentOurs *os.File
+	if opts.GuestAgent {
+		var agentTheirs *os.File
+		if agentOurs, agentTheirs, err = socketPair(); err != nil {
+			return fail("guest agent channel", err, append(parentEnds, ours, conOurs)...)
+		}
+		extra = append(extra, agentTheirs)
+		parentEnds = append(parentEnds, agentTheirs)
+	}
 	stderrR, stderrW, err := os.Pipe()
 	if err != nil {
-		return fail("stderr pipe", err, append(parentEnds, ours, conOurs)...)
+		return fail("stderr pipe", err, append(parentEnds, ours, conOurs, agentOurs)...)
 	}
 	cmd := exec.Command(path, args...)
 	cmd.ExtraFiles = extra
@@ -330,12 +351,25 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 		if conOurs != nil {
 			conOurs.Close()
 		}
+		if agentOurs != nil {
+			agentOurs.Close()
+		}
 		if errors.Is(err, exec.ErrNotFound) && path == defaultQEMU {
 			return nil, nil, fmt.Errorf("qemu: start: %w (Debian and Ubuntu ship it in qemu-system-x86)", err)
 		}
 		return nil, nil, fmt.Errorf("qemu: start %s: %w", path, err)
 	}
 	inst.pid = cmd.Process.Pid
+	if agentOurs != nil {
+		// As for the console: a socket made just now.
+		conn, err := net.FileConn(agentOurs)
+		agentOurs.Close()
+		if err != nil {
+			inst.log.Errorf("qemu: guest agent channel: %v", err)
+		} else {
+			inst.agent = newGuestAgent(conn, GuestAgentConfig{Logger: opts.Logger})
+		}
+	}
 	if conOurs != nil {
 		// Cannot fail for a socket made just now; if it did, QEMU would
 		// run without a console reader, which the error below prevents.
@@ -404,6 +438,10 @@ func (inst *Instance) connect(ctx context.Context, ours *os.File) error {
 		return err
 	}
 	inst.qmp, inst.version = q, *version
+	if inst.agent != nil {
+		// Before the Instance is anyone's: Shutdown reads it.
+		inst.agent.qmp = q
+	}
 	return q.ExecuteQMPCapabilities(ctx)
 }
 
@@ -412,6 +450,9 @@ func (inst *Instance) connect(ctx context.Context, ours *os.File) error {
 // QEMU exited by itself.
 func (inst *Instance) failStart(ctx context.Context, cause error) error {
 	path := inst.cmd.Path
+	if inst.agent != nil {
+		inst.agent.Close()
+	}
 	if inst.qmp != nil {
 		inst.qmp.Shutdown() // which closes EventCh
 	} else {
@@ -588,6 +629,11 @@ func waitid(pid int, info *siginfo, options int) error {
 // commands. Closing the instance shuts it down.
 func (inst *Instance) QMP() *QMP { return inst.qmp }
 
+// GuestAgent returns the client of the guest agent's channel, or nil when
+// the Instance was started without InstanceOptions.GuestAgent. Closing the
+// instance ends it.
+func (inst *Instance) GuestAgent() *GuestAgent { return inst.agent }
+
 // Console returns the guest's console, or nil when the Instance was
 // started without InstanceOptions.Console. Closing the instance ends it.
 func (inst *Instance) Console() *SerialConsole { return inst.console }
@@ -702,6 +748,9 @@ func (inst *Instance) Close() error {
 	inst.closeOnce.Do(func() {
 		_, err = inst.kill(context.Background())
 		inst.qmp.Shutdown()
+		if inst.agent != nil {
+			inst.agent.Close()
+		}
 		if inst.console != nil {
 			inst.console.close()
 		}

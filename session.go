@@ -50,6 +50,9 @@ type frame struct {
 	ret   json.RawMessage // a reply's value, which the frame owns
 	err   error           // an error reply's error
 	event QMPEvent
+	// delimited says that the reply followed a 0xFF byte, as the guest
+	// agent's reply to guest-sync-delimited does.
+	delimited bool
 }
 
 type frameKind int
@@ -74,6 +77,35 @@ type protocol struct {
 	// end is called once, on the reader goroutine, when the session has
 	// ended, with why.
 	end func(error)
+	// resync, when set, lets callers give up on a command: a caller
+	// whose context ends before the reply takes its command out of the
+	// slot, and the next command goes after the request resync returns,
+	// whose reply (the one its accept takes) comes after every reply
+	// still owed to the commands given up on. The session starts out
+	// needing it. The guest agent needs this: an agent that is not
+	// running never answers, so waiting for a late reply would wait for
+	// good.
+	resync func() request
+}
+
+// request is one command for the peer.
+type request struct {
+	prefix []byte // written just before the command
+	name   string
+	args   []byte // a JSON object, or nil for none
+	files  []*os.File
+	// accept says which reply is the command's, so that the reader skips
+	// the others; nil takes the next one.
+	accept func(frame) bool
+	// synchronises marks a resync: its reply ends the need for one.
+	synchronises bool
+}
+
+// pending is the command in the in-flight slot.
+type pending struct {
+	c            chan reply
+	accept       func(frame) bool
+	synchronises bool
 }
 
 // reply is what the reader hands to the caller of the command in flight.
@@ -88,9 +120,10 @@ type reply struct {
 // The turn is a one-token semaphore: a caller takes it before it writes
 // its command and it is given back by whoever takes the command out of the
 // in-flight slot: the reader when the reply comes, end when the session
-// ends first, or the caller itself when its write sent nothing. Each
-// command has a completion of its own, so a caller that gives up just
-// stops listening and the reader needs to know nothing about it.
+// ends first, or the caller itself when its write sent nothing or, on a
+// session with resync, when it gives up. Each command has a completion of
+// its own, so a caller that gives up just stops listening and the reader
+// needs to know nothing about it.
 type session struct {
 	conn  net.Conn
 	proto protocol
@@ -111,9 +144,12 @@ type session struct {
 	done chan struct{}
 
 	mu       sync.Mutex // guards the fields below
-	inflight chan reply // the completion of the command written, or nil
+	inflight *pending   // the command written, or nil
 	err      error      // why the session ends, once it does
 	writeSeq uint64     // counts writes, so a late deadline finds its own
+	// unsynced says that replies may still come for commands given up on,
+	// so the next command needs proto.resync's first.
+	unsynced bool
 }
 
 // newSession starts a session on conn, whose lines are read through r
@@ -125,6 +161,9 @@ func newSession(conn net.Conn, r *bufio.Reader, proto protocol, log QMPLog) *ses
 		log:   log,
 		turn:  make(chan struct{}, 1),
 		done:  make(chan struct{}),
+		// Whatever the peer says before the first resync may be owed
+		// to an earlier client.
+		unsynced: proto.resync != nil,
 	}
 	go s.readLoop(r)
 	return s
@@ -185,24 +224,34 @@ func (s *session) readLoop(r *bufio.Reader) {
 		}
 		switch f.kind {
 		case frameReply:
-			s.complete(reply{ret: f.ret, err: f.err})
+			s.complete(f)
 		case frameEvent:
 			s.proto.event(f.event)
 		}
 	}
 }
 
-// complete hands a reply to the command in flight and gives the turn back.
-func (s *session) complete(r reply) {
+// complete hands a reply to the command in flight, if it is the command's,
+// and gives the turn back.
+func (s *session) complete(f frame) {
 	s.mu.Lock()
-	c := s.inflight
-	s.inflight = nil
+	p := s.inflight
+	if p != nil && p.accept != nil && !p.accept(f) {
+		p = nil
+	} else if p != nil {
+		s.inflight = nil
+		if p.synchronises {
+			// Under the lock that withdraw takes, so that a command
+			// given up on after this reply makes the need anew.
+			s.unsynced = false
+		}
+	}
 	s.mu.Unlock()
-	if c == nil {
-		s.log.Warningf("%s: skipping a reply with no command in flight", s.proto.name)
+	if p == nil {
+		s.log.Warningf("%s: skipping a reply that no command in flight is waiting for", s.proto.name)
 		return
 	}
-	c <- r
+	p.c <- reply{ret: f.ret, err: f.err}
 	<-s.turn
 }
 
@@ -218,12 +267,12 @@ func (s *session) end(cause error) {
 		}
 	}
 	err := s.err
-	c := s.inflight
+	p := s.inflight
 	s.inflight = nil
 	s.mu.Unlock()
 	s.conn.Close()
-	if c != nil {
-		c <- reply{err: &lostReplyError{err}}
+	if p != nil {
+		p.c <- reply{err: &lostReplyError{err}}
 		<-s.turn
 	}
 	s.proto.end(err)
@@ -265,51 +314,90 @@ func (s *session) endedErr() error {
 	}
 }
 
-// call writes one command line, built by appendCommand from name and
-// argsJSON, with files sent beside it, and returns its reply's value. The
-// context bounds the wait for the turn, the write and the wait for the
-// reply.
+// call writes one command, with files sent beside it, and returns its
+// reply's value. The context bounds the wait for the turn, the write and
+// the wait for the reply.
 func (s *session) call(ctx context.Context, name string, argsJSON []byte, files []*os.File) (json.RawMessage, error) {
-	// The state first: a done context or an ended session gives the
-	// same answer every time.
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	select {
-	case s.turn <- struct{}{}:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	case <-s.done:
-		return nil, s.ended()
-	}
-	c, err := s.send(ctx, name, argsJSON, files)
-	if err != nil {
-		return nil, err
-	}
-	select {
-	case r := <-c:
-		return r.ret, r.err
-	case <-ctx.Done():
-		select {
-		case r := <-c: // a reply that is already there wins
-			return r.ret, r.err
-		default:
-			return nil, ctx.Err()
+	return s.do(ctx, request{name: name, args: argsJSON, files: files})
+}
+
+// do is call for any request. On a session with resync, the resync's
+// request goes first when replies may still be owed to commands given up
+// on.
+func (s *session) do(ctx context.Context, req request) (json.RawMessage, error) {
+	for {
+		if err := s.takeTurn(ctx); err != nil {
+			return nil, err
+		}
+		if !s.needsResync() {
+			return s.exchange(ctx, req)
+		}
+		sync := s.proto.resync()
+		sync.synchronises = true
+		if _, err := s.exchange(ctx, sync); err != nil {
+			return nil, fmt.Errorf("resynchronise: %w", err)
 		}
 	}
 }
 
-// send writes a command while its caller holds the turn and returns the
-// command's completion. On an error the command is out of the slot, and
+// takeTurn waits for the turn.
+func (s *session) takeTurn(ctx context.Context) error {
+	// The state first: a done context or an ended session gives the
+	// same answer every time.
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	select {
+	case s.turn <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.done:
+		return s.ended()
+	}
+}
+
+func (s *session) needsResync() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.unsynced
+}
+
+// exchange writes req while its caller holds the turn and waits for its
+// reply. On a session with resync, a caller whose context ends first
+// gives the command up.
+func (s *session) exchange(ctx context.Context, req request) (json.RawMessage, error) {
+	p, err := s.send(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case r := <-p.c:
+		return r.ret, r.err
+	case <-ctx.Done():
+		select {
+		case r := <-p.c: // a reply that is already there wins
+			return r.ret, r.err
+		default:
+		}
+		if s.proto.resync != nil {
+			s.withdraw(p, true)
+		}
+		return nil, ctx.Err()
+	}
+}
+
+// send writes a request while its caller holds the turn and returns the
+// command in the slot. On an error the command is out of the slot, and
 // the turn given back.
-func (s *session) send(ctx context.Context, name string, argsJSON []byte, files []*os.File) (chan reply, error) {
-	c := make(chan reply, 1)
+func (s *session) send(ctx context.Context, req request) (*pending, error) {
+	p := &pending{c: make(chan reply, 1), accept: req.accept, synchronises: req.synchronises}
 	s.mu.Lock()
 	err := s.err
 	if err == nil {
 		// Before the write: the reply can be read before the write
 		// returns.
-		s.inflight = c
+		s.inflight = p
 	}
 	s.mu.Unlock()
 	if err != nil {
@@ -317,15 +405,15 @@ func (s *session) send(ctx context.Context, name string, argsJSON []byte, files 
 		return nil, err
 	}
 	s.wmu.Lock()
-	buf := appendCommand(s.wbuf[:0], name, argsJSON)
-	n, err := s.write(ctx, buf, files)
+	buf := appendCommand(append(s.wbuf[:0], req.prefix...), req.name, req.args)
+	n, err := s.write(ctx, buf, req.files)
 	s.wbuf = buf
 	if cap(buf) > 1<<20 {
 		s.wbuf = nil // don't keep a huge buffer for one large command
 	}
 	s.wmu.Unlock()
 	if err == nil {
-		return c, nil
+		return p, nil
 	}
 	if ctx.Err() != nil && errors.Is(err, os.ErrDeadlineExceeded) {
 		err = ctx.Err()
@@ -338,16 +426,24 @@ func (s *session) send(ctx context.Context, name string, argsJSON []byte, files 
 		s.fail(fmt.Errorf("%w: %d of %d bytes of a command written: %w", ErrDisconnected, n, len(buf), err))
 		return nil, err
 	}
+	s.withdraw(p, false)
+	return nil, err
+}
+
+// withdraw takes p out of the slot, if the reader or end has not already,
+// and then gives the turn back. replyOwed says that the peer may still
+// answer it, so the next command needs a resync first.
+func (s *session) withdraw(p *pending, replyOwed bool) {
 	s.mu.Lock()
-	mine := s.inflight == c
+	mine := s.inflight == p
 	if mine {
 		s.inflight = nil
+		s.unsynced = s.unsynced || replyOwed
 	}
 	s.mu.Unlock()
 	if mine {
 		<-s.turn
 	}
-	return nil, err
 }
 
 // write writes p, with files as SCM_RIGHTS on its first byte, until ctx

@@ -17,13 +17,13 @@ out=${1:-$here/out}
 # Modules the guest loads, with their dependencies from modules.dep: disks,
 # network, consoles, 9p, CD-ROMs, the ACPI power button and its input device,
 # the file systems of a ConfigDrive (FAT needs its code page and charset),
-# nvdimm, the memory balloon, and ext4 (which also mounts ext2) for the guest
-# agent's freeze tests.
+# nvdimm, the memory balloon, and ext4 (which also mounts ext2, and needs a
+# crc32c) for the guest agent's freeze tests.
 modules=(
 	virtio_pci virtio_blk virtio_net virtio_console virtio_scsi
 	9pnet_virtio 9p button evdev ata_piix ahci sr_mod sd_mod
 	isofs vfat nls_cp437 nls_ascii nls_utf8 nfit nd_pmem virtio_balloon
-	ext4
+	ext4 crc32c_generic
 )
 # The guest agent and the packages of the libraries its binary loads
 # (checked below: a library from anywhere else fails the build).
@@ -197,8 +197,25 @@ printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
 printf 'root:x:0:\n' >"$root/etc/group"
 printf 'testguest\n' >"$root/etc/hostname"
 printf 'ID=testguest\nNAME="Test guest"\nPRETTY_NAME="Test guest (busybox)"\nVERSION_ID=1\n' >"$root/etc/os-release"
-mkdir -p "$root/root"
+mkdir -p "$root/root" "$root/sbin"
 chmod 700 "$root/root"
+# qemu-ga runs /sbin/shutdown (-P, -H or -r, then a time and a message) for
+# guest-shutdown and /sbin/hwclock for guest-set-time.
+ln -s /bin/busybox "$root/sbin/hwclock"
+cat >"$root/sbin/shutdown" <<'SHUTDOWN'
+#!/bin/sh
+echo "TESTGUEST: shutdown $*" >/dev/console
+sync
+how=poweroff
+for arg; do
+	case $arg in
+	-r) how=reboot ;;
+	-H) how=halt ;;
+	esac
+done
+$how -f
+SHUTDOWN
+chmod 755 "$root/sbin/shutdown"
 install -m 755 "$here/testguest-agent" "$root/bin/testguest-agent"
 
 # The kernel opens /dev/console for init before devtmpfs is mounted.

@@ -1,0 +1,512 @@
+package qemu
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// GuestAgentPort is the name of the virtio serial port the QEMU guest agent
+// (qemu-ga) listens on in the guest.
+const GuestAgentPort = "org.qemu.guest_agent.0"
+
+// ErrAgentCommandUnavailable is the cause of a typed guest-agent call of a
+// command that the agent's guest-info does not list, or lists as disabled.
+// Nothing was sent.
+var ErrAgentCommandUnavailable = errors.New("the guest agent does not offer the command")
+
+// GuestAgentConfig configures a guest-agent session.
+type GuestAgentConfig struct {
+	// Logger receives the session's log lines; nil logs nothing.
+	Logger QMPLog
+
+	// QMP, if set, is the QMP session of the QEMU whose guest runs the
+	// agent. Shutdown then also completes on its SHUTDOWN event, which
+	// is how a QEMU started with -no-shutdown tells it.
+	QMP *QMP
+}
+
+// GuestAgent is a client of the QEMU guest agent, qemu-ga, the daemon in a
+// guest that runs commands for the host over a virtio serial port. It runs
+// on the same session engine as QMP: one reader, one command in flight,
+// every call bounded by its context (its write included), and every call
+// failed when the channel ends.
+//
+// The agent has no greeting, and an agent that is not running reads
+// nothing and answers nothing; what is on the channel may be owed to an
+// earlier client or to a command given up on. So the first call, and the
+// first after any call whose context ended before its reply, sends a 0xFF
+// byte (which resets the agent's parser) and guest-sync-delimited with a
+// fresh random id, and skips every reply until the one that carries that
+// id after the agent's own 0xFF. A reply to a command the client gave up
+// on is never handed to another command.
+//
+// The typed calls check first that guest-info lists the command as
+// enabled (ErrAgentCommandUnavailable otherwise); Execute sends anything.
+// Error replies are *QMPError values, wrapped, with the agent's class and
+// description. A GuestAgent's methods may be called from any number of
+// goroutines.
+type GuestAgent struct {
+	s   *session
+	qmp *QMP
+
+	mu       sync.Mutex      // guards the fields below
+	version  string          // the agent's, from guest-info
+	commands map[string]bool // from guest-info: enabled, by name; nil until asked
+}
+
+// OpenGuestAgent connects to the unix socket of a guest agent's channel
+// (a chardev socket on QEMU's side, with a virtserialport named
+// GuestAgentPort in the guest). ctx bounds the connection only: the agent
+// is first spoken to by the first call, which fails with its context if
+// no agent is running by then.
+func OpenGuestAgent(ctx context.Context, socket string, cfg GuestAgentConfig) (*GuestAgent, error) {
+	if len(socket) > maxSocketPath {
+		return nil, fmt.Errorf("qga: connect to %s: the path is %d bytes, longer than the %d a unix socket path may have", socket, len(socket), maxSocketPath)
+	}
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", socket)
+	if err != nil {
+		return nil, fmt.Errorf("qga: connect to %s: %w", socket, err)
+	}
+	return newGuestAgent(conn, cfg), nil
+}
+
+// newGuestAgent runs a guest-agent session over conn, which it owns from
+// then on.
+func newGuestAgent(conn net.Conn, cfg GuestAgentConfig) *GuestAgent {
+	a := &GuestAgent{qmp: cfg.QMP}
+	// The buffer holds a file chunk's reply (agentChunk, base64) whole.
+	a.s = newSession(conn, bufio.NewReaderSize(conn, 64<<10), protocol{
+		name:   "qga",
+		decode: decodeAgentLine,
+		event:  func(QMPEvent) {},
+		end:    func(error) {},
+		resync: agentSync,
+	}, orNullLogger(cfg.Logger))
+	return a
+}
+
+// agentSync returns a guest-sync-delimited with a fresh id, preceded by the
+// 0xFF that makes the agent drop any half-read command, and taking only the
+// delimited reply that carries the id. (qemu-ga 7.2 answers the 0xFF
+// itself with a parse error, which is skipped like any stale reply.)
+func agentSync() request {
+	// The schema's int is 64-bit signed: a non-negative one fits.
+	id := strconv.AppendInt(nil, rand.Int64(), 10)
+	return request{
+		prefix: []byte{0xFF},
+		name:   "guest-sync-delimited",
+		args:   append(append([]byte(`{"id":`), id...), '}'),
+		accept: func(f frame) bool {
+			return f.delimited && f.err == nil && bytes.Equal(f.ret, id)
+		},
+	}
+}
+
+// agentLine is every kind of line the agent sends.
+type agentLine struct {
+	Return json.RawMessage `json:"return"`
+	Error  *QMPError       `json:"error"`
+}
+
+// decodeAgentLine decodes one line from the agent. What comes before its
+// last 0xFF is stale (the 0xFF starts the reply to guest-sync-delimited),
+// and so is anything before the first '{' after that: the rest of a reply
+// cut short when an earlier agent died, say.
+func decodeAgentLine(line []byte) (frame, error) {
+	var f frame
+	if i := bytes.LastIndexByte(line, 0xFF); i >= 0 {
+		line, f.delimited = line[i+1:], true
+	}
+	i := bytes.IndexByte(line, '{')
+	if i < 0 {
+		return frame{}, errors.New("no JSON object")
+	}
+	var m agentLine
+	if err := json.Unmarshal(line[i:], &m); err != nil {
+		return frame{}, fmt.Errorf("not a guest agent reply: %w", err)
+	}
+	switch {
+	case m.Error != nil:
+		f.kind, f.err = frameReply, m.Error
+	case m.Return != nil:
+		f.kind, f.ret = frameReply, m.Return
+	default:
+		return frame{}, errors.New("neither a return nor an error")
+	}
+	return f, nil
+}
+
+// Close ends the session; calls in flight and after it fail with an error
+// that wraps ErrShutdown. It returns once the session's goroutine has
+// ended, and may be called more than once.
+func (a *GuestAgent) Close() error {
+	a.s.shutdown()
+	return nil
+}
+
+// Done returns a channel that is closed when the session has ended: the
+// channel closed (QEMU exited), a read or a write failed, or Close was
+// called. Err then says which.
+func (a *GuestAgent) Done() <-chan struct{} { return a.s.done }
+
+// Err returns nil until Done is closed, and then why the session ended.
+func (a *GuestAgent) Err() error { return a.s.endedErr() }
+
+// Execute runs any guest-agent command, with no check of guest-info. args
+// may be nil or anything that encodes to a JSON object; result, when not
+// nil, must be a pointer and receives the reply's "return" value. It is
+// the call for the commands that reply on success; for one that does not
+// (guest-suspend-*), it returns when ctx ends.
+func (a *GuestAgent) Execute(ctx context.Context, name string, args, result interface{}) error {
+	return a.run(ctx, name, "", args, result)
+}
+
+// run sends one command and decodes its reply into result, wrapping any
+// error with the command's name and what it is about.
+func (a *GuestAgent) run(ctx context.Context, name, about string, args, result interface{}) error {
+	if err := a.execute(ctx, name, args, result); err != nil {
+		if about != "" {
+			name += " " + about
+		}
+		return fmt.Errorf("qga: %s: %w", name, err)
+	}
+	return nil
+}
+
+func (a *GuestAgent) execute(ctx context.Context, name string, args, result interface{}) error {
+	argsJSON, err := encodeArgs(args)
+	if err != nil {
+		return err
+	}
+	if err := checkResult(result); err != nil {
+		return err
+	}
+	ret, err := a.s.do(ctx, request{name: name, args: argsJSON})
+	if err != nil || result == nil {
+		return err
+	}
+	if err := json.Unmarshal(ret, result); err != nil {
+		return fmt.Errorf("decode reply: %w", err)
+	}
+	return nil
+}
+
+// call is run for a typed command, which the agent must offer.
+func (a *GuestAgent) call(ctx context.Context, name, about string, args, result interface{}) error {
+	if err := a.offers(ctx, name); err != nil {
+		if about != "" {
+			name += " " + about
+		}
+		return fmt.Errorf("qga: %s: %w", name, err)
+	}
+	return a.run(ctx, name, about, args, result)
+}
+
+// callFor is call for a command whose reply decodes into a T.
+func callFor[T any](ctx context.Context, a *GuestAgent, name, about string, args interface{}) (T, error) {
+	var result T
+	err := a.call(ctx, name, about, args, &result)
+	return result, err
+}
+
+// offers checks that guest-info lists name as enabled. The list is asked
+// for once, and again when it lacks the command, since a restarted agent
+// may offer more.
+func (a *GuestAgent) offers(ctx context.Context, name string) error {
+	a.mu.Lock()
+	enabled := a.commands[name]
+	a.mu.Unlock()
+	if enabled {
+		return nil
+	}
+	if _, err := a.Info(ctx); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	enabled, known := a.commands[name]
+	version := a.version
+	a.mu.Unlock()
+	switch {
+	case !known:
+		return fmt.Errorf("%w: qemu-ga %s has no %s", ErrAgentCommandUnavailable, version, name)
+	case !enabled:
+		return fmt.Errorf("%w: qemu-ga %s has %s disabled", ErrAgentCommandUnavailable, version, name)
+	}
+	return nil
+}
+
+// GuestAgentInfo is the reply of guest-info.
+type GuestAgentInfo struct {
+	Version           string                  `json:"version"`
+	SupportedCommands []GuestAgentCommandInfo `json:"supported_commands"`
+}
+
+// GuestAgentCommandInfo is one command the agent knows.
+type GuestAgentCommandInfo struct {
+	Name    string `json:"name"`
+	Enabled bool   `json:"enabled"`
+	// SuccessResponse is false for the commands that do not reply when
+	// they succeed (guest-shutdown, guest-suspend-*).
+	SuccessResponse bool `json:"success-response"`
+}
+
+// Ping runs guest-ping: a nil error says the agent answers.
+func (a *GuestAgent) Ping(ctx context.Context) error {
+	return a.run(ctx, "guest-ping", "", nil, nil)
+}
+
+// Info runs guest-info: the agent's version and the commands it knows,
+// which the typed calls check against.
+func (a *GuestAgent) Info(ctx context.Context) (GuestAgentInfo, error) {
+	var info GuestAgentInfo
+	if err := a.run(ctx, "guest-info", "", nil, &info); err != nil {
+		return info, err
+	}
+	commands := make(map[string]bool, len(info.SupportedCommands))
+	for _, c := range info.SupportedCommands {
+		commands[c.Name] = c.Enabled
+	}
+	a.mu.Lock()
+	a.version, a.commands = info.Version, commands
+	a.mu.Unlock()
+	return info, nil
+}
+
+// GuestOSInfo is the reply of guest-get-osinfo: the guest's uname and
+// os-release. Fields the guest does not have are empty.
+type GuestOSInfo struct {
+	KernelRelease string `json:"kernel-release"`
+	KernelVersion string `json:"kernel-version"`
+	Machine       string `json:"machine"`
+	ID            string `json:"id"`
+	Name          string `json:"name"`
+	PrettyName    string `json:"pretty-name"`
+	Version       string `json:"version"`
+	VersionID     string `json:"version-id"`
+	Variant       string `json:"variant"`
+	VariantID     string `json:"variant-id"`
+}
+
+// OSInfo runs guest-get-osinfo.
+func (a *GuestAgent) OSInfo(ctx context.Context) (GuestOSInfo, error) {
+	return callFor[GuestOSInfo](ctx, a, "guest-get-osinfo", "", nil)
+}
+
+// HostName runs guest-get-host-name.
+func (a *GuestAgent) HostName(ctx context.Context) (string, error) {
+	r, err := callFor[struct {
+		HostName string `json:"host-name"`
+	}](ctx, a, "guest-get-host-name", "", nil)
+	return r.HostName, err
+}
+
+// GuestNetworkInterface is one interface of guest-network-get-interfaces.
+type GuestNetworkInterface struct {
+	Name            string           `json:"name"`
+	HardwareAddress string           `json:"hardware-address"`
+	IPAddresses     []GuestIPAddress `json:"ip-addresses"`
+	// Statistics is nil when the guest does not report it.
+	Statistics *GuestNetworkStats `json:"statistics"`
+}
+
+// GuestIPAddress is one address of a guest interface.
+type GuestIPAddress struct {
+	// Type is "ipv4" or "ipv6".
+	Type    string `json:"ip-address-type"`
+	Address string `json:"ip-address"`
+	Prefix  int    `json:"prefix"`
+}
+
+// GuestNetworkStats are an interface's counters.
+type GuestNetworkStats struct {
+	RxBytes   uint64 `json:"rx-bytes"`
+	RxPackets uint64 `json:"rx-packets"`
+	RxErrs    uint64 `json:"rx-errs"`
+	RxDropped uint64 `json:"rx-dropped"`
+	TxBytes   uint64 `json:"tx-bytes"`
+	TxPackets uint64 `json:"tx-packets"`
+	TxErrs    uint64 `json:"tx-errs"`
+	TxDropped uint64 `json:"tx-dropped"`
+}
+
+// NetworkInterfaces runs guest-network-get-interfaces.
+func (a *GuestAgent) NetworkInterfaces(ctx context.Context) ([]GuestNetworkInterface, error) {
+	return callFor[[]GuestNetworkInterface](ctx, a, "guest-network-get-interfaces", "", nil)
+}
+
+// Time runs guest-get-time: the guest's clock.
+func (a *GuestAgent) Time(ctx context.Context) (time.Time, error) {
+	ns, err := callFor[int64](ctx, a, "guest-get-time", "", nil)
+	if err != nil {
+		return time.Time{}, err
+	}
+	return time.Unix(0, ns), nil
+}
+
+// SetTime runs guest-set-time: the guest's clock is set to t, and its RTC
+// from it. A zero t sets the clock from the RTC instead.
+func (a *GuestAgent) SetTime(ctx context.Context, t time.Time) error {
+	var args interface{}
+	if !t.IsZero() {
+		args = struct {
+			Time int64 `json:"time"`
+		}{t.UnixNano()}
+	}
+	return a.call(ctx, "guest-set-time", "", args, nil)
+}
+
+// sshKeysArgs are the arguments of guest-ssh-add-authorized-keys and
+// guest-ssh-remove-authorized-keys.
+type sshKeysArgs struct {
+	Username string   `json:"username"`
+	Keys     []string `json:"keys"`
+	Reset    bool     `json:"reset,omitempty"`
+}
+
+// AddAuthorizedKeys runs guest-ssh-add-authorized-keys: keys (lines of
+// authorized_keys) are added to the user's ~/.ssh/authorized_keys, which
+// reset first empties.
+func (a *GuestAgent) AddAuthorizedKeys(ctx context.Context, user string, keys []string, reset bool) error {
+	return a.call(ctx, "guest-ssh-add-authorized-keys", user, sshKeysArgs{user, keys, reset}, nil)
+}
+
+// RemoveAuthorizedKeys runs guest-ssh-remove-authorized-keys: the keys are
+// removed from the user's ~/.ssh/authorized_keys.
+func (a *GuestAgent) RemoveAuthorizedKeys(ctx context.Context, user string, keys []string) error {
+	return a.call(ctx, "guest-ssh-remove-authorized-keys", user, sshKeysArgs{Username: user, Keys: keys}, nil)
+}
+
+// Guest file system freeze states, as guest-fsfreeze-status reports them.
+const (
+	GuestFSThawed = "thawed"
+	GuestFSFrozen = "frozen"
+)
+
+// FSFreezeStatus runs guest-fsfreeze-status: GuestFSThawed or
+// GuestFSFrozen.
+func (a *GuestAgent) FSFreezeStatus(ctx context.Context) (string, error) {
+	return callFor[string](ctx, a, "guest-fsfreeze-status", "", nil)
+}
+
+// FSFreeze syncs and freezes the guest's local file systems, or only those
+// mounted at mountpoints (guest-fsfreeze-freeze-list), and returns how
+// many it froze. Writes in the guest then block until FSThaw. When the
+// freeze fails (an error reply, or ctx ending before the reply, when the
+// agent may still freeze), FSFreeze thaws, so that a freeze the caller
+// began never outlives its failure; the thaw has agentThawTimeout of its
+// own.
+func (a *GuestAgent) FSFreeze(ctx context.Context, mountpoints ...string) (int, error) {
+	name, args := "guest-fsfreeze-freeze", interface{}(nil)
+	if len(mountpoints) > 0 {
+		name, args = "guest-fsfreeze-freeze-list", struct {
+			Mountpoints []string `json:"mountpoints"`
+		}{mountpoints}
+	}
+	if err := a.offers(ctx, name); err != nil {
+		return 0, fmt.Errorf("qga: %s: %w", name, err)
+	}
+	n, err := runForAgent[int](ctx, a, name, args)
+	if err == nil {
+		return n, nil
+	}
+	tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), agentThawTimeout)
+	defer cancel()
+	if _, terr := a.FSThaw(tctx); terr != nil {
+		return 0, fmt.Errorf("%w; and the thaw after it: %w", err, terr)
+	}
+	return 0, err
+}
+
+// agentThawTimeout bounds the thaw that FSFreeze runs when a freeze fails,
+// whose caller's context may be done already.
+const agentThawTimeout = 30 * time.Second
+
+// runForAgent is run for a command whose reply decodes into a T, with no
+// guest-info check.
+func runForAgent[T any](ctx context.Context, a *GuestAgent, name string, args interface{}) (T, error) {
+	var result T
+	err := a.run(ctx, name, "", args, &result)
+	return result, err
+}
+
+// FSThaw runs guest-fsfreeze-thaw and returns how many file systems it
+// thawed.
+func (a *GuestAgent) FSThaw(ctx context.Context) (int, error) {
+	return callFor[int](ctx, a, "guest-fsfreeze-thaw", "", nil)
+}
+
+// Shutdown runs guest-shutdown with mode "powerdown" (also for an empty
+// mode), "halt" or "reboot". The agent does not reply when it succeeds:
+// Shutdown returns nil when the channel closes after the command was
+// written (QEMU exited), or, with GuestAgentConfig.QMP (an Instance's
+// agent has it), on QEMU's SHUTDOWN event (RESET for "reboot"). An error
+// reply fails it at once.
+func (a *GuestAgent) Shutdown(ctx context.Context, mode string) error {
+	if err := a.offers(ctx, "guest-shutdown"); err != nil {
+		return fmt.Errorf("qga: guest-shutdown: %w", err)
+	}
+	var args interface{}
+	if mode != "" {
+		args = struct {
+			Mode string `json:"mode"`
+		}{mode}
+	}
+	var sub *Subscription
+	if a.qmp != nil {
+		// Before the command: the event may come before anything else.
+		done := "SHUTDOWN"
+		if mode == "reboot" {
+			done = "RESET"
+		}
+		sub = a.qmp.Subscribe(EventFilter{Names: []string{done}})
+		defer sub.Close()
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	replied := make(chan error, 1)
+	go func() {
+		replied <- a.execute(wctx, "guest-shutdown", args, nil)
+		cancel()
+	}()
+	if sub != nil {
+		if _, err := sub.Receive(wctx); err == nil {
+			cancel() // gives the command up: the next call resynchronises
+			<-replied
+			return nil
+		}
+	}
+	err := <-replied
+	switch {
+	case err == nil, lostToPeer(err):
+		return nil
+	case ctx.Err() != nil:
+		return fmt.Errorf("qga: guest-shutdown: no shutdown seen: %w", ctx.Err())
+	}
+	return fmt.Errorf("qga: guest-shutdown: %w", err)
+}
+
+// instanceAgent is the chardev id of the guest agent's channel an Instance
+// adds with InstanceOptions.GuestAgent.
+const instanceAgent = "instance-agent"
+
+// agentParams renders the guest agent's channel on the socket QEMU
+// inherits as descriptor fd: a virtio serial controller of its own, and on
+// it the port the agent opens.
+func agentParams(fd int) []string {
+	bus := SerialDevice{Driver: VirtioSerial, ID: instanceAgent + "-bus"}
+	port := GenericDevice{Driver: VirtioSerialPort, Bus: bus.ID + ".0", Properties: []DeviceProperty{
+		{"chardev", instanceAgent}, {"name", GuestAgentPort}}}
+	params := inheritedSocket(instanceAgent, fd)
+	params = append(params, bus.QemuParams(nil)...)
+	return append(params, port.QemuParams(nil)...)
+}
