@@ -229,7 +229,7 @@ func (a *GuestAgent) offers(ctx context.Context, name string) error {
 	if enabled {
 		return nil
 	}
-	if _, err := a.Info(ctx); err != nil {
+	if _, err := a.info(ctx); err != nil {
 		return err
 	}
 	a.mu.Lock()
@@ -268,9 +268,18 @@ func (a *GuestAgent) Ping(ctx context.Context) error {
 // Info runs guest-info: the agent's version and the commands it knows,
 // which the typed calls check against.
 func (a *GuestAgent) Info(ctx context.Context) (GuestAgentInfo, error) {
+	info, err := a.info(ctx)
+	if err != nil {
+		return info, fmt.Errorf("qga: %w", err)
+	}
+	return info, nil
+}
+
+// info runs guest-info and keeps its list of commands for offers.
+func (a *GuestAgent) info(ctx context.Context) (GuestAgentInfo, error) {
 	var info GuestAgentInfo
-	if err := a.run(ctx, "guest-info", "", nil, &info); err != nil {
-		return info, err
+	if err := a.execute(ctx, "guest-info", nil, &info); err != nil {
+		return info, fmt.Errorf("guest-info: %w", err)
 	}
 	commands := make(map[string]bool, len(info.SupportedCommands))
 	for _, c := range info.SupportedCommands {

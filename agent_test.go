@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -401,4 +402,261 @@ func TestGuestAgentFaultsRealGuest(t *testing.T) {
 	if err != nil || string(r.Stdout) != "own reply\n" {
 		t.Errorf("exec after the agent came back: %q, %v", r.Stdout, err)
 	}
+}
+
+// agentPeer connects a GuestAgent to a fake agent on a real unix socket.
+func agentPeer(t *testing.T) (*GuestAgent, *peer) {
+	t.Helper()
+	s := newFakeServer(t)
+	peers := make(chan *peer, 1)
+	go func() { peers <- s.accept() }()
+	a, err := OpenGuestAgent(ctxTimeout(t, 5*time.Second), s.path, GuestAgentConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	p := <-peers
+	if p == nil {
+		t.FailNow()
+	}
+	return a, p
+}
+
+var syncCommand = regexp.MustCompile(`^\{"execute":"guest-sync-delimited","arguments":\{"id":([0-9]+)\}\}$`)
+
+// syncLine returns the id of a guest-sync-delimited line preceded by 0xFF,
+// or "".
+func syncLine(line string) string {
+	rest, ok := strings.CutPrefix(line, "\xff")
+	if m := syncCommand.FindStringSubmatch(rest); ok && m != nil {
+		return m[1]
+	}
+	return ""
+}
+
+// syncID returns the id of a guest-sync-delimited line, or fails the test
+// (from any goroutine: it panics there, which ends the test binary).
+func syncID(t *testing.T, line string) string {
+	id := syncLine(line)
+	if id == "" {
+		panic(fmt.Sprintf("got %q, want a guest-sync-delimited preceded by 0xFF", line))
+	}
+	return id
+}
+
+// Stale output before and around the sync's reply is skipped: a reply to
+// an earlier client, half a line, a delimited reply with another id, the
+// agent's parse error for the 0xFF.
+func TestGuestAgentSyncSkipsStaleOutput(t *testing.T) {
+	a, p := agentPeer(t)
+	p.send(`{"return": {"pid": 1}}`, `not json at all`)
+	p.conn.Write([]byte(`{"return": {"count": 3, "buf-b6`)) // cut short
+	done := make(chan error, 1)
+	go func() { done <- a.Ping(ctxTimeout(t, 5*time.Second)) }()
+	id := syncID(t, p.recv())
+	p.send(`{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}`,
+		"\xff{\"return\": 12345}", "garbage\xff{\"return\": "+id+"}")
+	if got := p.recv(); got != `{"execute":"guest-ping"}` {
+		t.Fatalf("after the sync: %q", got)
+	}
+	p.send(`{"return": {}}`)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	// Synchronised: the next command goes alone.
+	go func() { done <- a.Ping(ctxTimeout(t, 5*time.Second)) }()
+	if got := p.recv(); got != `{"execute":"guest-ping"}` {
+		t.Fatalf("second command: %q", got)
+	}
+	p.send(`garbage before the reply {"return": {}}`)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A call given up on leaves a reply owed; the next call resynchronises
+// with a new id, and the late reply never reaches it.
+func TestGuestAgentGiveUpResynchronises(t *testing.T) {
+	a, p := agentPeer(t)
+	short, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() { _, err := a.HostName(short); errc <- err }()
+	first := syncID(t, p.recv())
+	p.send("\xff{\"return\": " + first + "}")
+	// guest-info first (the capability check), answered; then the
+	// command, which is not.
+	if got := p.recv(); got != `{"execute":"guest-info"}` {
+		t.Fatalf("got %q", got)
+	}
+	p.send(`{"return": {"version": "7.2.0", "supported_commands": [{"name": "guest-get-host-name", "enabled": true, "success-response": true}]}}`)
+	if got := p.recv(); got != `{"execute":"guest-get-host-name"}` {
+		t.Fatalf("got %q", got)
+	}
+	if err := <-errc; !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("unanswered call: %v", err)
+	}
+	go func() { _, err := a.HostName(context.Background()); errc <- err }()
+	line := p.recv()
+	second := syncID(t, line)
+	if second == first {
+		t.Fatal("the resync reused an id")
+	}
+	// The late reply to the call given up on, then the sync's.
+	p.send(`{"return": {"host-name": "stale"}}`, "\xff{\"return\": "+second+"}")
+	if got := p.recv(); got != `{"execute":"guest-get-host-name"}` {
+		t.Fatalf("got %q", got)
+	}
+	p.send(`{"return": {"host-name": "fresh"}}`)
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.HostName(ctxTimeout(t, time.Second)); err == nil {
+		t.Fatal("a third call got a reply nobody sent")
+	}
+}
+
+// An agent that reads nothing: the write is bounded by the context too.
+func TestGuestAgentWriteBoundedByContext(t *testing.T) {
+	a, _ := agentPeer(t) // whose peer never reads
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	err := a.Execute(ctx, "guest-file-write", map[string]interface{}{"handle": 1, "buf-b64": strings.Repeat("A", 8<<20)}, nil)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a write nobody reads: %v, want context.DeadlineExceeded", err)
+	}
+}
+
+// A typed call of a command guest-info lacks, or lists as disabled, fails
+// before anything is sent; error replies are *QMPError.
+func TestGuestAgentChecksCommandsAndErrors(t *testing.T) {
+	a, p := agentPeer(t)
+	done := p.serve(func(cmd string) []string {
+		if id := syncLine(cmd); id != "" {
+			return []string{"\xff{\"return\": " + id + "}"}
+		}
+		switch cmd {
+		case `{"execute":"guest-info"}`:
+			return []string{`{"return": {"version": "9.9.9", "supported_commands": [` +
+				`{"name": "guest-exec", "enabled": false, "success-response": true}, ` +
+				`{"name": "guest-file-open", "enabled": true, "success-response": true}]}}`}
+		}
+		return []string{`{"error": {"class": "GenericError", "desc": "failed to open file '/x' (mode: 'r'): No such file or directory"}}`}
+	})
+	ctx := ctxTimeout(t, 5*time.Second)
+	if _, err := a.Exec(ctx, GuestCommand{Path: "/bin/true"}); !errors.Is(err, ErrAgentCommandUnavailable) ||
+		!strings.Contains(err.Error(), "qemu-ga 9.9.9 has guest-exec disabled") {
+		t.Errorf("disabled command: %v", err)
+	}
+	if _, err := a.FSFreezeStatus(ctx); !errors.Is(err, ErrAgentCommandUnavailable) ||
+		!strings.Contains(err.Error(), "has no guest-fsfreeze-status") {
+		t.Errorf("missing command: %v", err)
+	}
+	_, err := a.OpenFile(ctx, "/x", "")
+	var qerr *QMPError
+	if !errors.As(err, &qerr) || qerr.Class != "GenericError" || !strings.HasPrefix(err.Error(), "qga: guest-file-open /x: GenericError: failed to open") {
+		t.Errorf("error reply: %v", err)
+	}
+	a.Close()
+	for _, cmd := range <-done {
+		if strings.Contains(cmd, "guest-exec") || strings.Contains(cmd, "fsfreeze") {
+			t.Errorf("%s was sent", cmd)
+		}
+	}
+}
+
+// guest-shutdown never replies on success: the channel closing after it
+// was written is success; an error reply is not.
+func TestGuestAgentShutdownCompletion(t *testing.T) {
+	serve := func(p *peer, reply string) {
+		p.serve(func(cmd string) []string {
+			if id := syncLine(cmd); id != "" {
+				return []string{"\xff{\"return\": " + id + "}"}
+			}
+			if cmd == `{"execute":"guest-info"}` {
+				return []string{`{"return": {"version": "7.2.0", "supported_commands": [{"name": "guest-shutdown", "enabled": true, "success-response": false}]}}`}
+			}
+			if reply == "" {
+				p.conn.Close()
+				return nil
+			}
+			return []string{reply}
+		})
+	}
+	a, p := agentPeer(t)
+	serve(p, "")
+	if err := a.Shutdown(ctxTimeout(t, 5*time.Second), "halt"); err != nil {
+		t.Errorf("channel closed after guest-shutdown: %v", err)
+	}
+	a, p = agentPeer(t)
+	serve(p, `{"error": {"class": "GenericError", "desc": "child process has failed to shutdown"}}`)
+	if err := a.Shutdown(ctxTimeout(t, 5*time.Second), ""); err == nil || !strings.Contains(err.Error(), "failed to shutdown") {
+		t.Errorf("error reply to guest-shutdown: %v", err)
+	}
+}
+
+// The agent's channel closing fails the call in flight and every call
+// after it.
+func TestGuestAgentChannelEnds(t *testing.T) {
+	a, p := agentPeer(t)
+	go func() {
+		p.recv()
+		p.conn.Close()
+	}()
+	if err := a.Ping(ctxTimeout(t, 5*time.Second)); !errors.Is(err, ErrDisconnected) {
+		t.Errorf("ping as the channel closes: %v", err)
+	}
+	<-a.Done()
+	if err := a.Ping(ctxTimeout(t, 5*time.Second)); !errors.Is(err, ErrDisconnected) || !errors.Is(a.Err(), ErrDisconnected) {
+		t.Errorf("ping after: %v (Err %v)", err, a.Err())
+	}
+	a.Close()
+	a.Close()
+}
+
+func TestGuestAgentParams(t *testing.T) {
+	got := strings.Join(agentParams(5), " ")
+	want := "-chardev socket,id=instance-agent,fd=5 -device virtio-serial-pci,id=instance-agent-bus " +
+		"-device virtserialport,bus=instance-agent-bus.0,chardev=instance-agent,name=org.qemu.guest_agent.0"
+	if got != want {
+		t.Errorf("got  %s\nwant %s", got, want)
+	}
+}
+
+// FuzzGuestAgentOutput feeds arbitrary agent output to a client: nothing
+// panics or hangs, and no output satisfies a call, since none can carry
+// the random id of the client's guest-sync-delimited.
+func FuzzGuestAgentOutput(f *testing.F) {
+	f.Add([]byte("\xff{\"return\": 1}\n{\"return\": {}}\n"))
+	f.Add([]byte("{\"error\": {\"class\": \"X\", \"desc\": \"y\"}}\n\xff\xff{"))
+	f.Add([]byte(strings.Repeat("{", 100) + "\n"))
+	f.Add([]byte("garbage\xff{\"return\": 2}\r\n\n"))
+	f.Fuzz(func(t *testing.T, out []byte) {
+		for _, line := range bytes.Split(out, []byte("\n")) {
+			if fr, err := decodeAgentLine(line); err == nil && fr.kind == frameReply && fr.ret == nil && fr.err == nil {
+				t.Fatalf("%q: a reply with neither a value nor an error", line)
+			}
+		}
+		ours, theirs, err := socketPair()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer theirs.Close()
+		conn, err := net.FileConn(ours)
+		ours.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := newGuestAgent(conn, GuestAgentConfig{})
+		defer a.Close()
+		go func() {
+			theirs.Write(out)
+			io.Copy(io.Discard, theirs)
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		defer cancel()
+		if err := a.Ping(ctx); err == nil {
+			t.Fatalf("a ping succeeded on output %q", out)
+		}
+	})
 }
