@@ -78,6 +78,20 @@ exit 1`)
 	checkTree(t, dir, nil)
 }
 
+// TestQemuImgDies has qemu-img killed by a signal half-way through a
+// convert: the error says so, and no file is left.
+func TestQemuImgDies(t *testing.T) {
+	q := fakeQemuImg(t, `for out; do :; done
+printf 'half an image' >"$out"
+kill -9 $$`)
+	dir := t.TempDir()
+	err := q.Convert(context.Background(), "in.qcow2", filepath.Join(dir, "out.raw"), ConvertImageOptions{})
+	if err == nil || !strings.Contains(err.Error(), "signal: killed") {
+		t.Errorf("Convert: %v, want the signal", err)
+	}
+	checkTree(t, dir, nil)
+}
+
 func TestQemuImgBadArguments(t *testing.T) {
 	q := fakeQemuImg(t, `echo "must not run" >&2; exit 1`)
 	dir := t.TempDir()
