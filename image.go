@@ -195,3 +195,34 @@ func checkDir(dir string) error {
 	}
 	return nil
 }
+
+// writeFileAtomic creates a temporary file beside path (mode 0600), has
+// write fill it, syncs it and renames it to path; on any failure it
+// removes the temporary file.
+func writeFileAtomic(path string, write func(f *os.File) error) error {
+	if path == "" {
+		return errors.New("output path not given")
+	}
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		return errors.New("output path is a directory")
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	err = write(f)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+	}
+	return err
+}

@@ -44,6 +44,18 @@ func TestCreateCloudInitISO(t *testing.T) {
 	if err := CreateCloudInitISO(context.Background(), scratch, iso, testUserData, testMetaData); err != nil {
 		t.Fatal(err)
 	}
+	checkSeed(t, iso, "config-2", map[string][]byte{
+		"openstack/latest/meta_data.json": testMetaData,
+		"openstack/latest/user_data":      testUserData,
+	})
+	checkTree(t, scratch, nil)
+	checkTree(t, outDir, []string{"seed.iso"})
+}
+
+// checkSeed reads the image at iso back: its label, the files of both its
+// trees, and its mode.
+func checkSeed(t *testing.T, iso, label string, want map[string][]byte) {
+	t.Helper()
 	img, err := os.ReadFile(iso)
 	if err != nil {
 		t.Fatal(err)
@@ -52,20 +64,14 @@ func TestCreateCloudInitISO(t *testing.T) {
 	if err != nil {
 		t.Fatalf("read back %s: %v", iso, err)
 	}
-	if got.label != "config-2" || got.jolietLabel != "config-2" {
-		t.Errorf("volume labels %q and %q, want config-2", got.label, got.jolietLabel)
-	}
-	want := map[string][]byte{
-		"openstack/latest/meta_data.json": testMetaData,
-		"openstack/latest/user_data":      testUserData,
+	if got.label != label || got.jolietLabel != label {
+		t.Errorf("volume labels %q and %q, want %s", got.label, got.jolietLabel, label)
 	}
 	checkFiles(t, "Rock Ridge", got.rockRidge, want)
 	checkFiles(t, "Joliet", got.joliet, want)
 	if fi, err := os.Stat(iso); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("stat %s = %v, %v; want mode 0600", iso, fi, err)
 	}
-	checkTree(t, scratch, nil)
-	checkTree(t, outDir, []string{"seed.iso"})
 }
 
 func TestCreateNoCloudISO(t *testing.T) {
@@ -93,22 +99,7 @@ func TestCreateNoCloudISO(t *testing.T) {
 			if err := CreateNoCloudISO(context.Background(), iso, tc.seed); err != nil {
 				t.Fatal(err)
 			}
-			img, err := os.ReadFile(iso)
-			if err != nil {
-				t.Fatal(err)
-			}
-			got, err := readISO(img)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if got.label != "cidata" || got.jolietLabel != "cidata" {
-				t.Errorf("volume labels %q and %q, want cidata", got.label, got.jolietLabel)
-			}
-			checkFiles(t, "Rock Ridge", got.rockRidge, tc.want)
-			checkFiles(t, "Joliet", got.joliet, tc.want)
-			if fi, err := os.Stat(iso); err != nil || fi.Mode().Perm() != 0o600 {
-				t.Errorf("stat %s = %v, %v; want mode 0600", iso, fi, err)
-			}
+			checkSeed(t, iso, "cidata", tc.want)
 			checkTree(t, dir, []string{"cidata.iso"})
 
 			// The builder with a fixed time: the same bytes every time.
@@ -280,6 +271,10 @@ func TestCloudInitISOInGuest(t *testing.T) {
 		"a/b/c/d/e/f/g/deepest-file":                                      []byte("eight levels"),
 		"Big.Bin":                                                         bytes.Repeat([]byte("0123456789abcdef"), 10000),
 	}}
+	// Enough long names that their directory's records take two blocks.
+	for i := 0; i < 30; i++ {
+		names.files[fmt.Sprintf("Many/File Number %02d With A Long Name.Data", i)] = []byte(strconv.Itoa(i))
+	}
 	names.make = func(p string) error {
 		im := &ISOImage{Label: names.label}
 		for _, n := range sortedKeys(names.files) {

@@ -88,12 +88,7 @@ func allDirs(files map[string][]byte, dirs []string) []string {
 		set[d] = true
 		add(d)
 	}
-	var out []string
-	for d := range set {
-		out = append(out, d)
-	}
-	sort.Strings(out)
-	return out
+	return sortedSet(set)
 }
 
 func TestISOImageReadBack(t *testing.T) {
@@ -516,12 +511,21 @@ func latin1(s string) string {
 // depths within the limits), writes it, and reads it back: both trees must
 // hold exactly what was added, and the path tables must match them.
 func FuzzISOImage(f *testing.F) {
+	f.Add([]byte{})
 	f.Add([]byte("a"))
 	f.Add([]byte("\x05Hello\x10\x03World\x82"))
 	f.Add([]byte("\xff\xfe\xfd\x00\x01\x02 deep deep deep deep deep deep deep deep"))
 	f.Add(bytes.Repeat([]byte("Same name, other case. "), 20))
-	alphabet := []rune("abcXYZ09 ._-~éüß日本Ω")
-	f.Fuzz(func(t *testing.T, in []byte) {
+	f.Fuzz(checkISOTreeFrom)
+}
+
+// isoFuzzAlphabet is what FuzzISOImage makes names of.
+var isoFuzzAlphabet = []rune("abcXYZ09 ._-~éüß日本Ω")
+
+// checkISOTreeFrom is FuzzISOImage's body.
+func checkISOTreeFrom(t *testing.T, in []byte) {
+	alphabet := isoFuzzAlphabet
+	{
 		next := func() int {
 			if len(in) == 0 {
 				return 0
@@ -587,7 +591,7 @@ func FuzzISOImage(f *testing.F) {
 			strings.Join(got.jolietDirs, "\n") != strings.Join(want, "\n") {
 			t.Errorf("directories %q and %q, want %q", got.rockRidgeDirs, got.jolietDirs, want)
 		}
-	})
+	}
 }
 
 // An ISO 9660 reader, to check what ISOImage writes without trusting
