@@ -86,8 +86,8 @@ const (
 // An ISOImage is not safe for concurrent use.
 type ISOImage struct {
 	// Label is the volume identifier, at most MaxISOLabelLen printable
-	// ASCII characters. The Joliet volume descriptor holds its first 16.
-	// cloud-init finds its seed by it.
+	// ASCII characters (Write refuses others). The Joliet volume
+	// descriptor holds its first 16. cloud-init finds its seed by it.
 	Label string
 	// ModTime is the time recorded for the volume and every entry. The
 	// zero value means the time Write is called.

@@ -21,8 +21,11 @@ import (
 // the error wraps ctx.Err(). Create and Convert write their output under a
 // temporary name beside it and rename it into place only when qemu-img
 // succeeds, so a failed or cancelled call leaves no partial image (and an
-// existing file at that path untouched); the new image has mode 0600. A
-// failure's error carries qemu-img's own message.
+// existing file at that path untouched); the new image has mode 0600.
+// Resize and Commit change images in place, as qemu-img does: a Commit
+// stopped half-way leaves the overlay whole and part of its data already
+// copied into the backing file. A failure's error carries qemu-img's own
+// message.
 type QemuImg struct {
 	// Path is the qemu-img executable; "" means qemu-img from PATH.
 	Path string
