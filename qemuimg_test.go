@@ -3,6 +3,7 @@ package qemu
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"math/rand/v2"
 	"os"
@@ -338,6 +339,72 @@ func TestQemuImgRealErrors(t *testing.T) {
 		t.Errorf("after the shrink: %v, %v", fi, err)
 	}
 	checkTree(t, dir, []string{"disk.raw"})
+}
+
+// TestQemuImgRealCheck damages the refcounts of fresh qcow2 images by hand
+// (qcow2's header gives the refcount table at byte 48; in a 1 MiB image
+// clusters 0 to 3 are the header, the refcount table, the refcount block
+// and the L1 table): a used cluster with no reference count is a
+// corruption, an unused one with a count a leak.
+func TestQemuImgRealCheck(t *testing.T) {
+	q := requireQemuImg(t)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name               string
+		cluster, refcount  int
+		grow               int64
+		corruptions, leaks int64
+	}{
+		{"clean", -1, 0, 0, 0, 0},
+		{"corruption", 3, 0, 0, 1, 0},
+		{"leak", 4, 1, 6 << 16, 0, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := filepath.Join(t.TempDir(), "disk.qcow2")
+			if err := q.Create(ctx, img, CreateImageOptions{Size: 1 << 20}); err != nil {
+				t.Fatal(err)
+			}
+			if tc.cluster >= 0 {
+				setQcow2Refcount(t, img, tc.cluster, tc.refcount, tc.grow)
+			}
+			c, err := q.Check(ctx, img)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Corruptions != tc.corruptions || c.Leaks != tc.leaks || c.CheckErrors != 0 || c.Clean() != (tc.cluster < 0) || c.Format != "qcow2" {
+				t.Errorf("check: %+v, want %d corruptions and %d leaks", c, tc.corruptions, tc.leaks)
+			}
+		})
+	}
+}
+
+// setQcow2Refcount sets the 16-bit refcount of a cluster of the qcow2
+// image at path, after growing the file to grow bytes (if more than 0) so
+// that the cluster is inside it.
+func setQcow2Refcount(t *testing.T, path string, cluster, refcount int, grow int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if grow > 0 {
+		if err := f.Truncate(grow); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b := make([]byte, 8)
+	if _, err := f.ReadAt(b, 48); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.ReadAt(b, int64(binary.BigEndian.Uint64(b))); err != nil { // the refcount table
+		t.Fatal(err)
+	}
+	block := int64(binary.BigEndian.Uint64(b))
+	binary.BigEndian.PutUint16(b, uint16(refcount))
+	if _, err := f.WriteAt(b[:2], block+2*int64(cluster)); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestQemuImgInGuest puts an overlay on a base image, boots the test guest
