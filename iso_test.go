@@ -235,6 +235,20 @@ func TestISOImageLimits(t *testing.T) {
 			t.Errorf("labels %q and %q, want 32 and 16 L", got.label, got.jolietLabel)
 		}
 	})
+	t.Run("directories", func(t *testing.T) {
+		im := &ISOImage{}
+		for i := 0; i < MaxISODirs-1; i++ { // the root is one
+			if err := im.AddDir(strconv.Itoa(i)); err != nil {
+				t.Fatalf("directory %d: %v", i+2, err)
+			}
+		}
+		if err := im.AddFile("one/more/file", nil); err == nil || !strings.Contains(err.Error(), "more than 65535 directories") {
+			t.Errorf("one more directory: %v", err)
+		}
+		if err := im.AddFile("0/file", nil); err != nil {
+			t.Errorf("a file in an existing directory: %v", err)
+		}
+	})
 	for _, label := range []string{strings.Repeat("L", MaxISOLabelLen+1), "tab\there", "é"} {
 		err := (&ISOImage{Label: label}).Write(context.Background(), io.Discard)
 		if err == nil || !strings.Contains(err.Error(), "label") {
