@@ -25,7 +25,10 @@ GO ?= go
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 # What the guest build and the tests need from Debian. The guest build
-# fetches its own kernel and busybox-static with apt-get download.
+# fetches its own kernel and busybox-static with apt-get download. The
+# package itself needs none of xorriso and genisoimage (it writes ISO 9660
+# images in Go): the tests use xorriso and isoinfo (from genisoimage) as
+# independent readers of what it writes. qemu-utils is qemu-img.
 PACKAGES := qemu-system-x86 qemu-utils busybox-static xorriso genisoimage cpio xz-utils
 
 GUEST_OUT := testdata/guest/out

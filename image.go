@@ -1,15 +1,12 @@
 package qemu
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"time"
 )
 
@@ -23,48 +20,31 @@ const (
 	configDriveUserData = "openstack/latest/user_data"
 )
 
-// isoTool is a program that can build an ISO 9660 image from a directory.
-type isoTool struct {
-	name string // executable looked up in PATH
-	pkg  string // Debian package that provides it
-	args func(out, label, root string) []string
-}
-
-// isoTools lists the tools CreateCloudInitISO tries, best first. Both write
-// Rock Ridge (-R) and Joliet (-J) names: plain ISO 9660 would turn
-// meta_data.json into META_DAT.JSO, which cloud-init cannot find.
-var isoTools = []isoTool{
-	{name: "xorriso", pkg: "xorriso", args: func(out, label, root string) []string {
-		return []string{"-as", "mkisofs", "-quiet", "-o", out, "-V", label, "-R", "-J", root}
-	}},
-	{name: "genisoimage", pkg: "genisoimage", args: func(out, label, root string) []string {
-		// Without -input-charset, genisoimage guesses it from the locale
-		// and says so on stderr.
-		return []string{"-quiet", "-o", out, "-V", label, "-R", "-J", "-input-charset", "utf-8", root}
-	}},
-}
-
-// isoToolWaitDelay bounds how long CreateCloudInitISO waits for a killed
-// tool's stderr to close, in case something it started still holds it.
-const isoToolWaitDelay = 2 * time.Second
-
-// maxToolOutput caps how much of a failed tool's stderr goes into the error.
-const maxToolOutput = 4 << 10
+// Files of a NoCloud seed, at the root of a volume labelled cidata.
+const (
+	noCloudLabel         = "cidata"
+	noCloudUserData      = "user-data"
+	noCloudMetaData      = "meta-data"
+	noCloudNetworkConfig = "network-config"
+	noCloudVendorData    = "vendor-data"
+)
 
 // CreateCloudInitISO writes to isoPath an OpenStack ConfigDrive ISO for
 // cloud-init: an ISO 9660 image labelled config-2 that holds metaData as
 // openstack/latest/meta_data.json and userData as openstack/latest/user_data.
 //
-// It builds the image with xorriso, or with genisoimage when xorriso is not
-// installed, from a temporary tree it creates under scratchDir and removes
-// before returning, whether it succeeds or not. The image is written under a
-// temporary name in isoPath's directory and renamed to isoPath only once it
-// is complete, so a failed or cancelled call never leaves a partial isoPath,
-// and an existing isoPath is replaced atomically. The new file has mode 0600,
-// since user data often carries secrets.
+// It writes the image itself (see ISOImage: Rock Ridge and Joliet names,
+// so the long lower-case names reach the guest), with no external tool.
+// scratchDir must be an existing directory, as it had to be when the image
+// was built from a tree laid out there; nothing is written in it now. The
+// image is written under a temporary name in isoPath's directory and
+// renamed to isoPath only once it is complete, so a failed or cancelled
+// call never leaves a partial isoPath, and an existing isoPath is replaced
+// atomically. The new file has mode 0600, since user data often carries
+// secrets.
 //
-// scratchDir and isoPath's directory must exist, and metaData must be valid
-// JSON. If ctx ends first, the tool is killed and the error wraps ctx.Err().
+// isoPath's directory must exist, and metaData must be valid JSON. If ctx
+// ends first, the error wraps ctx.Err().
 //
 // A typical use attaches the result to a VM as a read-only disk:
 //
@@ -87,34 +67,98 @@ func CreateCloudInitISO(ctx context.Context, scratchDir, isoPath string, userDat
 	if !json.Valid(metaData) {
 		return fmt.Errorf("qemu: cloud-init iso %s: meta data is not valid JSON", isoPath)
 	}
-	bin, tool, err := findISOTool()
-	if err != nil {
-		return err
+	im := &ISOImage{Label: configDriveLabel}
+	for _, f := range []struct {
+		name string
+		data []byte
+	}{{configDriveMetaData, metaData}, {configDriveUserData, userData}} {
+		if err := im.AddFile(f.name, f.data); err != nil {
+			return fmt.Errorf("qemu: cloud-init iso %s: %w", isoPath, err)
+		}
 	}
+	return writeSeed(ctx, "cloud-init iso", isoPath, im)
+}
 
-	tmpDir, err := os.MkdirTemp(scratchDir, "cloud-init-")
-	if err != nil {
-		return fmt.Errorf("qemu: cloud-init iso %s: %w", isoPath, err)
-	}
-	defer os.RemoveAll(tmpDir)
-	root, err := writeConfigDrive(tmpDir, userData, metaData)
-	if err != nil {
-		return fmt.Errorf("qemu: cloud-init iso %s: %w", isoPath, err)
-	}
+// NoCloudSeed is what cloud-init's NoCloud datasource reads from a volume
+// labelled cidata: files user-data and meta-data, always present (cloud-init
+// wants both, empty or not), and network-config and vendor-data when they
+// are not nil. meta-data is YAML (JSON is YAML too) and usually names the
+// instance-id; user-data is a #cloud-config document or a script.
+type NoCloudSeed struct {
+	UserData      []byte
+	MetaData      []byte
+	NetworkConfig []byte
+	VendorData    []byte
+}
 
-	out, err := os.CreateTemp(filepath.Dir(isoPath), "."+filepath.Base(isoPath)+".tmp*")
+// ISO returns the seed as an ISOImage labelled cidata, to be written by
+// its Write or WriteFile (with a fixed ModTime, for the same bytes from the
+// same seed every time). The image refers to the seed's slices, which must
+// not change until it is written.
+func (s NoCloudSeed) ISO() (*ISOImage, error) {
+	im := &ISOImage{Label: noCloudLabel}
+	for _, f := range []struct {
+		name string
+		data []byte
+		keep bool
+	}{
+		{noCloudUserData, s.UserData, true},
+		{noCloudMetaData, s.MetaData, true},
+		{noCloudNetworkConfig, s.NetworkConfig, s.NetworkConfig != nil},
+		{noCloudVendorData, s.VendorData, s.VendorData != nil},
+	} {
+		if !f.keep {
+			continue
+		}
+		if err := im.AddFile(f.name, f.data); err != nil {
+			return nil, err
+		}
+	}
+	return im, nil
+}
+
+// CreateNoCloudISO writes seed to isoPath as an ISO 9660 image for
+// cloud-init's NoCloud datasource (see NoCloudSeed), with no external
+// tool. Like CreateCloudInitISO, it writes under a temporary name in
+// isoPath's directory and renames the complete image to isoPath, which
+// gets mode 0600; a failed or cancelled call leaves no partial image and
+// an existing isoPath untouched. If ctx ends first, the error wraps
+// ctx.Err().
+//
+// Attach the result to the VM as a read-only disk or CD-ROM:
+//
+//	seed := qemu.NoCloudSeed{
+//		MetaData: []byte("instance-id: vm-1\nlocal-hostname: vm-1\n"),
+//		UserData: []byte("#cloud-config\npassword: secret\nchpasswd: {expire: false}\n"),
+//	}
+//	if err := qemu.CreateNoCloudISO(ctx, "/var/lib/vms/vm-1-cidata.iso", seed); err != nil {
+//		return err
+//	}
+//	params = append(params, "-drive", "file=/var/lib/vms/vm-1-cidata.iso,if=virtio,format=raw,readonly=on")
+func CreateNoCloudISO(ctx context.Context, isoPath string, seed NoCloudSeed) error {
+	if isoPath == "" {
+		return errors.New("qemu: nocloud iso: output path not given")
+	}
+	if err := checkDir(filepath.Dir(isoPath)); err != nil {
+		return fmt.Errorf("qemu: nocloud iso %s: output directory: %w", isoPath, err)
+	}
+	im, err := seed.ISO()
 	if err != nil {
-		return fmt.Errorf("qemu: cloud-init iso %s: %w", isoPath, err)
+		return fmt.Errorf("qemu: nocloud iso %s: %w", isoPath, err)
 	}
-	tmpISO := out.Name()
-	out.Close()
-	if err := buildISO(ctx, bin, tool, tmpISO, root); err != nil {
-		os.Remove(tmpISO)
-		return fmt.Errorf("qemu: cloud-init iso %s: %w", isoPath, err)
+	return writeSeed(ctx, "nocloud iso", isoPath, im)
+}
+
+// writeSeed writes a seed image atomically, stamped with the current
+// second.
+func writeSeed(ctx context.Context, what, isoPath string, im *ISOImage) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("qemu: %s %s: %w", what, isoPath, err)
 	}
-	if err := commitFile(tmpISO, isoPath); err != nil {
-		os.Remove(tmpISO)
-		return fmt.Errorf("qemu: cloud-init iso %s: %w", isoPath, err)
+	im.ModTime = time.Now().Truncate(time.Second)
+	err := writeFileAtomic(isoPath, func(f *os.File) error { return im.write(ctx, f) })
+	if err != nil {
+		return fmt.Errorf("qemu: %s %s: %w", what, isoPath, err)
 	}
 	return nil
 }
@@ -152,80 +196,33 @@ func checkDir(dir string) error {
 	return nil
 }
 
-// findISOTool returns the path of the first of isoTools found in PATH.
-func findISOTool() (string, isoTool, error) {
-	var firstErr error
-	var names []string
-	for _, tool := range isoTools {
-		bin, err := exec.LookPath(tool.name)
-		if err == nil {
-			return bin, tool, nil
-		}
-		if firstErr == nil {
-			firstErr = err
-		}
-		names = append(names, fmt.Sprintf("%s (Debian package %s)", tool.name, tool.pkg))
+// writeFileAtomic creates a temporary file beside path (mode 0600), has
+// write fill it, syncs it and renames it to path; on any failure it
+// removes the temporary file.
+func writeFileAtomic(path string, write func(f *os.File) error) error {
+	if path == "" {
+		return errors.New("output path not given")
 	}
-	return "", isoTool{}, fmt.Errorf("qemu: cloud-init iso: no ISO tool found, install %s: %w",
-		strings.Join(names, " or "), firstErr)
-}
-
-// writeConfigDrive lays out the ConfigDrive files under dir and returns the
-// root of the tree. dir itself stays private to the caller (MkdirTemp makes
-// it 0700); the tree inside is world-readable because Rock Ridge records its
-// modes in the image, where a guest's cloud-init must be able to read them.
-func writeConfigDrive(dir string, userData, metaData []byte) (string, error) {
-	root := filepath.Join(dir, "drive")
-	latest := filepath.Join(root, filepath.FromSlash(filepath.Dir(configDriveMetaData)))
-	if err := os.MkdirAll(latest, 0o755); err != nil {
-		return "", err
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		return errors.New("output path is a directory")
 	}
-	files := []struct {
-		name string
-		data []byte
-	}{{configDriveMetaData, metaData}, {configDriveUserData, userData}}
-	for _, f := range files {
-		if err := os.WriteFile(filepath.Join(root, filepath.FromSlash(f.name)), f.data, 0o644); err != nil {
-			return "", err
-		}
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
 	}
-	return root, nil
-}
-
-// buildISO runs tool to write the image of root to out.
-func buildISO(ctx context.Context, bin string, tool isoTool, out, root string) error {
-	cmd := exec.CommandContext(ctx, bin, tool.args(out, configDriveLabel, root)...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	cmd.WaitDelay = isoToolWaitDelay
-	err := cmd.Run()
+	tmp := f.Name()
+	err = write(f)
 	if err == nil {
-		return nil
+		err = f.Sync()
 	}
-	if ctxErr := ctx.Err(); ctxErr != nil {
-		return fmt.Errorf("%s stopped: %w", tool.name, ctxErr)
+	if cerr := f.Close(); err == nil {
+		err = cerr
 	}
-	msg := strings.TrimSpace(stderr.String())
-	if len(msg) > maxToolOutput {
-		msg = "..." + msg[len(msg)-maxToolOutput:]
+	if err == nil {
+		err = os.Rename(tmp, path)
 	}
-	if msg == "" {
-		return fmt.Errorf("%s: %w", tool.name, err)
-	}
-	return fmt.Errorf("%s: %w: %s", tool.name, err, msg)
-}
-
-// commitFile flushes tmp to disk and renames it to path, so that path holds
-// either its old content or the complete new one, even after a crash.
-func commitFile(tmp, path string) error {
-	f, err := os.Open(tmp)
 	if err != nil {
-		return err
+		os.Remove(tmp)
 	}
-	err = f.Sync()
-	f.Close()
-	if err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return err
 }
