@@ -7,8 +7,9 @@
 #               against Debian's QEMU 7.2 and again against QEMU 10.0
 #
 # Smaller steps: make deps, make guest, make qemu10, make clean.
-# make schema records the QAPI schemas of QEMU 7.2 and 10.0 into
-# testdata/qapi, which the unit tests check every typed command against.
+# make schema records the QAPI schemas of QEMU 7.2 and 10.0 (and of their
+# guest agents) into testdata/qapi, which the unit tests check every typed
+# command against.
 # make bench runs the benchmarks of the README's Performance section against
 # Debian's QEMU 7.2 (ten runs, about 4 minutes) into bench.txt and
 # summarises them with benchstat, fetched from the Go module proxy as a tool
@@ -89,9 +90,22 @@ test: deps guest qemu10
 
 # The QAPI schemas the typed commands are checked against: query-qmp-schema
 # of each QEMU, one entity a line, sorted, gzipped, in testdata/qapi.
+# qemu-ga has no introspection: its schema is converted from the
+# qga/qapi-schema.json of Debian's source tarballs of the same two QEMUs.
+QGA_SOURCES := 7.2=qemu_7.2+dfsg.orig.tar.xz 10.0=qemu_10.0.2+ds.orig.tar.xz
+QGA_POOL := http://deb.debian.org/debian/pool/main/q/qemu
+
 schema: deps qemu10
 	$(QEMU72_ENV) $(GO) test -count=1 -run '^TestRecordSchema$$' -record-schema -v . | grep wrote
 	$(QEMU10_ENV) $(GO) test -count=1 -run '^TestRecordSchema$$' -record-schema -v . | grep wrote
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	for s in $(QGA_SOURCES); do \
+		curl -fsS -o "$$tmp/src.tar.xz" "$(QGA_POOL)/$${s#*=}"; \
+		tar -xJf "$$tmp/src.tar.xz" -C "$$tmp" --wildcards '*/qga/qapi-schema.json'; \
+		$(GO) test -count=1 -run '^TestRecordAgentSchema$$' -v . \
+			-record-qga-schema="$$(echo "$$tmp"/*/qga/qapi-schema.json)" -qga-version=$${s%%=*} | grep wrote; \
+		rm -rf "$$tmp"/*; \
+	done
 
 bench: deps
 	$(QEMU72_ENV) $(GO) test -run '^$$' -bench . -benchmem -count=10 -timeout 60m . | tee bench.txt
