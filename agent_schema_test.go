@@ -383,4 +383,3 @@ func TestAgentSchemaCheckRefuses(t *testing.T) {
 		}
 	}
 }
-
