@@ -671,7 +671,7 @@ func TestInstanceRealQEMUStartContextEndsWithStart(t *testing.T) {
 // startGuestInstance boots the test guest as an Instance with its console
 // on InstanceOptions.Console (ConsoleSerial unless opts says otherwise)
 // and returns once the guest is ready; cleanup closes it.
-func startGuestInstance(t *testing.T, kernelParams string, opts InstanceOptions, extra ...string) *Instance {
+func startGuestInstance(t testing.TB, kernelParams string, opts InstanceOptions, extra ...string) *Instance {
 	t.Helper()
 	inst := startGuest(t, kernelParams, opts, extra...)
 	ctx := ctxTimeout(t, 2*time.Minute)
@@ -683,7 +683,7 @@ func startGuestInstance(t *testing.T, kernelParams string, opts InstanceOptions,
 
 // startGuest starts the test guest as an Instance with its console, and
 // returns at once.
-func startGuest(t *testing.T, kernelParams string, opts InstanceOptions, extra ...string) *Instance {
+func startGuest(t testing.TB, kernelParams string, opts InstanceOptions, extra ...string) *Instance {
 	t.Helper()
 	kernel, initrd := requireGuest(t)
 	_, firmware := requireQEMU(t)
