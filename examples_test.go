@@ -603,6 +603,34 @@ func ExampleSerialConsole() {
 	// kernel=Linux
 }
 
+// ExampleGuestAgent runs a command in the test guest through its guest
+// agent, on a channel the Instance adds (InstanceOptions.GuestAgent). The
+// first call waits for the agent to start in the booting guest: QEMU keeps
+// the command until the guest opens its port.
+func ExampleGuestAgent() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	inst, err := StartInstance(ctx, exampleGuest(), InstanceOptions{GuestAgent: true})
+	if err != nil {
+		panic(err)
+	}
+	defer inst.Close()
+	agent := inst.GuestAgent()
+	r, err := agent.Exec(ctx, GuestCommand{Path: "/bin/sh", Args: []string{"-c", "uname -s; exit 3"}})
+	if err != nil {
+		panic(err)
+	}
+	fmt.Printf("exit status %d, output %q\n", r.ExitCode, r.Stdout)
+	host, err := agent.HostName(ctx)
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println("host name:", host)
+	// Output:
+	// exit status 3, output "Linux\n"
+	// host name: testguest
+}
+
 // exampleGuest is the test guest's Config of ExampleInstance, with a root
 // port for hot-plug.
 func exampleGuest() Config {
