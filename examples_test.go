@@ -189,6 +189,7 @@ func sessionGoroutines() string {
 		if strings.Contains(g, "qemu.(*QMP).") || strings.Contains(g, "qemu.(*Instance).") ||
 			strings.Contains(g, "qemu.(*outputSink).") ||
 			strings.Contains(g, "qemu.(*SerialConsole).") || strings.Contains(g, "qemu.(*session).") ||
+			strings.Contains(g, "qemu.(*GuestAgent).") ||
 			strings.Contains(g, "qemu.forwardEvents") {
 			out.WriteString(g + "\n\n")
 		}
