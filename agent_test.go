@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -401,6 +402,36 @@ func TestGuestAgentFaultsRealGuest(t *testing.T) {
 	r, err := a.Exec(ctx, GuestCommand{Path: "/bin/echo", Args: []string{"own reply"}})
 	if err != nil || string(r.Stdout) != "own reply\n" {
 		t.Errorf("exec after the agent came back: %q, %v", r.Stdout, err)
+	}
+
+	// A copy whose context ends half-way stops there, and the session
+	// goes on.
+	fctx, fcancel := context.WithTimeout(ctx, time.Second)
+	defer fcancel()
+	f, err := a.OpenFile(fctx, "/tmp/cut-short", "w")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := io.Copy(f, io.LimitReader(rand.NewChaCha8([32]byte{}), 64<<20)); !errors.Is(err, context.DeadlineExceeded) || n >= 64<<20 {
+		t.Errorf("copy with a 1 s context: %d bytes, %v; want it cut short by the context", n, err)
+	}
+	if err := a.Ping(ctx); err != nil {
+		t.Errorf("ping after a copy cut short: %v", err)
+	}
+
+	// QEMU dies under an Exec: the call fails at once with the channel's
+	// end, not with its context.
+	go func() {
+		_, err := a.Exec(ctx, GuestCommand{Path: "/bin/sleep", Args: []string{"60"}})
+		execDone <- err
+	}()
+	time.Sleep(300 * time.Millisecond)
+	syscall.Kill(inst.Pid(), syscall.SIGKILL)
+	if err := <-execDone; !errors.Is(err, ErrDisconnected) {
+		t.Errorf("Exec as QEMU dies: %v, want ErrDisconnected", err)
+	}
+	if err := a.Ping(ctx); !errors.Is(err, ErrDisconnected) {
+		t.Errorf("ping after QEMU died: %v", err)
 	}
 }
 
