@@ -84,7 +84,8 @@ func OpenGuestAgent(ctx context.Context, socket string, cfg GuestAgentConfig) (*
 // then on.
 func newGuestAgent(conn net.Conn, cfg GuestAgentConfig) *GuestAgent {
 	a := &GuestAgent{qmp: cfg.QMP}
-	// The buffer holds a file chunk's reply (agentChunk, base64) whole.
+	// A file chunk's reply (agentChunk, base64: 1.4 MB) is read 64 KiB
+	// a read.
 	a.s = newSession(conn, bufio.NewReaderSize(conn, 64<<10), protocol{
 		name:   "qga",
 		decode: decodeAgentLine,
@@ -201,15 +202,31 @@ func (a *GuestAgent) execute(ctx context.Context, name string, args, result inte
 	return nil
 }
 
-// call is run for a typed command, which the agent must offer.
+// call is run for a typed command, which the agent must offer. A command
+// the agent has disabled since guest-info said otherwise (a frozen agent
+// disables all but the freeze status and thaw) comes back as
+// CommandNotFound: that too is ErrAgentCommandUnavailable, and the list is
+// asked for again next time.
 func (a *GuestAgent) call(ctx context.Context, name, about string, args, result interface{}) error {
-	if err := a.offers(ctx, name); err != nil {
-		if about != "" {
-			name += " " + about
-		}
-		return fmt.Errorf("qga: %s: %w", name, err)
+	label := name
+	if about != "" {
+		label += " " + about
 	}
-	return a.run(ctx, name, about, args, result)
+	if err := a.offers(ctx, name); err != nil {
+		return fmt.Errorf("qga: %s: %w", label, err)
+	}
+	err := a.execute(ctx, name, args, result)
+	var qerr *QMPError
+	if errors.As(err, &qerr) && qerr.Class == "CommandNotFound" {
+		a.mu.Lock()
+		a.commands = nil
+		a.mu.Unlock()
+		return fmt.Errorf("qga: %s: %w: %w", label, ErrAgentCommandUnavailable, err)
+	}
+	if err != nil {
+		return fmt.Errorf("qga: %s: %w", label, err)
+	}
+	return nil
 }
 
 // callFor is call for a command whose reply decodes into a T.
@@ -409,11 +426,13 @@ func (a *GuestAgent) FSFreezeStatus(ctx context.Context) (string, error) {
 
 // FSFreeze syncs and freezes the guest's local file systems, or only those
 // mounted at mountpoints (guest-fsfreeze-freeze-list), and returns how
-// many it froze. Writes in the guest then block until FSThaw. When the
-// freeze fails (an error reply, or ctx ending before the reply, when the
-// agent may still freeze), FSFreeze thaws, so that a freeze the caller
-// began never outlives its failure; the thaw has agentThawTimeout of its
-// own.
+// many it froze. Writes in the guest then block until FSThaw. When ctx
+// ends after the command was written and before its reply, the agent may
+// still freeze: FSFreeze then thaws, with agentCleanupTimeout of its own,
+// so that a freeze the caller began never outlives its failure. An error
+// reply needs no thaw (the agent thaws what it froze before it fails), and
+// must get none: a frozen agent refuses a second freeze, and a thaw then
+// would undo the first caller's.
 func (a *GuestAgent) FSFreeze(ctx context.Context, mountpoints ...string) (int, error) {
 	name, args := "guest-fsfreeze-freeze", interface{}(nil)
 	if len(mountpoints) > 0 {
@@ -421,14 +440,12 @@ func (a *GuestAgent) FSFreeze(ctx context.Context, mountpoints ...string) (int, 
 			Mountpoints []string `json:"mountpoints"`
 		}{mountpoints}
 	}
-	if err := a.offers(ctx, name); err != nil {
-		return 0, fmt.Errorf("qga: %s: %w", name, err)
+	n, err := callFor[int](ctx, a, name, "", args)
+	var unanswered *unansweredError
+	if err == nil || !errors.As(err, &unanswered) {
+		return n, err
 	}
-	n, err := runForAgent[int](ctx, a, name, args)
-	if err == nil {
-		return n, nil
-	}
-	tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), agentThawTimeout)
+	tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), agentCleanupTimeout)
 	defer cancel()
 	if _, terr := a.FSThaw(tctx); terr != nil {
 		return 0, fmt.Errorf("%w; and the thaw after it: %w", err, terr)
@@ -436,17 +453,9 @@ func (a *GuestAgent) FSFreeze(ctx context.Context, mountpoints ...string) (int, 
 	return 0, err
 }
 
-// agentThawTimeout bounds the thaw that FSFreeze runs when a freeze fails,
-// whose caller's context may be done already.
-const agentThawTimeout = 30 * time.Second
-
-// runForAgent is run for a command whose reply decodes into a T, with no
-// guest-info check.
-func runForAgent[T any](ctx context.Context, a *GuestAgent, name string, args interface{}) (T, error) {
-	var result T
-	err := a.run(ctx, name, "", args, &result)
-	return result, err
-}
+// agentCleanupTimeout bounds what is sent to undo or end something after
+// the caller's context is done: FSFreeze's thaw, GuestFile.Close.
+const agentCleanupTimeout = 30 * time.Second
 
 // FSThaw runs guest-fsfreeze-thaw and returns how many file systems it
 // thawed.
@@ -459,7 +468,8 @@ func (a *GuestAgent) FSThaw(ctx context.Context) (int, error) {
 // Shutdown returns nil when the channel closes after the command was
 // written (QEMU exited), or, with GuestAgentConfig.QMP (an Instance's
 // agent has it), on QEMU's SHUTDOWN event (RESET for "reboot"). An error
-// reply fails it at once.
+// reply fails it at once. A guest whose halt stops its CPUs without ACPI
+// tells QEMU nothing, so "halt" may complete only when ctx ends.
 func (a *GuestAgent) Shutdown(ctx context.Context, mode string) error {
 	if err := a.offers(ctx, "guest-shutdown"); err != nil {
 		return fmt.Errorf("qga: guest-shutdown: %w", err)

@@ -180,11 +180,21 @@ func (f *GuestFile) Flush() error {
 	return f.run("guest-file-flush", f.args(), nil)
 }
 
-// Close runs guest-file-close. Calls after the first return an error.
+// Close runs guest-file-close, so the agent lets go of its handle: when
+// OpenFile's context is done, with agentCleanupTimeout of its own. Calls
+// after the first return an error.
 func (f *GuestFile) Close() error {
-	err := f.run("guest-file-close", f.args(), nil)
+	if f.closed {
+		return f.run("guest-file-close", nil, nil)
+	}
+	ctx := f.ctx
+	if ctx.Err() != nil {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), agentCleanupTimeout)
+		defer cancel()
+	}
 	f.closed = true
-	return err
+	return f.a.call(ctx, "guest-file-close", f.path, f.args(), nil)
 }
 
 // String names the file: its guest path and agent handle.

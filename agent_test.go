@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -385,8 +386,8 @@ func TestGuestAgentFaultsRealGuest(t *testing.T) {
 		_, err := a.Exec(ectx, GuestCommand{Path: "/bin/sleep", Args: []string{"60"}})
 		execDone <- err
 	}()
-	time.Sleep(300 * time.Millisecond) // into the status loop
-	fmt.Fprintln(inst.Console(), "killall -9 qemu-ga; echo ans=killed")
+	// Once the command runs, Exec is in its status loop.
+	fmt.Fprintln(inst.Console(), "while ! pidof sleep >/dev/null; do sleep 0.1; done; killall -9 qemu-ga; echo ans=killed")
 	if _, err := inst.Console().WaitForRegexp(ctx, regexp.MustCompile(`^ans=killed`)); err != nil {
 		t.Fatal(err)
 	}
@@ -450,6 +451,8 @@ func agentPeer(t *testing.T) (*GuestAgent, *peer) {
 	if p == nil {
 		t.FailNow()
 	}
+	// A test whose client never sends what it waits for fails, not hangs.
+	p.conn.SetReadDeadline(time.Now().Add(30 * time.Second))
 	return a, p
 }
 
@@ -509,7 +512,7 @@ func TestGuestAgentSyncSkipsStaleOutput(t *testing.T) {
 // with a new id, and the late reply never reaches it.
 func TestGuestAgentGiveUpResynchronises(t *testing.T) {
 	a, p := agentPeer(t)
-	short, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	short, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	errc := make(chan error, 1)
 	go func() { _, err := a.HostName(short); errc <- err }()
@@ -524,7 +527,8 @@ func TestGuestAgentGiveUpResynchronises(t *testing.T) {
 	if got := p.recv(); got != `{"execute":"guest-get-host-name"}` {
 		t.Fatalf("got %q", got)
 	}
-	if err := <-errc; !errors.Is(err, context.DeadlineExceeded) {
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
 		t.Fatalf("unanswered call: %v", err)
 	}
 	go func() { _, err := a.HostName(context.Background()); errc <- err }()
@@ -547,14 +551,105 @@ func TestGuestAgentGiveUpResynchronises(t *testing.T) {
 	}
 }
 
-// An agent that reads nothing: the write is bounded by the context too.
+// An agent that stops reading: the write is bounded by the context too.
+// Half a command is on the channel then, and the session goes on: the next
+// call's 0xFF makes the agent drop it.
 func TestGuestAgentWriteBoundedByContext(t *testing.T) {
-	a, _ := agentPeer(t) // whose peer never reads
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	a, p := agentPeer(t)
+	go func() {
+		id := syncID(t, p.recv())
+		p.send("\xff{\"return\": " + id + "}")
+		p.recv()
+		p.send(`{"return": {}}`)
+	}()
+	ctx := ctxTimeout(t, 5*time.Second)
+	if err := a.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Long enough for the race detector to encode the 8 MiB first: a
+	// context that ends before the write begins sends nothing.
+	short, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	err := a.Execute(ctx, "guest-file-write", map[string]interface{}{"handle": 1, "buf-b64": strings.Repeat("A", 8<<20)}, nil)
-	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("a write nobody reads: %v, want context.DeadlineExceeded", err)
+	err := a.Execute(short, "guest-file-write", map[string]interface{}{"handle": 1, "buf-b64": strings.Repeat("A", 8<<20)}, nil)
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "write:") {
+		t.Fatalf("a write nobody reads: %v, want a write error with context.DeadlineExceeded", err)
+	}
+	// The peer reads again: the half command, then on the same line the
+	// resync.
+	go func() {
+		line := p.recv()
+		i := strings.LastIndexByte(line, 0xff)
+		if i <= 0 {
+			panic(fmt.Sprintf("no half command before the resync: %.80q", line))
+		}
+		p.send("\xff{\"return\": " + syncID(t, line[i:]) + "}")
+		p.recv()
+		p.send(`{"return": {}}`)
+	}()
+	if err := a.Ping(ctx); err != nil {
+		t.Fatalf("ping after a write cut short: %v", err)
+	}
+}
+
+// FSFreeze thaws only a freeze whose fate it does not know: the context
+// ended after the command went out. A refused freeze (a frozen agent
+// disables guest-fsfreeze-freeze) gets no thaw, which would undo the
+// freeze already there.
+func TestGuestAgentFreezeThawsOnlyWhatItBegan(t *testing.T) {
+	a, p := agentPeer(t)
+	var sent []string
+	answers := make(chan string)
+	go func() {
+		for {
+			cmd := p.recv()
+			if cmd == "" {
+				close(answers)
+				return
+			}
+			sent = append(sent, cmd)
+			switch {
+			case syncLine(cmd) != "":
+				p.send("\xff{\"return\": " + syncLine(cmd) + "}")
+			case cmd == `{"execute":"guest-info"}`:
+				p.send(`{"return": {"version": "7.2.0", "supported_commands": [` +
+					`{"name": "guest-fsfreeze-freeze", "enabled": true, "success-response": true}, ` +
+					`{"name": "guest-fsfreeze-thaw", "enabled": true, "success-response": true}]}}`)
+			default:
+				answers <- cmd
+			}
+		}
+	}()
+	ctx := ctxTimeout(t, 5*time.Second)
+	errc := make(chan error, 1)
+	go func() { _, err := a.FSFreeze(ctx); errc <- err }()
+	<-answers // the freeze
+	p.send(`{"error": {"class": "CommandNotFound", "desc": "Command guest-fsfreeze-freeze has been disabled: the agent is in frozen state"}}`)
+	if err := <-errc; !errors.Is(err, ErrAgentCommandUnavailable) {
+		t.Errorf("refused freeze: %v, want ErrAgentCommandUnavailable", err)
+	}
+
+	short, cancel := context.WithCancel(ctx)
+	go func() { _, err := a.FSFreeze(short); errc <- err }()
+	<-answers // the freeze, unanswered
+	cancel()
+	if got := <-answers; got != `{"execute":"guest-fsfreeze-thaw"}` {
+		t.Errorf("after a freeze given up on: %q, want the thaw", got)
+	}
+	p.send(`{"return": 1}`)
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Errorf("freeze given up on: %v", err)
+	}
+	a.Close()
+	for range answers {
+	}
+	thaws := 0
+	for _, cmd := range sent {
+		if strings.Contains(cmd, "thaw") {
+			thaws++
+		}
+	}
+	if thaws != 1 {
+		t.Errorf("%d thaws sent, want 1: %q", thaws, sent)
 	}
 }
 
@@ -654,9 +749,11 @@ func TestGuestAgentParams(t *testing.T) {
 	}
 }
 
-// FuzzGuestAgentOutput feeds arbitrary agent output to a client: nothing
-// panics or hangs, and no output satisfies a call, since none can carry
-// the random id of the client's guest-sync-delimited.
+// FuzzGuestAgentOutput feeds arbitrary agent output to a client, as stale
+// output before a well-behaved agent's: nothing panics or hangs, none of
+// it satisfies a call (none can carry the id of the client's
+// guest-sync-delimited), and all of it is skipped, so that the ping that
+// follows gets the agent's reply.
 func FuzzGuestAgentOutput(f *testing.F) {
 	f.Add([]byte("\xff{\"return\": 1}\n{\"return\": {}}\n"))
 	f.Add([]byte("{\"error\": {\"class\": \"X\", \"desc\": \"y\"}}\n\xff\xff{"))
@@ -680,14 +777,32 @@ func FuzzGuestAgentOutput(f *testing.F) {
 		}
 		a := newGuestAgent(conn, GuestAgentConfig{})
 		defer a.Close()
-		go func() {
+		agent := func() {
 			theirs.Write(out)
-			io.Copy(io.Discard, theirs)
-		}()
+			r := bufio.NewReader(theirs)
+			for {
+				line, err := r.ReadString('\n')
+				if err != nil {
+					return
+				}
+				line = strings.TrimSuffix(line, "\n")
+				if id := syncLine(line); id != "" {
+					theirs.Write([]byte("\xff{\"return\": " + id + "}\n"))
+				} else if line == `{"execute":"guest-ping"}` {
+					theirs.Write([]byte(`{"return": {}}` + "\n"))
+				}
+			}
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 		defer cancel()
 		if err := a.Ping(ctx); err == nil {
 			t.Fatalf("a ping succeeded on output %q", out)
+		}
+		go agent()
+		ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := a.Ping(ctx); err != nil {
+			t.Fatalf("the ping after output %q: %v", out, err)
 		}
 	})
 }

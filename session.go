@@ -36,6 +36,13 @@ type lostReplyError struct{ err error }
 func (e *lostReplyError) Error() string { return "no reply: " + e.err.Error() }
 func (e *lostReplyError) Unwrap() error { return e.err }
 
+// unansweredError is the error of a command given up on, on a session with
+// resync, after it was written: the peer may still act on it.
+type unansweredError struct{ err error }
+
+func (e *unansweredError) Error() string { return "no reply before: " + e.err.Error() }
+func (e *unansweredError) Unwrap() error { return e.err }
+
 // lostToPeer reports whether err says that the peer closed the connection
 // after the command was written, as opposed to Shutdown, a context, an
 // error reply or a session that had ended before.
@@ -382,6 +389,7 @@ func (s *session) exchange(ctx context.Context, req request) (json.RawMessage, e
 		}
 		if s.proto.resync != nil {
 			s.withdraw(p, true)
+			return nil, &unansweredError{ctx.Err()}
 		}
 		return nil, ctx.Err()
 	}
@@ -419,6 +427,12 @@ func (s *session) send(ctx context.Context, req request) (*pending, error) {
 		err = ctx.Err()
 	}
 	err = fmt.Errorf("write: %w", err)
+	if n > 0 && s.proto.resync != nil {
+		// The resync's request starts with what resets the peer's
+		// parser (the guest agent's 0xFF), so the session goes on.
+		s.withdraw(p, true)
+		return nil, err
+	}
 	if n > 0 {
 		// Half a command leaves the peer's parser in an unknown state:
 		// the session cannot go on. The reader ends it and takes the
