@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -11,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
@@ -68,14 +68,24 @@ func TestRecordAgentSchema(t *testing.T) {
 // builtin, with members and arg-type as query-qmp-schema names them.
 // Conditions ('if') are ignored: every command of every build is kept.
 func qapiSourceEntities(src []byte) ([]map[string]interface{}, error) {
+	// QAPI strings have no escapes: a quote always opens or closes one.
 	var js bytes.Buffer
-	sc := bufio.NewScanner(bytes.NewReader(src))
-	for sc.Scan() {
-		line := sc.Text()
-		if i := strings.IndexByte(line, '#'); i >= 0 {
-			line = line[:i]
+	inString, comment := false, false
+	for _, b := range src {
+		switch {
+		case comment:
+			if b == '\n' {
+				comment = false
+				js.WriteByte(b)
+			}
+		case b == '\'':
+			inString = !inString
+			js.WriteByte('"')
+		case b == '#' && !inString:
+			comment = true
+		default:
+			js.WriteByte(b)
 		}
-		js.WriteString(strings.ReplaceAll(line, "'", `"`) + "\n")
 	}
 	c := &qapiConverter{types: map[string]map[string]interface{}{}}
 	for _, b := range []string{"str", "int", "bool", "number", "any", "null"} {
@@ -135,9 +145,11 @@ func (c *qapiConverter) expression(expr map[string]json.RawMessage) error {
 				if base, ok := expr["base"]; ok {
 					var b string
 					json.Unmarshal(base, &b)
-					if be, ok := c.types[b]; ok {
-						members = append(be["members"].([]interface{}), members...)
+					be, ok := c.types[b]
+					if !ok {
+						return fmt.Errorf("%s: base %s is not defined before it", name, b)
 					}
+					members = append(append([]interface{}{}, be["members"].([]interface{})...), members...)
 				}
 				c.add(map[string]interface{}{"name": name, "meta-type": "object", "members": members})
 			case "enum":
@@ -381,5 +393,71 @@ func TestAgentSchemaCheckRefuses(t *testing.T) {
 				t.Errorf("%s: %s accepted", version, bad)
 			}
 		}
+	}
+}
+
+// The converter reads what qga/qapi-schema.json uses: comments (and a '#'
+// inside a string), optional members, arrays, a struct base, enums of
+// strings and of objects, alternates, and commands with inline or named
+// arguments.
+func TestQAPISourceConversion(t *testing.T) {
+	src := []byte(`# a comment, with 'quotes'
+{ 'enum': 'Mode', 'data': [ 'a', { 'name': 'b', 'if': 'CONFIG_X' } ] }
+{ 'struct': 'Base', 'data': { 'id': 'int' } }
+{ 'struct': 'One', 'base': 'Base', 'data': { '*tag': 'str' } }
+{ 'struct': 'Two', 'base': 'Base', 'data': { 'list': ['Mode'] } } # trailing
+{ 'alternate': 'Either', 'data': { 'n': 'int', 'm': 'Mode' } }
+{ 'command': 'cmd-inline', 'data': { 'text': 'str', '*e': { 'type': 'Either' } } }
+{ 'command': 'cmd-named', 'data': 'One' }
+{ 'command': 'cmd-none', 'returns': 'int' }
+{ 'command': 'cmd-hash', 'data': { 'x': 'str' }, 'if': 'CONFIG_#X' }
+`)
+	entities, err := qapiSourceEntities(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	b.WriteString("[")
+	for i, e := range entities {
+		if i > 0 {
+			b.WriteString(",")
+		}
+		j, _ := json.Marshal(e)
+		b.Write(j)
+	}
+	b.WriteString("]")
+	dir := t.TempDir()
+	path := filepath.Join(dir, "s.json.gz")
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write(b.Bytes())
+	zw.Close()
+	os.WriteFile(path, gz.Bytes(), 0o644)
+	schema := loadSchemaFile(t, path)
+	for _, good := range []string{
+		`{"execute":"cmd-inline","arguments":{"text":"t"}}`,
+		`{"execute":"cmd-inline","arguments":{"text":"t","e":3}}`,
+		`{"execute":"cmd-inline","arguments":{"text":"t","e":"b"}}`,
+		`{"execute":"cmd-named","arguments":{"id":1,"tag":"x"}}`,
+		`{"execute":"cmd-none"}`,
+		`{"execute":"cmd-hash","arguments":{"x":"y"}}`,
+	} {
+		if err := schema.checkCommand([]byte(good)); err != nil {
+			t.Errorf("%s: %v", good, err)
+		}
+	}
+	for _, bad := range []string{
+		`{"execute":"cmd-inline"}`,
+		`{"execute":"cmd-inline","arguments":{"text":"t","e":"c"}}`,
+		`{"execute":"cmd-named","arguments":{"tag":"x"}}`,
+		`{"execute":"cmd-named","arguments":{"id":1,"list":[]}}`,
+		`{"execute":"cmd-none","arguments":{"x":1}}`,
+	} {
+		if err := schema.checkCommand([]byte(bad)); err == nil {
+			t.Errorf("%s accepted", bad)
+		}
+	}
+	if _, err := qapiSourceEntities([]byte(`{ 'struct': 'Late', 'base': 'Later', 'data': {} }`)); err == nil {
+		t.Error("a base defined after its use was accepted")
 	}
 }

@@ -92,7 +92,13 @@ type qapiSchema map[string]*schemaEntity
 
 func loadSchema(t *testing.T, version string) qapiSchema {
 	t.Helper()
-	f, err := os.Open(schemaPath(version))
+	return loadSchemaFile(t, schemaPath(version))
+}
+
+// loadSchemaFile reads a schema recorded as loadSchema's are.
+func loadSchemaFile(t *testing.T, path string) qapiSchema {
+	t.Helper()
+	f, err := os.Open(path)
 	if err != nil {
 		t.Fatalf("%v (make schema records it)", err)
 	}
