@@ -40,7 +40,7 @@ func (e *lostReplyError) Unwrap() error { return e.err }
 // resync, after it was written: the peer may still act on it.
 type unansweredError struct{ err error }
 
-func (e *unansweredError) Error() string { return "no reply before: " + e.err.Error() }
+func (e *unansweredError) Error() string { return "gave up waiting for the reply: " + e.err.Error() }
 func (e *unansweredError) Unwrap() error { return e.err }
 
 // lostToPeer reports whether err says that the peer closed the connection
@@ -128,7 +128,8 @@ type reply struct {
 // its command and it is given back by whoever takes the command out of the
 // in-flight slot: the reader when the reply comes, end when the session
 // ends first, or the caller itself when its write sent nothing or, on a
-// session with resync, when it gives up. Each command has a completion of
+// session with resync, when it gives up or its write is cut short. Each
+// command has a completion of
 // its own, so a caller that gives up just stops listening and the reader
 // needs to know nothing about it.
 type session struct {
