@@ -129,9 +129,8 @@ type reply struct {
 // in-flight slot: the reader when the reply comes, end when the session
 // ends first, or the caller itself when its write sent nothing or, on a
 // session with resync, when it gives up or its write is cut short. Each
-// command has a completion of
-// its own, so a caller that gives up just stops listening and the reader
-// needs to know nothing about it.
+// command has a completion of its own, so a caller that gives up just
+// stops listening and the reader needs to know nothing about it.
 type session struct {
 	conn  net.Conn
 	proto protocol
