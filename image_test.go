@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -50,6 +51,84 @@ func TestCreateCloudInitISO(t *testing.T) {
 	})
 	checkTree(t, scratch, nil)
 	checkTree(t, outDir, []string{"seed.iso"})
+}
+
+// TestSeedBuilders checks that ConfigDriveSeed.ISO and NoCloudSeed.ISO
+// build exactly the images that CreateCloudInitISO and CreateNoCloudISO
+// write (rebuilt with the time those recorded, they are the same bytes),
+// and that with a fixed ModTime two builds are byte-identical.
+func TestSeedBuilders(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	cd := ConfigDriveSeed{UserData: testUserData, MetaData: testMetaData}
+	nc := NoCloudSeed{UserData: testUserData, MetaData: []byte("instance-id: iid-1\n"), NetworkConfig: []byte("version: 2\n")}
+	for _, tc := range []struct {
+		name  string
+		write func(path string) error
+		build func() (*ISOImage, error)
+	}{
+		{"ConfigDrive", func(p string) error { return CreateCloudInitISO(ctx, dir, p, cd.UserData, cd.MetaData) }, cd.ISO},
+		{"NoCloud", func(p string) error { return CreateNoCloudISO(ctx, p, nc) }, nc.ISO},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(dir, tc.name+".iso")
+			if err := tc.write(path); err != nil {
+				t.Fatal(err)
+			}
+			written, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The primary volume descriptor's creation time.
+			recorded, err := time.Parse("20060102150405", string(written[16*isoBlock+813:][:14]))
+			if err != nil {
+				t.Fatal(err)
+			}
+			im, err := tc.build()
+			if err != nil {
+				t.Fatal(err)
+			}
+			im.ModTime = recorded
+			if b := isoBytes(t, im); !bytes.Equal(b, written) {
+				t.Errorf("the builder's image at %v differs from the one written", recorded)
+			}
+			a := isoBytes(t, im)
+			im2, err := tc.build()
+			if err != nil {
+				t.Fatal(err)
+			}
+			im2.ModTime = recorded
+			if b := isoBytes(t, im2); !bytes.Equal(a, b) {
+				t.Error("two builds of the same seed with the same ModTime differ")
+			}
+		})
+	}
+	if _, err := (ConfigDriveSeed{MetaData: []byte("uuid: x")}).ISO(); err == nil || !strings.Contains(err.Error(), "meta data is not valid JSON") {
+		t.Errorf("ConfigDriveSeed with YAML meta data: %v", err)
+	}
+}
+
+// TestWriteFileAtomicPanic has a file's opener panic half-way through
+// WriteFile: the panic goes on to the caller, and the temporary file is
+// gone.
+func TestWriteFileAtomicPanic(t *testing.T) {
+	dir := t.TempDir()
+	im := &ISOImage{}
+	if err := im.AddFile("first", bytes.Repeat([]byte("x"), 100<<10)); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.AddFileFrom("second", 1, func() (io.ReadCloser, error) { panic("opener bug") }); err != nil {
+		t.Fatal(err)
+	}
+	func() {
+		defer func() {
+			if r := recover(); r != "opener bug" {
+				t.Errorf("recovered %v, want the opener's panic", r)
+			}
+		}()
+		im.WriteFile(context.Background(), filepath.Join(dir, "out.iso"))
+	}()
+	checkTree(t, dir, nil)
 }
 
 // checkSeed reads the image at iso back: its label, the files of both its
