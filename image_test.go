@@ -9,6 +9,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"sort"
@@ -105,6 +106,50 @@ func TestSeedBuilders(t *testing.T) {
 	}
 	if _, err := (ConfigDriveSeed{MetaData: []byte("uuid: x")}).ISO(); err == nil || !strings.Contains(err.Error(), "meta data is not valid JSON") {
 		t.Errorf("ConfigDriveSeed with YAML meta data: %v", err)
+	}
+}
+
+// TestSeedLabelsBlkid reads the label of each kind of seed, and of an
+// image whose label is longer than the Joliet descriptor holds, with
+// util-linux's blkid, which is how cloud-init finds its seed (blkid -t
+// LABEL=...): it merges the Joliet label with the primary one.
+func TestSeedLabelsBlkid(t *testing.T) {
+	blkid, err := exec.LookPath("blkid")
+	if err != nil {
+		// Outside root's PATH, it is still in sbin.
+		for _, p := range []string{"/usr/sbin/blkid", "/sbin/blkid"} {
+			if _, serr := os.Stat(p); serr == nil {
+				blkid, err = p, nil
+				break
+			}
+		}
+	}
+	if err != nil {
+		blkid = requireTool(t, "blkid", "util-linux")
+	}
+	ctx := context.Background()
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		label string
+		write func(path string) error
+	}{
+		{"config-2", func(p string) error { return CreateCloudInitISO(ctx, dir, p, testUserData, testMetaData) }},
+		{"cidata", func(p string) error { return CreateNoCloudISO(ctx, p, NoCloudSeed{}) }},
+		{"Mixed-Case_Label_Longer", func(p string) error {
+			return (&ISOImage{Label: "Mixed-Case_Label_Longer"}).WriteFile(ctx, p)
+		}},
+	} {
+		p := filepath.Join(dir, tc.label+".iso")
+		if err := tc.write(p); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command(blkid, "-p", "-o", "export", p).Output()
+		if err != nil {
+			t.Fatalf("blkid %s: %v", p, err)
+		}
+		if !strings.Contains("\n"+string(out), "\nLABEL="+tc.label+"\n") || !strings.Contains(string(out), "TYPE=iso9660") {
+			t.Errorf("blkid says of the %s image:\n%s", tc.label, out)
+		}
 	}
 }
 
@@ -343,12 +388,15 @@ func TestCloudInitISOInGuest(t *testing.T) {
 				"network-config": seed.NetworkConfig, "vendor-data": seed.VendorData},
 			make: func(p string) error { return CreateNoCloudISO(ctx, p, seed) }}
 	}
-	names := &drive{name: "names", label: "Mixed-Case_Label", files: map[string][]byte{
+	// A label longer than the 16 characters the Joliet descriptor holds:
+	// the two views see different labels.
+	names := &drive{name: "names", label: "Mixed-Case_Label_Longer", files: map[string][]byte{
 		"Mixed Case Directory/A Rather Long File Name With Capitals.Text": []byte("long mixed-case name"),
 		"Mixed Case Directory/a rather long file name with capitals.text": []byte("same name, lower case"),
 		"ünïcödé/Grüße aus 日本.txt":                                        []byte("non-ASCII"),
 		"a/b/c/d/e/f/g/deepest-file":                                      []byte("eight levels"),
 		"Big.Bin":                                                         bytes.Repeat([]byte("0123456789abcdef"), 10000),
+		"Longest/" + strings.Repeat("日", 53) + "ab.cde":                   []byte("MaxISONameBytes in a record of 254 bytes"),
 	}}
 	// Enough long names that their directory's records take two blocks.
 	for i := 0; i < 30; i++ {
@@ -437,9 +485,12 @@ func TestCloudInitISOInGuest(t *testing.T) {
 		if got := strings.HasPrefix(d.dev, "sr"); got != d.cdrom {
 			t.Errorf("%s was found on %s", d.name, d.dev)
 		}
+		// The guest reads the Joliet view's label from the Joliet volume
+		// descriptor, which holds 16 characters.
+		jolietLabel := d.label[:min(len(d.label), isoJolietLabelLen)]
 		j := seen[d.dev+" joliet"]
-		if j == nil || j.label != d.label {
-			t.Errorf("%s: no Joliet listing with label %s on %s", d.name, d.label, d.dev)
+		if j == nil || j.label != jolietLabel {
+			t.Errorf("%s: no Joliet listing with label %s on %s; the guest listed:\n%s", d.name, jolietLabel, d.dev, listingSummary(seen))
 			continue
 		}
 		checkFiles(t, d.name+" Joliet", j.files, d.files)
