@@ -44,7 +44,9 @@ const (
 // secrets.
 //
 // isoPath's directory must exist, and metaData must be valid JSON. If ctx
-// ends first, the error wraps ctx.Err().
+// ends first, the error wraps ctx.Err(). The image records the current
+// second as its time; ConfigDriveSeed.ISO gives the same image to write
+// with a ModTime of the caller's choice, for the same bytes every time.
 //
 // A typical use attaches the result to a VM as a read-only disk:
 //
@@ -64,19 +66,41 @@ func CreateCloudInitISO(ctx context.Context, scratchDir, isoPath string, userDat
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("qemu: cloud-init iso %s: %w", isoPath, err)
 	}
-	if !json.Valid(metaData) {
-		return fmt.Errorf("qemu: cloud-init iso %s: meta data is not valid JSON", isoPath)
+	im, err := ConfigDriveSeed{UserData: userData, MetaData: metaData}.ISO()
+	if err != nil {
+		return fmt.Errorf("qemu: cloud-init iso %s: %w", isoPath, err)
+	}
+	return writeSeed(ctx, "cloud-init iso", isoPath, im)
+}
+
+// ConfigDriveSeed is what cloud-init's ConfigDrive datasource reads from a
+// volume labelled config-2, as CreateCloudInitISO writes it: MetaData,
+// which must be valid JSON, as openstack/latest/meta_data.json and
+// UserData as openstack/latest/user_data.
+type ConfigDriveSeed struct {
+	UserData []byte
+	MetaData []byte
+}
+
+// ISO returns the seed as an ISOImage labelled config-2, the image that
+// CreateCloudInitISO writes, to be written by its Write or WriteFile (with
+// a fixed ModTime, for the same bytes from the same seed every time). The
+// image refers to the seed's slices, which must not change until it is
+// written. It is an error if MetaData is not valid JSON.
+func (s ConfigDriveSeed) ISO() (*ISOImage, error) {
+	if !json.Valid(s.MetaData) {
+		return nil, errors.New("meta data is not valid JSON")
 	}
 	im := &ISOImage{Label: configDriveLabel}
 	for _, f := range []struct {
 		name string
 		data []byte
-	}{{configDriveMetaData, metaData}, {configDriveUserData, userData}} {
+	}{{configDriveMetaData, s.MetaData}, {configDriveUserData, s.UserData}} {
 		if err := im.AddFile(f.name, f.data); err != nil {
-			return fmt.Errorf("qemu: cloud-init iso %s: %w", isoPath, err)
+			return nil, err
 		}
 	}
-	return writeSeed(ctx, "cloud-init iso", isoPath, im)
+	return im, nil
 }
 
 // NoCloudSeed is what cloud-init's NoCloud datasource reads from a volume
@@ -197,8 +221,10 @@ func checkDir(dir string) error {
 }
 
 // writeFileAtomic creates a temporary file beside path (mode 0600), has
-// write fill it, syncs it and renames it to path; on any failure it
-// removes the temporary file.
+// write fill it, syncs it, renames it to path and syncs path's directory,
+// so the new name survives a crash. On any failure, or a panic in write,
+// it removes the temporary file. A failure to sync the directory is
+// reported although path is then in place.
 func writeFileAtomic(path string, write func(f *os.File) error) error {
 	if path == "" {
 		return errors.New("output path not given")
@@ -206,23 +232,38 @@ func writeFileAtomic(path string, write func(f *os.File) error) error {
 	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
 		return errors.New("output path is a directory")
 	}
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
 	if err != nil {
 		return err
 	}
-	tmp := f.Name()
-	err = write(f)
-	if err == nil {
-		err = f.Sync()
+	renamed := false
+	defer func() {
+		if !renamed {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	if err := write(f); err != nil {
+		return err
 	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
+	if err := f.Sync(); err != nil {
+		return err
 	}
-	if err == nil {
-		err = os.Rename(tmp, path)
+	if err := f.Close(); err != nil {
+		return err
 	}
+	if err := os.Rename(f.Name(), path); err != nil {
+		return err
+	}
+	renamed = true
+	d, err := os.Open(dir)
 	if err != nil {
-		os.Remove(tmp)
+		return fmt.Errorf("syncing directory: %w", err)
 	}
-	return err
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("syncing directory %s: %w", dir, err)
+	}
+	return nil
 }

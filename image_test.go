@@ -6,8 +6,10 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"sort"
@@ -50,6 +52,128 @@ func TestCreateCloudInitISO(t *testing.T) {
 	})
 	checkTree(t, scratch, nil)
 	checkTree(t, outDir, []string{"seed.iso"})
+}
+
+// TestSeedBuilders checks that ConfigDriveSeed.ISO and NoCloudSeed.ISO
+// build exactly the images that CreateCloudInitISO and CreateNoCloudISO
+// write (rebuilt with the time those recorded, they are the same bytes),
+// and that with a fixed ModTime two builds are byte-identical.
+func TestSeedBuilders(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	cd := ConfigDriveSeed{UserData: testUserData, MetaData: testMetaData}
+	nc := NoCloudSeed{UserData: testUserData, MetaData: []byte("instance-id: iid-1\n"), NetworkConfig: []byte("version: 2\n")}
+	for _, tc := range []struct {
+		name  string
+		write func(path string) error
+		build func() (*ISOImage, error)
+	}{
+		{"ConfigDrive", func(p string) error { return CreateCloudInitISO(ctx, dir, p, cd.UserData, cd.MetaData) }, cd.ISO},
+		{"NoCloud", func(p string) error { return CreateNoCloudISO(ctx, p, nc) }, nc.ISO},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(dir, tc.name+".iso")
+			if err := tc.write(path); err != nil {
+				t.Fatal(err)
+			}
+			written, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The primary volume descriptor's creation time.
+			recorded, err := time.Parse("20060102150405", string(written[16*isoBlock+813:][:14]))
+			if err != nil {
+				t.Fatal(err)
+			}
+			im, err := tc.build()
+			if err != nil {
+				t.Fatal(err)
+			}
+			im.ModTime = recorded
+			if b := isoBytes(t, im); !bytes.Equal(b, written) {
+				t.Errorf("the builder's image at %v differs from the one written", recorded)
+			}
+			a := isoBytes(t, im)
+			im2, err := tc.build()
+			if err != nil {
+				t.Fatal(err)
+			}
+			im2.ModTime = recorded
+			if b := isoBytes(t, im2); !bytes.Equal(a, b) {
+				t.Error("two builds of the same seed with the same ModTime differ")
+			}
+		})
+	}
+	if _, err := (ConfigDriveSeed{MetaData: []byte("uuid: x")}).ISO(); err == nil || !strings.Contains(err.Error(), "meta data is not valid JSON") {
+		t.Errorf("ConfigDriveSeed with YAML meta data: %v", err)
+	}
+}
+
+// TestSeedLabelsBlkid reads the label of each kind of seed, and of an
+// image whose label is longer than the Joliet descriptor holds, with
+// util-linux's blkid, which is how cloud-init finds its seed (blkid -t
+// LABEL=...): it merges the Joliet label with the primary one.
+func TestSeedLabelsBlkid(t *testing.T) {
+	blkid, err := exec.LookPath("blkid")
+	if err != nil {
+		// Outside root's PATH, it is still in sbin.
+		for _, p := range []string{"/usr/sbin/blkid", "/sbin/blkid"} {
+			if _, serr := os.Stat(p); serr == nil {
+				blkid, err = p, nil
+				break
+			}
+		}
+	}
+	if err != nil {
+		blkid = requireTool(t, "blkid", "util-linux")
+	}
+	ctx := context.Background()
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		label string
+		write func(path string) error
+	}{
+		{"config-2", func(p string) error { return CreateCloudInitISO(ctx, dir, p, testUserData, testMetaData) }},
+		{"cidata", func(p string) error { return CreateNoCloudISO(ctx, p, NoCloudSeed{}) }},
+		{"Mixed-Case_Label_Longer", func(p string) error {
+			return (&ISOImage{Label: "Mixed-Case_Label_Longer"}).WriteFile(ctx, p)
+		}},
+	} {
+		p := filepath.Join(dir, tc.label+".iso")
+		if err := tc.write(p); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command(blkid, "-p", "-o", "export", p).Output()
+		if err != nil {
+			t.Fatalf("blkid %s: %v", p, err)
+		}
+		if !strings.Contains("\n"+string(out), "\nLABEL="+tc.label+"\n") || !strings.Contains(string(out), "TYPE=iso9660") {
+			t.Errorf("blkid says of the %s image:\n%s", tc.label, out)
+		}
+	}
+}
+
+// TestWriteFileAtomicPanic has a file's opener panic half-way through
+// WriteFile: the panic goes on to the caller, and the temporary file is
+// gone.
+func TestWriteFileAtomicPanic(t *testing.T) {
+	dir := t.TempDir()
+	im := &ISOImage{}
+	if err := im.AddFile("first", bytes.Repeat([]byte("x"), 100<<10)); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.AddFileFrom("second", 1, func() (io.ReadCloser, error) { panic("opener bug") }); err != nil {
+		t.Fatal(err)
+	}
+	func() {
+		defer func() {
+			if r := recover(); r != "opener bug" {
+				t.Errorf("recovered %v, want the opener's panic", r)
+			}
+		}()
+		im.WriteFile(context.Background(), filepath.Join(dir, "out.iso"))
+	}()
+	checkTree(t, dir, nil)
 }
 
 // checkSeed reads the image at iso back: its label, the files of both its
@@ -264,12 +388,15 @@ func TestCloudInitISOInGuest(t *testing.T) {
 				"network-config": seed.NetworkConfig, "vendor-data": seed.VendorData},
 			make: func(p string) error { return CreateNoCloudISO(ctx, p, seed) }}
 	}
-	names := &drive{name: "names", label: "Mixed-Case_Label", files: map[string][]byte{
+	// A label longer than the 16 characters the Joliet descriptor holds:
+	// the two views see different labels.
+	names := &drive{name: "names", label: "Mixed-Case_Label_Longer", files: map[string][]byte{
 		"Mixed Case Directory/A Rather Long File Name With Capitals.Text": []byte("long mixed-case name"),
 		"Mixed Case Directory/a rather long file name with capitals.text": []byte("same name, lower case"),
 		"ünïcödé/Grüße aus 日本.txt":                                        []byte("non-ASCII"),
 		"a/b/c/d/e/f/g/deepest-file":                                      []byte("eight levels"),
 		"Big.Bin":                                                         bytes.Repeat([]byte("0123456789abcdef"), 10000),
+		"Longest/" + strings.Repeat("日", 53) + "ab.cde":                   []byte("MaxISONameBytes in a record of 254 bytes"),
 	}}
 	// Enough long names that their directory's records take two blocks.
 	for i := 0; i < 30; i++ {
@@ -358,9 +485,12 @@ func TestCloudInitISOInGuest(t *testing.T) {
 		if got := strings.HasPrefix(d.dev, "sr"); got != d.cdrom {
 			t.Errorf("%s was found on %s", d.name, d.dev)
 		}
+		// The guest reads the Joliet view's label from the Joliet volume
+		// descriptor, which holds 16 characters.
+		jolietLabel := d.label[:min(len(d.label), isoJolietLabelLen)]
 		j := seen[d.dev+" joliet"]
-		if j == nil || j.label != d.label {
-			t.Errorf("%s: no Joliet listing with label %s on %s", d.name, d.label, d.dev)
+		if j == nil || j.label != jolietLabel {
+			t.Errorf("%s: no Joliet listing with label %s on %s; the guest listed:\n%s", d.name, jolietLabel, d.dev, listingSummary(seen))
 			continue
 		}
 		checkFiles(t, d.name+" Joliet", j.files, d.files)

@@ -3,6 +3,7 @@ package qemu
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"io/fs"
 	"os"
 	"path"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -20,9 +22,11 @@ import (
 
 // Limits of ISOImage. ECMA-119 allows eight levels of directories, the root
 // included, and 32-bit file sizes (without multi-extent files, which this
-// writer does not make); Joliet allows 64 UCS-2 characters in a name; the
-// Rock Ridge entries of a name share a directory record of at most 255
-// bytes with its ISO 9660 name, which leaves 160 bytes for the name.
+// writer does not make); Joliet allows 64 UCS-2 characters in a name. A
+// name's Rock Ridge NM entry shares a directory record of at most 255
+// bytes, of even length, with at most 89 others: 33 of the record's fixed
+// part, 14 of the longest ISO 9660 file name ("ABCDEFGH.EXT;1") and its pad
+// byte, 36 of the PX entry and 5 of NM's own header. That leaves 165.
 const (
 	// MaxISOFileSize is the largest file an ISOImage holds.
 	MaxISOFileSize = 1<<32 - 1
@@ -32,8 +36,9 @@ const (
 	// MaxISONameLen is the most characters in one element of a path.
 	MaxISONameLen = 64
 	// MaxISONameBytes is the most bytes in one element of a path, UTF-8
-	// encoded.
-	MaxISONameBytes = 160
+	// encoded (55 characters of three bytes, say): what its directory
+	// record has room for.
+	MaxISONameBytes = 165
 	// MaxISOPathLen is the most bytes in a whole path.
 	MaxISOPathLen = 255
 	// MaxISODirs is the most directories in an ISOImage, the root
@@ -54,6 +59,8 @@ const (
 	isoDirMode        = 0o040555 // S_IFDIR r-xr-xr-x
 	isoApplication    = "GITHUB.COM/FC93C01D/QEMU"
 	isoCopyBuffer     = 256 << 10
+	// A directory record holds its year as years since 1900 in one byte.
+	isoMinYear, isoMaxYear = 1900, 1900 + 255
 )
 
 // ISOImage is an ISO 9660 image to be written: a volume label and a tree
@@ -89,8 +96,10 @@ type ISOImage struct {
 	// ASCII characters (Write refuses others). The Joliet volume
 	// descriptor holds its first 16. cloud-init finds its seed by it.
 	Label string
-	// ModTime is the time recorded for the volume and every entry. The
-	// zero value means the time Write is called.
+	// ModTime is the time recorded for the volume and every entry, in
+	// UTC, to the second (the volume descriptors keep hundredths too). It
+	// must fall in the years 1900 to 2155 (UTC). The zero value means the
+	// time Write is called.
 	ModTime time.Time
 
 	root *isoNode
@@ -118,8 +127,10 @@ func (im *ISOImage) AddFile(name string, data []byte) error {
 
 // AddFileFrom adds a file named name of size bytes whose content Write
 // reads from what open returns, and closes. Each Write opens it once, only
-// when it reaches the file, so a large tree never has to be in memory; a
-// reader that gives more or fewer than size bytes fails that Write.
+// when it reaches the file, so a large tree never has to be in memory. An
+// error from open, or a reader that gives more or fewer than size bytes,
+// fails that Write; this holds for an empty file too, which is opened and
+// must give no byte.
 func (im *ISOImage) AddFileFrom(name string, size int64, open func() (io.ReadCloser, error)) error {
 	if open == nil {
 		return fmt.Errorf("qemu: iso: %s: no content", name)
@@ -292,9 +303,11 @@ func (im *ISOImage) WriteFile(ctx context.Context, path string) error {
 }
 
 // Write writes the image to w. It reads each file's content once, in
-// order, straight into w through a small buffer. If ctx ends first, it
+// order, in reads of up to 256 KiB that go to w through a 64 KiB
+// bufio.Writer, so it holds no more than about 320 KiB of the image. If ctx ends first, it
 // stops and returns an error wrapping ctx.Err(); w then holds part of an
-// image.
+// image. A ModTime outside the years 1900 to 2155, which a directory
+// record's one-byte year cannot hold, is an error.
 func (im *ISOImage) Write(ctx context.Context, w io.Writer) error {
 	if err := im.write(ctx, w); err != nil {
 		return fmt.Errorf("qemu: iso: %w", err)
@@ -313,7 +326,11 @@ func (im *ISOImage) write(ctx context.Context, w io.Writer) error {
 	if t.IsZero() {
 		t = time.Now()
 	}
-	l, err := layOutISO(im.root, t.UTC())
+	t = t.UTC()
+	if y := t.Year(); y < isoMinYear || y > isoMaxYear {
+		return fmt.Errorf("ModTime %s: outside the years %d to %d that ISO 9660 records", t.Format(time.RFC3339), isoMinYear, isoMaxYear)
+	}
+	l, err := layOutISO(im.root, t)
 	if err != nil {
 		return err
 	}
@@ -423,9 +440,102 @@ func placeISO(n *isoNode, parent *isoEntry) *isoEntry {
 		e.priKids = append(e.priKids, c)
 	}
 	e.jolKids = append([]*isoEntry(nil), e.priKids...)
-	sort.Slice(e.priKids, func(i, j int) bool { return string(e.priKids[i].isoID) < string(e.priKids[j].isoID) })
-	sort.Slice(e.jolKids, func(i, j int) bool { return string(e.jolKids[i].jolID) < string(e.jolKids[j].jolID) })
+	sortISORecords(e.priKids, false)
+	sortISORecords(e.jolKids, true)
 	return e
+}
+
+// sortISORecords puts a directory's children in the order ECMA-119 §9.3
+// gives its records: by file name, then by extension, each compared as if
+// the shorter were padded with spaces, then by version, highest first.
+// That is not the order of the raw identifiers: "A.;1" comes before
+// "A.1;1", since the empty extension reads as spaces. Joliet names, in
+// UCS-2, follow the same rule, with the extension after the last dot.
+// Directory identifiers are all name, which also gives the order §6.9.1
+// wants for each parent's directories in the path tables. Identifiers
+// equal under the rule (Joliet's "a" and "a ") keep the order of their
+// raw bytes, so the result never depends on the order of the input.
+func sortISORecords(kids []*isoEntry, joliet bool) {
+	type key struct {
+		name, ext []uint16
+		version   int
+		raw       string
+	}
+	keys := make(map[*isoEntry]key, len(kids))
+	for _, c := range kids {
+		id := c.isoID
+		if joliet {
+			id = c.jolID
+		}
+		name, ext, version := isoIDParts(isoIDUnits(id, joliet), c.node.isDir())
+		keys[c] = key{name, ext, version, string(id)}
+	}
+	sort.Slice(kids, func(i, j int) bool {
+		a, b := keys[kids[i]], keys[kids[j]]
+		if c := comparePadded(a.name, b.name); c != 0 {
+			return c < 0
+		}
+		if c := comparePadded(a.ext, b.ext); c != 0 {
+			return c < 0
+		}
+		if a.version != b.version {
+			return a.version > b.version
+		}
+		return a.raw < b.raw
+	})
+}
+
+// isoIDUnits returns an identifier's characters: its bytes in the primary
+// tree, its UCS-2 code units in the Joliet one.
+func isoIDUnits(id []byte, joliet bool) []uint16 {
+	if !joliet {
+		u := make([]uint16, len(id))
+		for i, b := range id {
+			u[i] = uint16(b)
+		}
+		return u
+	}
+	u := make([]uint16, len(id)/2)
+	for i := range u {
+		u[i] = binary.BigEndian.Uint16(id[2*i:])
+	}
+	return u
+}
+
+// isoIDParts splits an identifier into what §9.3 orders by: a file's name
+// ends at its last dot, its extension at the semicolon that starts its
+// version number. A directory's identifier is all name.
+func isoIDParts(id []uint16, dir bool) (name, ext []uint16, version int) {
+	if dir {
+		return id, nil, 0
+	}
+	if i := slices.Index(id, ';'); i >= 0 {
+		version, _ = strconv.Atoi(string(utf16.Decode(id[i+1:])))
+		id = id[:i]
+	}
+	for i := len(id) - 1; i >= 0; i-- {
+		if id[i] == '.' {
+			return id[:i], id[i+1:], version
+		}
+	}
+	return id, nil, version
+}
+
+// comparePadded compares a and b as if the shorter had spaces appended.
+func comparePadded(a, b []uint16) int {
+	for i := 0; i < len(a) || i < len(b); i++ {
+		x, y := uint16(' '), uint16(' ')
+		if i < len(a) {
+			x = a[i]
+		}
+		if i < len(b) {
+			y = b[i]
+		}
+		if x != y {
+			return cmp.Compare(x, y)
+		}
+	}
+	return 0
 }
 
 // isoIdentifier makes the ISO 9660 level 1 name of name: upper case
@@ -733,9 +843,8 @@ func copyISOFile(ctx context.Context, w *bufio.Writer, f *isoEntry, buf []byte) 
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if f.size == 0 {
-		return nil
-	}
+	// An empty file is opened too: a failing opener, or a reader with
+	// bytes for a file added as empty, fails the write as for any other.
 	rc, err := f.node.open()
 	if err != nil {
 		return fmt.Errorf("%s: %w", name, err)

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -39,6 +40,17 @@ func isoTestTree() (files map[string][]byte, dirs []string) {
 		"blocks/exactly-one-block":         bytes.Repeat([]byte{1}, isoBlock),
 		"blocks/one-byte-more":             bytes.Repeat([]byte{2}, isoBlock+1),
 		"blocks/one-byte-less":             bytes.Repeat([]byte{3}, isoBlock-1),
+		// ECMA-119 §9.3 order is not that of the raw identifiers: A.;1
+		// sorts before A.1;1 (an empty extension reads as spaces), and the
+		// Joliet a.b (name a, extension b) before a-b.
+		"order/a":   []byte("A.;1"),
+		"order/a.1": []byte("A.1;1"),
+		"order/a.b": []byte("Joliet name a, extension b"),
+		"order/a-b": []byte("Joliet name a-b"),
+		"order/.x":  []byte("Joliet: no name, extension x"),
+		// MaxISONameBytes beside the longest ISO 9660 name, ________.CDE;1:
+		// a directory record of 254 bytes.
+		"longest/" + strings.Repeat("日", 53) + "ab.cde": []byte("165 bytes of name"),
 	}
 	for i := 0; i < 60; i++ {
 		files[fmt.Sprintf("many/File number %03d with a long name.dat", i)] = []byte(strconv.Itoa(i))
@@ -210,19 +222,19 @@ func TestISOImageLimits(t *testing.T) {
 			}
 		})
 	}
-	t.Run("184 bytes of UTF-8 in 61 characters", func(t *testing.T) {
-		// 61 characters is within Joliet's 64, but 183 bytes overflow
+	t.Run("166 bytes of UTF-8 in 56 characters", func(t *testing.T) {
+		// 56 characters is within Joliet's 64, but 166 bytes overflow
 		// the record that holds the Rock Ridge name.
-		err := (&ISOImage{}).AddFile(strings.Repeat("日", 61), nil)
-		if err == nil || !strings.Contains(err.Error(), "183 bytes, more than 160") {
-			t.Errorf("error %v, want one about 183 bytes", err)
+		err := (&ISOImage{}).AddFile(strings.Repeat("日", 55)+"a", nil)
+		if err == nil || !strings.Contains(err.Error(), "166 bytes, more than 165") {
+			t.Errorf("error %v, want one about 166 bytes", err)
 		}
 	})
 	t.Run("the longest names", func(t *testing.T) {
 		files := map[string][]byte{
 			long:                         []byte("64 ASCII characters"),
 			strings.Repeat("é", 64):      []byte("64 characters in 128 bytes"),
-			strings.Repeat("日", 53):      []byte("53 characters in 159 bytes"),
+			strings.Repeat("日", 55):      []byte("55 characters in 165 bytes"),
 			"d/" + long + "/" + long[:3]: []byte("a directory with the longest name"),
 		}
 		got, err := readISO(isoBytes(t, newISOTestImage(t, strings.Repeat("L", MaxISOLabelLen), files, nil)))
@@ -271,6 +283,10 @@ func TestISOImageBadContent(t *testing.T) {
 		{"long", 3, func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader("12345")), nil }, "more than the 3 bytes"},
 		{"open fails", 3, func() (io.ReadCloser, error) { return nil, fs.ErrPermission }, "permission denied"},
 		{"read fails", 3, func() (io.ReadCloser, error) { return io.NopCloser(&failingReader{}), nil }, "disk on fire"},
+		// An empty file is opened and read too.
+		{"empty, open fails", 0, func() (io.ReadCloser, error) { return nil, fs.ErrPermission }, "permission denied"},
+		{"empty, has bytes", 0, func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader("x")), nil }, "more than the 0 bytes"},
+		{"empty, read fails", 0, func() (io.ReadCloser, error) { return io.NopCloser(iotestErrReader{}), nil }, "disk on fire"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -294,6 +310,11 @@ func TestISOImageBadContent(t *testing.T) {
 	}
 }
 
+// iotestErrReader fails its first read.
+type iotestErrReader struct{}
+
+func (iotestErrReader) Read([]byte) (int, error) { return 0, errors.New("disk on fire") }
+
 type failingReader struct{ n int }
 
 func (r *failingReader) Read(p []byte) (int, error) {
@@ -302,6 +323,80 @@ func (r *failingReader) Read(p []byte) (int, error) {
 		return copy(p, "x"), nil
 	}
 	return 0, errors.New("disk on fire")
+}
+
+// TestISOImageEmptyFile checks that an empty file's content is opened,
+// read to its end and closed, like any other's, on each Write.
+func TestISOImageEmptyFile(t *testing.T) {
+	var opened, closed int
+	im := &ISOImage{ModTime: isoTestTime}
+	if err := im.AddFileFrom("empty", 0, func() (io.ReadCloser, error) {
+		opened++
+		return &closeCounter{Reader: strings.NewReader(""), closed: &closed}, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 2; i++ {
+		got, err := readISO(isoBytes(t, im))
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkFiles(t, "Rock Ridge", got.rockRidge, map[string][]byte{"empty": {}})
+		if opened != i || closed != i {
+			t.Errorf("after %d writes, opened %d times and closed %d", i, opened, closed)
+		}
+	}
+}
+
+type closeCounter struct {
+	io.Reader
+	closed *int
+}
+
+func (c *closeCounter) Close() error {
+	*c.closed++
+	return nil
+}
+
+// TestISOImageModTime writes the first and last seconds that a directory
+// record's one-byte year holds, and refuses the times beyond them, which
+// would wrap (1899, 2156) or overflow the volume descriptor's 4-digit year
+// (10000).
+func TestISOImageModTime(t *testing.T) {
+	for _, tc := range []struct {
+		t    time.Time
+		year byte // years since 1900
+		date string
+	}{
+		{time.Date(1900, 1, 1, 0, 0, 0, 0, time.UTC), 0, "1900010100000000"},
+		{time.Date(2155, 12, 31, 23, 59, 59, 990e6, time.UTC), 255, "2155123123595999"},
+		// Another zone: the image holds UTC.
+		{time.Date(2156, 1, 1, 0, 59, 59, 0, time.FixedZone("CET", 3600)), 255, "2155123123595900"},
+	} {
+		img := isoBytes(t, &ISOImage{ModTime: tc.t})
+		pvd := img[16*isoBlock:]
+		if got := pvd[156+18]; got != tc.year {
+			t.Errorf("%v: the root record's year byte is %d, want %d", tc.t, got, tc.year)
+		}
+		if got := string(pvd[813:829]); got != tc.date {
+			t.Errorf("%v: the volume's creation time is %s, want %s", tc.t, got, tc.date)
+		}
+	}
+	for _, tc := range []struct {
+		t  time.Time
+		ok bool
+	}{
+		{time.Date(1899, 12, 31, 23, 59, 59, 0, time.UTC), false},
+		{time.Date(2156, 1, 1, 0, 0, 0, 0, time.UTC), false},
+		{time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC), false},
+		{time.Date(1900, 1, 1, 0, 30, 0, 0, time.FixedZone("CET", 3600)), false}, // 1899 in UTC
+		{time.Date(1899, 12, 31, 23, 30, 0, 0, time.FixedZone("EST", -5*3600)), true},
+	} {
+		err := (&ISOImage{ModTime: tc.t}).Write(context.Background(), io.Discard)
+		if tc.ok != (err == nil) || (err != nil && !strings.Contains(err.Error(), "outside the years 1900 to 2155")) {
+			t.Errorf("ModTime %v: %v", tc.t, err)
+		}
+	}
 }
 
 // TestISOImageWriteFileCancel ends the context while a file's content is
@@ -530,6 +625,14 @@ func FuzzISOImage(f *testing.F) {
 	f.Add([]byte("\x05Hello\x10\x03World\x82"))
 	f.Add([]byte("\xff\xfe\xfd\x00\x01\x02 deep deep deep deep deep deep deep deep"))
 	f.Add(bytes.Repeat([]byte("Same name, other case. "), 20))
+	// Eight elements of twelve three-byte characters: a path of 295
+	// bytes, which the image must refuse, then a short one it must take.
+	long := []byte{7}
+	for i := 0; i < 8; i++ {
+		long = append(long, 11)
+		long = append(long, bytes.Repeat([]byte{16}, 12)...)
+	}
+	f.Add(append(long, 1, 3, 3, 0, 0, 1, 7, 1))
 	f.Fuzz(checkISOTreeFrom)
 }
 
@@ -576,9 +679,15 @@ func checkISOTreeFrom(t *testing.T, in []byte) {
 					files[p] = data
 				}
 			}
-			// The only legitimate refusals: a name that clashes with what
-			// is there, or an element made only of dots.
-			if err != nil && !strings.Contains(err.Error(), "already in the image") &&
+			// The alphabet's widest characters take three bytes, so eight
+			// elements of twelve can pass MaxISOPathLen: that must be
+			// refused, and nothing else is but a name that clashes with
+			// what is there or an element made only of dots.
+			tooLong := len(p) > MaxISOPathLen
+			if tooLong && (err == nil || !strings.Contains(err.Error(), "path longer than 255 bytes")) {
+				t.Fatalf("add %q of %d bytes: %v, want it refused", p, len(p), err)
+			}
+			if err != nil && !tooLong && !strings.Contains(err.Error(), "already in the image") &&
 				!strings.Contains(err.Error(), "is a file") && !strings.Contains(err.Error(), "not a relative") {
 				t.Fatalf("add %q: %v", p, err)
 			}
@@ -862,6 +971,11 @@ func (r *isoReader) walk(dir isoRecord, parentExt uint32, prefix, isoPrefix stri
 		return fmt.Errorf("%s: . and .. point at %d and %d, not %d and %d",
 			prefix, recs[0].extent, recs[1].extent, dir.extent, parentExt)
 	}
+	for i := 3; i < len(recs); i++ {
+		if a, b := ecma119Key(recs[i-1], joliet), ecma119Key(recs[i], joliet); slices.Compare(a, b) > 0 {
+			return fmt.Errorf("%s: record %q before %q, not in ECMA-119 §9.3 order", prefix, recs[i-1].name, recs[i].name)
+		}
+	}
 	seen := map[string]bool{}
 	for _, rec := range recs[2:] {
 		name := r.name(rec, joliet)
@@ -897,6 +1011,50 @@ func (r *isoReader) walk(dir isoRecord, parentExt uint32, prefix, isoPrefix stri
 		}
 	}
 	return nil
+}
+
+// ecma119Key is what ECMA-119 §9.3 sorts a record by, as one sequence of
+// characters that sorts the same way: the file name, then the extension,
+// each padded with spaces to a width no identifier reaches, then the
+// version's complement, so the highest version comes first. A directory's
+// identifier is all name; the extension of a file starts after its last
+// dot. The characters are bytes in the primary tree and UCS-2 units in
+// Joliet's.
+func ecma119Key(rec isoRecord, joliet bool) []uint16 {
+	const width = 256
+	var id []uint16
+	if joliet {
+		for i := 0; i+1 < len(rec.name); i += 2 {
+			id = append(id, binary.BigEndian.Uint16(rec.name[i:]))
+		}
+	} else {
+		for _, b := range rec.name {
+			id = append(id, uint16(b))
+		}
+	}
+	name, ext, version := id, []uint16(nil), 0
+	if !rec.dir {
+		if i := slices.Index(name, ';'); i >= 0 {
+			version, _ = strconv.Atoi(string(utf16.Decode(name[i+1:])))
+			name = name[:i]
+		}
+		if i := slices.Index(name, '.'); i >= 0 {
+			for j := i + 1; j < len(name); j++ {
+				if name[j] == '.' {
+					i = j
+				}
+			}
+			name, ext = name[:i], name[i+1:]
+		}
+	}
+	key := make([]uint16, 0, 2*width+1)
+	for i, part := range [][]uint16{name, ext} {
+		key = append(key, part...)
+		for len(key) < (i+1)*width {
+			key = append(key, ' ')
+		}
+	}
+	return append(key, uint16(32767-version))
 }
 
 // name returns a record's long name: UCS-2 in the Joliet tree, the Rock
@@ -977,7 +1135,8 @@ func (r *isoReader) checkPathTables(vd []byte, joliet bool) error {
 		switch {
 		case level[i] < level[i-1],
 			level[i] == level[i-1] && e.parent < prev.parent,
-			level[i] == level[i-1] && e.parent == prev.parent && i > 1 && bytes.Compare(e.id, prev.id) <= 0:
+			level[i] == level[i-1] && e.parent == prev.parent && i > 1 &&
+				slices.Compare(ecma119Key(isoRecord{name: prev.id, dir: true}, joliet), ecma119Key(isoRecord{name: e.id, dir: true}, joliet)) > 0:
 			return fmt.Errorf("path table entry %d (%q) out of order", i+1, e.id)
 		}
 	}

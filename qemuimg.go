@@ -25,7 +25,23 @@ import (
 // Resize and Commit change images in place, as qemu-img does: a Commit
 // stopped half-way leaves the overlay whole and part of its data already
 // copied into the backing file. A failure's error carries qemu-img's own
-// message.
+// message, with the caller's path where qemu-img named a temporary file.
+//
+// Every method that opens an existing image takes its format, passed to
+// qemu-img as -f, and refuses to run without it, except Info, which is
+// how a format is found. qemu-img guesses a format it is not given from
+// the image's first bytes, and those are the guest's to write: a guest
+// that writes a qcow2 header into its raw disk makes a guessing qemu-img
+// read the disk as qcow2, with any host file it names as its backing
+// file, so that Convert copies that file out and Commit writes into it.
+// Guess (Info with no Format) only for an image no guest has written,
+// and keep the answer. The formats of backing files come from the
+// overlay's header, where Create always records them (qemu-img guesses
+// one that an image made elsewhere lacks).
+//
+// Paths are file names: a relative one that qemu-img would read as
+// something else (a protocol for "vm:1.qcow2", a node definition for
+// "json:{...}", an option for "-disk") is passed with "./" before it.
 type QemuImg struct {
 	// Path is the qemu-img executable; "" means qemu-img from PATH.
 	Path string
@@ -51,7 +67,8 @@ type CreateImageOptions struct {
 	Size int64
 	// BackingFile makes the image an overlay on that file: reads of what
 	// the image has not written come from it. A relative name is
-	// relative to the image's directory, and is recorded as given.
+	// relative to the image's directory, and is recorded as given (with
+	// "./" before it where it would not read as a file name; see QemuImg).
 	BackingFile string
 	// BackingFormat is the backing file's format, needed with a
 	// BackingFile (qemu-img no longer guesses it).
@@ -75,13 +92,13 @@ func (q QemuImg) Create(ctx context.Context, path string, opts CreateImageOption
 	err := writeFileAtomic(path, func(f *os.File) error {
 		args := []string{"create", "-q", "-f", format}
 		if opts.BackingFile != "" {
-			args = append(args, "-b", opts.BackingFile, "-F", opts.BackingFormat)
+			args = append(args, "-b", plainImagePath(opts.BackingFile), "-F", opts.BackingFormat)
 		}
-		args = append(args, f.Name())
+		args = append(args, plainImagePath(f.Name()))
 		if opts.Size > 0 {
 			args = append(args, strconv.FormatInt(opts.Size, 10))
 		}
-		_, _, err := q.run(ctx, args, nil, nil)
+		_, _, err := q.run(ctx, qemuImgCall{args: args, tmp: f.Name(), path: path})
 		return err
 	})
 	if err != nil {
@@ -113,10 +130,21 @@ type DiskImageInfo struct {
 	FormatSpecific json.RawMessage `json:"format-specific"`
 }
 
+// InfoImageOptions qualifies QemuImg.Info.
+type InfoImageOptions struct {
+	// Format is the image's format; "" lets qemu-img guess it, which is
+	// safe only for an image no guest has written (see QemuImg).
+	Format string
+}
+
 // Info describes the image at path and its backing chain: the image
 // first, then its backing file, that file's backing file, and so on.
-func (q QemuImg) Info(ctx context.Context, path string) ([]DiskImageInfo, error) {
-	out, _, err := q.run(ctx, []string{"info", "--output=json", "--backing-chain", path}, nil, nil)
+func (q QemuImg) Info(ctx context.Context, path string, opts InfoImageOptions) ([]DiskImageInfo, error) {
+	args := []string{"info", "--output=json", "--backing-chain"}
+	if opts.Format != "" {
+		args = append(args, "-f", opts.Format)
+	}
+	out, _, err := q.run(ctx, qemuImgCall{args: append(args, plainImagePath(path))})
 	if err != nil {
 		return nil, fmt.Errorf("qemu: qemu-img info %s: %w", path, err)
 	}
@@ -155,15 +183,27 @@ func (c ImageCheck) Clean() bool {
 	return c.CheckErrors == 0 && c.Corruptions == 0 && c.Leaks == 0
 }
 
+// CheckImageOptions qualifies QemuImg.Check.
+type CheckImageOptions struct {
+	// Format is the image's format, which must be given (see QemuImg).
+	Format string
+}
+
 // Check checks the consistency of the image at path without changing
 // it. Corruptions and leaks are results, not errors: the error is for a
 // check that could not run or finish (then the ImageCheck holds what
 // qemu-img reported, if anything), and wraps ErrImageCheckNotSupported
 // for a format that has no check.
-func (q QemuImg) Check(ctx context.Context, path string) (ImageCheck, error) {
+func (q QemuImg) Check(ctx context.Context, path string, opts CheckImageOptions) (ImageCheck, error) {
 	var c ImageCheck
+	if err := requireImageFormat("Format", opts.Format); err != nil {
+		return c, fmt.Errorf("qemu: qemu-img check %s: %w", path, err)
+	}
 	// Exit status 2 means corruptions, 3 leaks: both are results.
-	out, code, err := q.run(ctx, []string{"check", "--output=json", path}, nil, []int{2, 3})
+	out, code, err := q.run(ctx, qemuImgCall{
+		args: []string{"check", "--output=json", "-f", opts.Format, plainImagePath(path)},
+		ok:   []int{2, 3},
+	})
 	if code == 63 {
 		return c, fmt.Errorf("qemu: qemu-img check %s: %w", path, ErrImageCheckNotSupported)
 	}
@@ -180,7 +220,8 @@ func (q QemuImg) Check(ctx context.Context, path string) (ImageCheck, error) {
 type ConvertImageOptions struct {
 	// Format is the output format; "" means raw, as for qemu-img.
 	Format string
-	// SourceFormat is the input's format; "" lets qemu-img guess it.
+	// SourceFormat is the input's format, which must be given (see
+	// QemuImg).
 	SourceFormat string
 	// Compress compresses the output's data (qcow2 supports it).
 	Compress bool
@@ -197,11 +238,11 @@ func (q QemuImg) Convert(ctx context.Context, src, dst string, opts ConvertImage
 	if format == "" {
 		format = "raw"
 	}
+	if err := requireImageFormat("SourceFormat", opts.SourceFormat); err != nil {
+		return fmt.Errorf("qemu: qemu-img convert %s to %s: %w", src, dst, err)
+	}
 	err := writeFileAtomic(dst, func(f *os.File) error {
-		args := []string{"convert", "-O", format}
-		if opts.SourceFormat != "" {
-			args = append(args, "-f", opts.SourceFormat)
-		}
+		args := []string{"convert", "-O", format, "-f", opts.SourceFormat}
 		if opts.Compress {
 			args = append(args, "-c")
 		}
@@ -210,8 +251,8 @@ func (q QemuImg) Convert(ctx context.Context, src, dst string, opts ConvertImage
 			args = append(args, "-p")
 			progress = &progressWriter{report: opts.Progress}
 		}
-		args = append(args, src, f.Name())
-		_, _, err := q.run(ctx, args, progress, nil)
+		args = append(args, plainImagePath(src), plainImagePath(f.Name()))
+		_, _, err := q.run(ctx, qemuImgCall{args: args, progress: progress, tmp: f.Name(), path: dst})
 		return err
 	})
 	if err != nil {
@@ -222,7 +263,7 @@ func (q QemuImg) Convert(ctx context.Context, src, dst string, opts ConvertImage
 
 // ResizeImageOptions qualifies QemuImg.Resize.
 type ResizeImageOptions struct {
-	// Format is the image's format; "" lets qemu-img guess it.
+	// Format is the image's format, which must be given (see QemuImg).
 	Format string
 	// Shrink allows a size below the current one, which drops the data
 	// past it. Without it, qemu-img refuses to shrink.
@@ -234,48 +275,103 @@ func (q QemuImg) Resize(ctx context.Context, path string, size int64, opts Resiz
 	if size <= 0 {
 		return fmt.Errorf("qemu: qemu-img resize %s: size %d is not positive", path, size)
 	}
-	args := []string{"resize", "-q"}
-	if opts.Format != "" {
-		args = append(args, "-f", opts.Format)
+	if err := requireImageFormat("Format", opts.Format); err != nil {
+		return fmt.Errorf("qemu: qemu-img resize %s: %w", path, err)
 	}
+	args := []string{"resize", "-q", "-f", opts.Format}
 	if opts.Shrink {
 		args = append(args, "--shrink")
 	}
-	// "--" keeps a size from being read as an option.
-	args = append(args, "--", path, strconv.FormatInt(size, 10))
-	if _, _, err := q.run(ctx, args, nil, nil); err != nil {
+	args = append(args, plainImagePath(path), strconv.FormatInt(size, 10))
+	if _, _, err := q.run(ctx, qemuImgCall{args: args}); err != nil {
 		return fmt.Errorf("qemu: qemu-img resize %s: %w", path, err)
 	}
 	return nil
 }
 
+// CommitImageOptions qualifies QemuImg.Commit.
+type CommitImageOptions struct {
+	// Format is the overlay's format, which must be given (see QemuImg).
+	Format string
+}
+
 // Commit writes what the overlay at path holds into its backing file, and
 // empties the overlay.
-func (q QemuImg) Commit(ctx context.Context, path string) error {
-	if _, _, err := q.run(ctx, []string{"commit", "-q", path}, nil, nil); err != nil {
+func (q QemuImg) Commit(ctx context.Context, path string, opts CommitImageOptions) error {
+	if err := requireImageFormat("Format", opts.Format); err != nil {
+		return fmt.Errorf("qemu: qemu-img commit %s: %w", path, err)
+	}
+	if _, _, err := q.run(ctx, qemuImgCall{args: []string{"commit", "-q", "-f", opts.Format, plainImagePath(path)}}); err != nil {
 		return fmt.Errorf("qemu: qemu-img commit %s: %w", path, err)
 	}
 	return nil
+}
+
+// CompareImageOptions qualifies QemuImg.Compare.
+type CompareImageOptions struct {
+	// FormatA and FormatB are the formats of a and b, which must be
+	// given (see QemuImg).
+	FormatA, FormatB string
 }
 
 // Compare reports whether the images a and b hold the same guest-visible
 // content, whatever their formats (an unallocated area reads as zeros); a
 // difference in size counts only if the larger image holds anything but
 // zeros past the smaller one's end.
-func (q QemuImg) Compare(ctx context.Context, a, b string) (bool, error) {
+func (q QemuImg) Compare(ctx context.Context, a, b string, opts CompareImageOptions) (bool, error) {
+	for _, f := range []struct{ field, format string }{{"FormatA", opts.FormatA}, {"FormatB", opts.FormatB}} {
+		if err := requireImageFormat(f.field, f.format); err != nil {
+			return false, fmt.Errorf("qemu: qemu-img compare %s %s: %w", a, b, err)
+		}
+	}
 	// Exit status 0 means identical, 1 different, more an error.
-	_, code, err := q.run(ctx, []string{"compare", "-q", a, b}, nil, []int{1})
+	_, code, err := q.run(ctx, qemuImgCall{
+		args: []string{"compare", "-q", "-f", opts.FormatA, "-F", opts.FormatB, plainImagePath(a), plainImagePath(b)},
+		ok:   []int{1},
+	})
 	if err != nil {
 		return false, fmt.Errorf("qemu: qemu-img compare %s %s: %w", a, b, err)
 	}
 	return code == 0, nil
 }
 
-// run runs qemu-img with args and returns its stdout and exit status.
-// progress, if not nil, reads stdout instead, as qemu-img writes it. An
-// exit status other than 0 is an error, with qemu-img's stderr, unless it
-// is in ok.
-func (q QemuImg) run(ctx context.Context, args []string, progress *progressWriter, ok []int) ([]byte, int, error) {
+// qemuImgCall is one run of qemu-img.
+type qemuImgCall struct {
+	args []string
+	// progress, if not nil, reads stdout, as qemu-img writes it.
+	progress *progressWriter
+	// ok lists the exit statuses besides 0 that are results, not errors.
+	ok []int
+	// tmp, if set, is the temporary file that stands for path, the
+	// caller's name, which qemu-img's messages then give instead.
+	tmp, path string
+}
+
+// requireImageFormat refuses an empty format, which would have qemu-img
+// guess it.
+func requireImageFormat(field, format string) error {
+	if format == "" {
+		return fmt.Errorf("no %s given: qemu-img would guess it from the image's content, which a guest can forge", field)
+	}
+	return nil
+}
+
+// plainImagePath returns a path that qemu-img reads as a file name. QEMU
+// reads a colon before the first slash as the end of a protocol's name
+// ("json:" starts a node definition), and qemu-img a leading dash as an
+// option: such a path gets "./" before it.
+func plainImagePath(p string) string {
+	first, _, _ := strings.Cut(p, "/")
+	if strings.Contains(first, ":") || strings.HasPrefix(p, "-") {
+		return "./" + p
+	}
+	return p
+}
+
+// run runs qemu-img and returns its stdout and exit status. An exit
+// status other than 0 is an error, with qemu-img's stderr, unless it is in
+// c.ok.
+func (q QemuImg) run(ctx context.Context, c qemuImgCall) ([]byte, int, error) {
 	bin := q.Path
 	if bin == "" {
 		var err error
@@ -286,11 +382,11 @@ func (q QemuImg) run(ctx context.Context, args []string, progress *progressWrite
 	if err := ctx.Err(); err != nil {
 		return nil, -1, err
 	}
-	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd := exec.CommandContext(ctx, bin, c.args...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout = &stdout
-	if progress != nil {
-		cmd.Stdout = progress
+	if c.progress != nil {
+		cmd.Stdout = c.progress
 	}
 	cmd.Stderr = &stderr
 	cmd.WaitDelay = qemuImgWaitDelay
@@ -305,13 +401,16 @@ func (q QemuImg) run(ctx context.Context, args []string, progress *progressWrite
 	var exit *exec.ExitError
 	if errors.As(err, &exit) {
 		code = exit.ExitCode()
-		for _, c := range ok {
-			if code == c {
+		for _, ok := range c.ok {
+			if code == ok {
 				return stdout.Bytes(), code, nil
 			}
 		}
 	}
 	msg := strings.TrimSpace(stderr.String())
+	if c.tmp != "" {
+		msg = strings.ReplaceAll(msg, plainImagePath(c.tmp), c.path)
+	}
 	if len(msg) > maxToolOutput {
 		msg = "..." + msg[len(msg)-maxToolOutput:]
 	}

@@ -39,7 +39,7 @@ func fakeQemuImg(t *testing.T, body string) QemuImg {
 func TestQemuImgMissing(t *testing.T) {
 	t.Setenv("PATH", t.TempDir())
 	dir := t.TempDir()
-	_, err := QemuImg{}.Info(context.Background(), filepath.Join(dir, "x.qcow2"))
+	_, err := QemuImg{}.Info(context.Background(), filepath.Join(dir, "x.qcow2"), InfoImageOptions{})
 	if err == nil || !strings.Contains(err.Error(), "qemu-utils") || !errors.Is(err, exec.ErrNotFound) {
 		t.Errorf("Info with no qemu-img: %v, want exec.ErrNotFound naming qemu-utils", err)
 	}
@@ -67,16 +67,92 @@ exit 1`)
 		}
 	}
 	check("Create", q.Create(ctx, out, CreateImageOptions{Size: 1 << 20}))
-	_, err := q.Info(ctx, "disk")
+	_, err := q.Info(ctx, "disk", InfoImageOptions{})
 	check("Info", err)
-	_, err = q.Check(ctx, "disk")
+	_, err = q.Check(ctx, "disk", CheckImageOptions{Format: "qcow2"})
 	check("Check", err)
-	check("Convert", q.Convert(ctx, "disk", out, ConvertImageOptions{Progress: func(float64) {}}))
-	check("Resize", q.Resize(ctx, "disk", 1<<20, ResizeImageOptions{}))
-	check("Commit", q.Commit(ctx, "disk"))
-	_, err = q.Compare(ctx, "disk", "other")
+	check("Convert", q.Convert(ctx, "disk", out, ConvertImageOptions{SourceFormat: "qcow2", Progress: func(float64) {}}))
+	check("Resize", q.Resize(ctx, "disk", 1<<20, ResizeImageOptions{Format: "raw"}))
+	check("Commit", q.Commit(ctx, "disk", CommitImageOptions{Format: "qcow2"}))
+	_, err = q.Compare(ctx, "disk", "other", CompareImageOptions{FormatA: "raw", FormatB: "raw"})
 	check("Compare", err)
 	checkTree(t, dir, nil)
+}
+
+// TestQemuImgErrorNamesPath has qemu-img fail naming its output file,
+// which Create and Convert make under a temporary name: the error gives
+// the caller's path instead.
+func TestQemuImgErrorNamesPath(t *testing.T) {
+	q := fakeQemuImg(t, `for a; do case $a in */*) out=$a ;; esac; done
+echo "qemu-img: $out: stand-in failure" >&2
+exit 1`)
+	dir := t.TempDir()
+	ctx := context.Background()
+	out := filepath.Join(dir, "vm-1.qcow2")
+	for what, err := range map[string]error{
+		"Create":  q.Create(ctx, out, CreateImageOptions{Size: 1 << 20}),
+		"Convert": q.Convert(ctx, "in.raw", out, ConvertImageOptions{SourceFormat: "raw", Format: "qcow2"}),
+	} {
+		if err == nil || !strings.Contains(err.Error(), "qemu-img: "+out+": stand-in failure") || strings.Contains(err.Error(), ".tmp") {
+			t.Errorf("%s: %v, want qemu-img's message naming %s", what, err, out)
+		}
+	}
+	checkTree(t, dir, nil)
+}
+
+// TestQemuImgForgedHeader gives qemu-img a raw disk into which a guest
+// could have written a qcow2 header naming a host file as its backing
+// file. Told the format, every method reads the disk as the raw bytes it
+// is, and the host file is neither read nor written; guessing, qemu-img
+// would follow the header, which is why only Info may guess.
+func TestQemuImgForgedHeader(t *testing.T) {
+	q := requireQemuImg(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	secret := filepath.Join(dir, "host-secret")
+	secretData := bytes.Repeat([]byte("host secret "), 1000)
+	if err := os.WriteFile(secret, secretData, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	disk := filepath.Join(dir, "disk.raw")
+	if out, err := exec.Command(q.Path, "create", "-q", "-f", "qcow2", "-b", secret, "-F", "raw", disk, "1M").CombinedOutput(); err != nil {
+		t.Fatalf("forging the header: %v: %s", err, out)
+	}
+	if err := os.Truncate(disk, 1<<20); err != nil { // a whole raw disk
+		t.Fatal(err)
+	}
+	forged, err := os.ReadFile(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	guessed, err := q.Info(ctx, disk, InfoImageOptions{})
+	if err != nil || len(guessed) != 2 || guessed[1].Filename != secret {
+		t.Fatalf("Info guessing: %+v, %v; want qemu-img to follow the header to %s (else this test shows nothing)", guessed, err, secret)
+	}
+	chain, err := q.Info(ctx, disk, InfoImageOptions{Format: "raw"})
+	if err != nil || len(chain) != 1 || chain[0].Format != "raw" || chain[0].BackingFilename != "" || chain[0].VirtualSize != int64(len(forged)) {
+		t.Errorf("Info of the raw disk: %+v, %v; want one raw image", chain, err)
+	}
+	if _, err := q.Check(ctx, disk, CheckImageOptions{Format: "raw"}); !errors.Is(err, ErrImageCheckNotSupported) {
+		t.Errorf("Check as raw: %v, want ErrImageCheckNotSupported", err)
+	}
+	copied := filepath.Join(dir, "copy.raw")
+	if err := q.Convert(ctx, disk, copied, ConvertImageOptions{SourceFormat: "raw"}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(copied); err != nil || !bytes.Equal(got, forged) {
+		t.Errorf("Convert copied %d bytes (%v), not the disk's %d", len(got), err, len(forged))
+	}
+	if same, err := q.Compare(ctx, disk, copied, CompareImageOptions{FormatA: "raw", FormatB: "raw"}); err != nil || !same {
+		t.Errorf("Compare with the copy: %v, %v", same, err)
+	}
+	if err := q.Commit(ctx, disk, CommitImageOptions{Format: "raw"}); err == nil {
+		t.Error("Commit of a raw image succeeded")
+	}
+	if got, err := os.ReadFile(secret); err != nil || !bytes.Equal(got, secretData) {
+		t.Errorf("the host file changed: %v", err)
+	}
 }
 
 // TestQemuImgDies has qemu-img killed by a signal half-way through a
@@ -86,7 +162,7 @@ func TestQemuImgDies(t *testing.T) {
 printf 'half an image' >"$out"
 kill -9 $$`)
 	dir := t.TempDir()
-	err := q.Convert(context.Background(), "in.qcow2", filepath.Join(dir, "out.raw"), ConvertImageOptions{})
+	err := q.Convert(context.Background(), "in.qcow2", filepath.Join(dir, "out.raw"), ConvertImageOptions{SourceFormat: "qcow2"})
 	if err == nil || !strings.Contains(err.Error(), "signal: killed") {
 		t.Errorf("Convert: %v, want the signal", err)
 	}
@@ -106,7 +182,20 @@ func TestQemuImgBadArguments(t *testing.T) {
 		{"no size", q.Create(ctx, filepath.Join(dir, "a"), CreateImageOptions{}), "no size and no backing file"},
 		{"no backing format", q.Create(ctx, filepath.Join(dir, "a"), CreateImageOptions{BackingFile: "base.qcow2"}), "has no BackingFormat"},
 		{"output is a directory", q.Create(ctx, dir, CreateImageOptions{Size: 1}), "output path is a directory"},
-		{"resize to 0", q.Resize(ctx, "a", 0, ResizeImageOptions{}), "size 0 is not positive"},
+		{"resize to 0", q.Resize(ctx, "a", 0, ResizeImageOptions{Format: "raw"}), "size 0 is not positive"},
+		// Every method but Info refuses to have qemu-img guess a format.
+		{"check, no format", func() error { _, err := q.Check(ctx, "a", CheckImageOptions{}); return err }(), "no Format given: qemu-img would guess it"},
+		{"convert, no source format", q.Convert(ctx, "a", filepath.Join(dir, "b"), ConvertImageOptions{Format: "raw"}), "no SourceFormat given"},
+		{"resize, no format", q.Resize(ctx, "a", 1<<20, ResizeImageOptions{}), "no Format given"},
+		{"commit, no format", q.Commit(ctx, "a", CommitImageOptions{}), "no Format given"},
+		{"compare, no first format", func() error {
+			_, err := q.Compare(ctx, "a", "b", CompareImageOptions{FormatB: "raw"})
+			return err
+		}(), "no FormatA given"},
+		{"compare, no second format", func() error {
+			_, err := q.Compare(ctx, "a", "b", CompareImageOptions{FormatA: "raw"})
+			return err
+		}(), "no FormatB given"},
 	} {
 		if tc.err == nil || !strings.Contains(tc.err.Error(), tc.want) {
 			t.Errorf("%s: %v, want %q", tc.name, tc.err, tc.want)
@@ -145,6 +234,12 @@ esac`)
 	if got := args(); !regexp.MustCompile(`^convert -O qcow2 -f raw -c in.qcow2 .*/\.new\.qcow2\.tmp[0-9]+$`).MatchString(got) {
 		t.Errorf("convert: %s", got)
 	}
+	if err := q.Convert(ctx, "nbd:host:1", filepath.Join(dir, "out:x"), ConvertImageOptions{SourceFormat: "raw"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := args(); !regexp.MustCompile(`^convert -O raw -f raw \./nbd:host:1 /.*/\.out:x\.tmp[0-9]+$`).MatchString(got) {
+		t.Errorf("convert: %s", got)
+	}
 	if fi, err := os.Stat(out); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("stat %s: %v, %v; want mode 0600", out, fi, err)
 	}
@@ -152,9 +247,25 @@ esac`)
 		run  func() error
 		want string
 	}{
-		{func() error { return q.Resize(ctx, "d.img", 5<<30, ResizeImageOptions{Format: "raw", Shrink: true}) }, "resize -q -f raw --shrink -- d.img 5368709120"},
-		{func() error { return q.Commit(ctx, "o.qcow2") }, "commit -q o.qcow2"},
-		{func() error { _, err := q.Compare(ctx, "a", "b"); return err }, "compare -q a b"},
+		{func() error { return q.Resize(ctx, "d.img", 5<<30, ResizeImageOptions{Format: "raw", Shrink: true}) }, "resize -q -f raw --shrink d.img 5368709120"},
+		{func() error { return q.Commit(ctx, "o.qcow2", CommitImageOptions{Format: "qcow2"}) }, "commit -q -f qcow2 o.qcow2"},
+		{func() error {
+			_, err := q.Compare(ctx, "a", "/abs/b", CompareImageOptions{FormatA: "raw", FormatB: "qcow2"})
+			return err
+		}, "compare -q -f raw -F qcow2 a /abs/b"},
+		// Relative paths that qemu-img would read as a protocol, a node
+		// definition or an option are made file names.
+		{func() error {
+			_, err := q.Compare(ctx, "vm:1.qcow2", "json:{}", CompareImageOptions{FormatA: "qcow2", FormatB: "raw"})
+			return err
+		}, "compare -q -f qcow2 -F raw ./vm:1.qcow2 ./json:{}"},
+		{func() error { return q.Resize(ctx, "-d.img", 1<<20, ResizeImageOptions{Format: "raw"}) }, "resize -q -f raw ./-d.img 1048576"},
+		{func() error { return q.Commit(ctx, "dir/x:y.qcow2", CommitImageOptions{Format: "qcow2"}) }, "commit -q -f qcow2 dir/x:y.qcow2"},
+		{func() error {
+			_, err := q.Check(ctx, "--help", CheckImageOptions{Format: "qcow2"})
+			return err
+		}, "check --output=json -f qcow2 ./--help"},
+		{func() error { _, err := q.Info(ctx, "json:{}", InfoImageOptions{Format: "raw"}); return err }, "info --output=json --backing-chain -f raw ./json:{}"},
 	} {
 		if err := tc.run(); err != nil {
 			t.Fatal(err)
@@ -163,7 +274,7 @@ esac`)
 			t.Errorf("ran %q, want %q", got, tc.want)
 		}
 	}
-	chain, err := q.Info(ctx, "o.qcow2")
+	chain, err := q.Info(ctx, "o.qcow2", InfoImageOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,14 +285,14 @@ esac`)
 		t.Errorf("info: %+v", chain)
 	}
 	// Exit status 2 means corruptions: a result, not an error.
-	c, err := q.Check(ctx, "o.qcow2")
+	c, err := q.Check(ctx, "o.qcow2", CheckImageOptions{Format: "qcow2"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if c.Corruptions != 2 || c.TotalClusters != 16 || c.Clean() {
 		t.Errorf("check: %+v", c)
 	}
-	if got := args(); got != "check --output=json o.qcow2" {
+	if got := args(); got != "check --output=json -f qcow2 o.qcow2" {
 		t.Errorf("check: %s", got)
 	}
 }
@@ -190,29 +301,29 @@ func TestQemuImgExitCodes(t *testing.T) {
 	ctx := context.Background()
 	for code, want := range map[int]bool{0: true, 1: false} {
 		q := fakeQemuImg(t, "exit "+strconv.Itoa(code))
-		same, err := q.Compare(ctx, "a", "b")
+		same, err := q.Compare(ctx, "a", "b", CompareImageOptions{FormatA: "raw", FormatB: "raw"})
 		if err != nil || same != want {
 			t.Errorf("compare exit %d: %v, %v; want %v", code, same, err, want)
 		}
 	}
 	q := fakeQemuImg(t, `echo "qemu-img: Could not open 'b'" >&2; exit 2`)
-	if _, err := q.Compare(ctx, "a", "b"); err == nil || !strings.Contains(err.Error(), "Could not open 'b'") {
+	if _, err := q.Compare(ctx, "a", "b", CompareImageOptions{FormatA: "raw", FormatB: "raw"}); err == nil || !strings.Contains(err.Error(), "Could not open 'b'") {
 		t.Errorf("compare exit 2: %v", err)
 	}
 	q = fakeQemuImg(t, `echo '{"filename":"x","format":"qcow2","check-errors":0,"leaks":5}'; exit 3`)
-	if c, err := q.Check(ctx, "x"); err != nil || c.Leaks != 5 || c.Clean() {
+	if c, err := q.Check(ctx, "x", CheckImageOptions{Format: "qcow2"}); err != nil || c.Leaks != 5 || c.Clean() {
 		t.Errorf("check exit 3: %+v, %v", c, err)
 	}
 	q = fakeQemuImg(t, `echo "qemu-img: This image format does not support checks" >&2; exit 63`)
-	if _, err := q.Check(ctx, "x"); !errors.Is(err, ErrImageCheckNotSupported) {
+	if _, err := q.Check(ctx, "x", CheckImageOptions{Format: "qcow2"}); !errors.Is(err, ErrImageCheckNotSupported) {
 		t.Errorf("check exit 63: %v, want ErrImageCheckNotSupported", err)
 	}
 	q = fakeQemuImg(t, `echo '{"filename":"x","format":"qcow2","check-errors":1}'; echo "qemu-img: Check failed: Input/output error" >&2; exit 1`)
-	if c, err := q.Check(ctx, "x"); err == nil || !strings.Contains(err.Error(), "Check failed") || c.CheckErrors != 1 {
+	if c, err := q.Check(ctx, "x", CheckImageOptions{Format: "qcow2"}); err == nil || !strings.Contains(err.Error(), "Check failed") || c.CheckErrors != 1 {
 		t.Errorf("check exit 1: %+v, %v; want the error and the partial result", c, err)
 	}
 	q = fakeQemuImg(t, `echo 'not json'`)
-	if _, err := q.Info(ctx, "x"); err == nil || !strings.Contains(err.Error(), "reading its output") {
+	if _, err := q.Info(ctx, "x", InfoImageOptions{}); err == nil || !strings.Contains(err.Error(), "reading its output") {
 		t.Errorf("info with garbage output: %v", err)
 	}
 }
@@ -252,7 +363,7 @@ exec /bin/sleep 60
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	start := time.Now()
-	err := q.Convert(ctx, "in.qcow2", filepath.Join(dir, "old.img"), ConvertImageOptions{Progress: func(float64) { cancel() }})
+	err := q.Convert(ctx, "in.qcow2", filepath.Join(dir, "old.img"), ConvertImageOptions{SourceFormat: "qcow2", Progress: func(float64) { cancel() }})
 	if !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "qemu-img stopped") {
 		t.Fatalf("Convert: %v, want context.Canceled", err)
 	}
@@ -317,7 +428,7 @@ func TestQemuImgRealErrors(t *testing.T) {
 	q := requireQemuImg(t)
 	dir := t.TempDir()
 	ctx := context.Background()
-	_, err := q.Info(ctx, filepath.Join(dir, "missing.qcow2"))
+	_, err := q.Info(ctx, filepath.Join(dir, "missing.qcow2"), InfoImageOptions{})
 	if err == nil || !strings.Contains(err.Error(), "Could not open") {
 		t.Errorf("Info of a missing file: %v", err)
 	}
@@ -325,7 +436,7 @@ func TestQemuImgRealErrors(t *testing.T) {
 	if err := q.Create(ctx, raw, CreateImageOptions{Format: "raw", Size: 1 << 20}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := q.Check(ctx, raw); !errors.Is(err, ErrImageCheckNotSupported) {
+	if _, err := q.Check(ctx, raw, CheckImageOptions{Format: "raw"}); !errors.Is(err, ErrImageCheckNotSupported) {
 		t.Errorf("Check of a raw image: %v, want ErrImageCheckNotSupported", err)
 	}
 	err = q.Resize(ctx, raw, 512<<10, ResizeImageOptions{Format: "raw"})
@@ -339,6 +450,27 @@ func TestQemuImgRealErrors(t *testing.T) {
 		t.Errorf("after the shrink: %v, %v", fi, err)
 	}
 	checkTree(t, dir, []string{"disk.raw"})
+}
+
+// TestQemuImgRealColonNames makes an overlay whose backing file, named
+// relative to it, has a colon in its name, which qemu-img would take for a
+// protocol: Create records it as a file name, and the chain opens.
+func TestQemuImgRealColonNames(t *testing.T) {
+	q := requireQemuImg(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	base := filepath.Join(dir, "vm:base.qcow2")
+	if err := q.Create(ctx, base, CreateImageOptions{Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	overlay := filepath.Join(dir, "json:{overlay}.qcow2")
+	if err := q.Create(ctx, overlay, CreateImageOptions{BackingFile: "vm:base.qcow2", BackingFormat: "qcow2"}); err != nil {
+		t.Fatal(err)
+	}
+	chain, err := q.Info(ctx, overlay, InfoImageOptions{Format: "qcow2"})
+	if err != nil || len(chain) != 2 || chain[0].BackingFilename != "./vm:base.qcow2" || chain[1].VirtualSize != 1<<20 {
+		t.Errorf("Info: %+v, %v; want the overlay on ./vm:base.qcow2", chain, err)
+	}
 }
 
 // TestQemuImgRealCheck damages the refcounts of fresh qcow2 images by hand
@@ -367,7 +499,7 @@ func TestQemuImgRealCheck(t *testing.T) {
 			if tc.cluster >= 0 {
 				setQcow2Refcount(t, img, tc.cluster, tc.refcount, tc.grow)
 			}
-			c, err := q.Check(ctx, img)
+			c, err := q.Check(ctx, img, CheckImageOptions{Format: "qcow2"})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -440,7 +572,7 @@ func TestQemuImgInGuest(t *testing.T) {
 	want := append([]byte(nil), pattern...)
 	copy(want[offset:], text)
 
-	chain, err := q.Info(ctx, overlay)
+	chain, err := q.Info(ctx, overlay, InfoImageOptions{Format: "qcow2"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -450,7 +582,7 @@ func TestQemuImgInGuest(t *testing.T) {
 		t.Errorf("backing chain: %+v", chain)
 	}
 	for _, img := range []string{overlay, base} {
-		c, err := q.Check(ctx, img)
+		c, err := q.Check(ctx, img, CheckImageOptions{Format: "qcow2"})
 		if err != nil || !c.Clean() || c.Format != "qcow2" || c.TotalClusters == 0 {
 			t.Errorf("check %s: %+v, %v", img, c, err)
 		}
@@ -477,26 +609,26 @@ func TestQemuImgInGuest(t *testing.T) {
 	if got, err := os.ReadFile(flat); err != nil || !bytes.Equal(got, want) {
 		t.Errorf("the flattened image does not hold the base with the guest's write (%d bytes, %v)", len(got), err)
 	}
-	if same, err := q.Compare(ctx, overlay, flat); err != nil || !same {
+	if same, err := q.Compare(ctx, overlay, flat, CompareImageOptions{FormatA: "qcow2", FormatB: "raw"}); err != nil || !same {
 		t.Errorf("compare overlay with its flat copy: %v, %v; want identical", same, err)
 	}
-	if same, err := q.Compare(ctx, base, flat); err != nil || same {
+	if same, err := q.Compare(ctx, base, flat, CompareImageOptions{FormatA: "qcow2", FormatB: "raw"}); err != nil || same {
 		t.Errorf("compare base with the flat copy: %v, %v; want different", same, err)
 	}
-	if err := q.Commit(ctx, overlay); err != nil {
+	if err := q.Commit(ctx, overlay, CommitImageOptions{Format: "qcow2"}); err != nil {
 		t.Fatal(err)
 	}
-	if same, err := q.Compare(ctx, base, flat); err != nil || !same {
+	if same, err := q.Compare(ctx, base, flat, CompareImageOptions{FormatA: "qcow2", FormatB: "raw"}); err != nil || !same {
 		t.Errorf("compare base with the flat copy after commit: %v, %v; want identical", same, err)
 	}
 	if err := q.Resize(ctx, flat, 2*size, ResizeImageOptions{Format: "raw"}); err != nil {
 		t.Fatal(err)
 	}
-	if info, err := q.Info(ctx, flat); err != nil || info[0].VirtualSize != 2*size || info[0].Format != "raw" {
+	if info, err := q.Info(ctx, flat, InfoImageOptions{Format: "raw"}); err != nil || info[0].VirtualSize != 2*size || info[0].Format != "raw" {
 		t.Errorf("info after resize: %+v, %v", info, err)
 	}
 	// Zeros past the smaller image's end are no difference.
-	if same, err := q.Compare(ctx, base, flat); err != nil || !same {
+	if same, err := q.Compare(ctx, base, flat, CompareImageOptions{FormatA: "qcow2", FormatB: "raw"}); err != nil || !same {
 		t.Errorf("compare after growing with zeros: %v, %v; want identical", same, err)
 	}
 	checkTree(t, dir, []string{"base.qcow2", "flat.raw", "overlay.qcow2", "pattern.raw"})
