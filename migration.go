@@ -182,10 +182,15 @@ func (m MigrationInfo) Progress() float64 {
 	if m.Status == "completed" {
 		return 1
 	}
-	if m.RAM == nil || m.RAM.Transferred+m.RAM.Remaining <= 0 {
+	if m.RAM == nil {
 		return 0
 	}
-	return float64(m.RAM.Transferred) / float64(m.RAM.Transferred+m.RAM.Remaining)
+	// In floats, so that no sum overflows; a negative count is none.
+	sent, left := max(float64(m.RAM.Transferred), 0), max(float64(m.RAM.Remaining), 0)
+	if sent+left == 0 {
+		return 0
+	}
+	return sent / (sent + left)
 }
 
 // ExecuteQueryMigrate reports the migration's status and progress
