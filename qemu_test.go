@@ -161,10 +161,10 @@ func TestIncomingProblem(t *testing.T) {
 		}
 	}
 	for in, want := range map[string]string{
-		"later":       `Incoming "later" is neither defer nor SCHEME:ADDRESS`,
-		"unix:":       `Incoming "unix:" is neither defer nor SCHEME:ADDRESS`,
-		"smoke:/dev":  `Incoming "smoke:/dev": QEMU knows no scheme smoke`,
-		"Defer":       `Incoming "Defer" is neither defer nor SCHEME:ADDRESS`,
+		"later":      `Incoming "later" is neither defer nor SCHEME:ADDRESS`,
+		"unix:":      `Incoming "unix:" is neither defer nor SCHEME:ADDRESS`,
+		"smoke:/dev": `Incoming "smoke:/dev": QEMU knows no scheme smoke`,
+		"Defer":      `Incoming "Defer" is neither defer nor SCHEME:ADDRESS`,
 		"tcp:1:2\nx": "",
 	} {
 		if got := incomingProblem(in); got != want {

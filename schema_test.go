@@ -407,7 +407,9 @@ func typedCommands(ctx context.Context, q *QMP, file *os.File) []string {
 		{"Migrate: migrate-set-capabilities", nil},
 		{"Migrate: migrate", nil},
 		{"Migrate: query-migrate", func() error { _, err := q.Migrate(ctx, "fd:mig", MigrateOptions{}); return err }},
-		{"blockdev-mirror", func() error { return q.ExecuteBlockdevMirror(ctx, BlockdevMirror{JobID: "job0", Device: "n0", Target: "n1"}) }},
+		{"blockdev-mirror", func() error {
+			return q.ExecuteBlockdevMirror(ctx, BlockdevMirror{JobID: "job0", Device: "n0", Target: "n1"})
+		}},
 		{"blockdev-mirror all", func() error {
 			return q.ExecuteBlockdevMirror(ctx, BlockdevMirror{JobID: "job0", Device: "n0", Target: "n1", Sync: "top", Speed: 1 << 20,
 				CopyMode: "write-blocking", OnTargetError: "enospc"})
@@ -420,7 +422,9 @@ func typedCommands(ctx context.Context, q *QMP, file *os.File) []string {
 		{"block-commit all", func() error {
 			return q.ExecuteBlockCommit(ctx, BlockCommit{JobID: "job0", Device: "n2", TopNode: "n1", BaseNode: "n0", Speed: 1 << 20})
 		}},
-		{"blockdev-backup", func() error { return q.ExecuteBlockdevBackup(ctx, BlockdevBackup{JobID: "job0", Device: "n0", Target: "n1"}) }},
+		{"blockdev-backup", func() error {
+			return q.ExecuteBlockdevBackup(ctx, BlockdevBackup{JobID: "job0", Device: "n0", Target: "n1"})
+		}},
 		{"blockdev-backup all", func() error {
 			return q.ExecuteBlockdevBackup(ctx, BlockdevBackup{JobID: "job0", Device: "n0", Target: "n1", Sync: "full", Speed: 1 << 20})
 		}},
@@ -438,10 +442,16 @@ func typedCommands(ctx context.Context, q *QMP, file *os.File) []string {
 		}},
 		{"Stream: block-stream", nil},
 		{"Stream: query-jobs", nil},
-		{"Stream: job-dismiss", func() error { _, err := q.Stream(ctx, BlockStream{JobID: "job0", Device: "n1"}, JobOptions{}); return err }},
+		{"Stream: job-dismiss", func() error {
+			_, err := q.Stream(ctx, BlockStream{JobID: "job0", Device: "n1"}, JobOptions{})
+			return err
+		}},
 		{"Commit: block-commit", nil},
 		{"Commit: query-jobs", nil},
-		{"Commit: job-dismiss", func() error { _, err := q.Commit(ctx, BlockCommit{JobID: "job0", Device: "n1"}, JobOptions{}); return err }},
+		{"Commit: job-dismiss", func() error {
+			_, err := q.Commit(ctx, BlockCommit{JobID: "job0", Device: "n1"}, JobOptions{})
+			return err
+		}},
 		{"Backup: blockdev-backup", nil},
 		{"Backup: query-jobs", nil},
 		{"Backup: job-dismiss", func() error {
