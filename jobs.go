@@ -236,11 +236,20 @@ func (q *QMP) runJob(ctx context.Context, name, id string, args interface{}, opt
 	}
 	sub := q.Subscribe(jobFilter(id))
 	defer sub.Close()
-	if err := q.run(ctx, name, id, args, nil); err != nil {
-		return JobInfo{}, err
-	}
 	j := jobRun{q: q, name: name, id: id, opts: opts,
 		w: waiter{sub: sub, interval: opts.ProgressInterval, poll: opts.Progress != nil}}
+	if err := q.run(ctx, name, id, args, nil); err != nil {
+		if ctx.Err() == nil {
+			return JobInfo{}, err
+		}
+		// The command may have reached QEMU before ctx ended: cancel
+		// the job if there is one.
+		wctx, cerr := j.cancel(ctx, ctx.Err())
+		if cerr != nil {
+			return JobInfo{}, err
+		}
+		return j.wait(wctx)
+	}
 	return j.wait(ctx)
 }
 

@@ -240,6 +240,10 @@ func (q *QMP) Migrate(ctx context.Context, uri string, opts MigrateOptions) (Mig
 	sub := q.Subscribe(MigrationFilter(migrationEnds...))
 	defer sub.Close()
 	if err := q.ExecuteMigrate(ctx, uri); err != nil {
+		if ctx.Err() != nil {
+			// The command may have reached QEMU before ctx ended.
+			return q.cancelMigration(ctx, uri, sub, opts)
+		}
 		return MigrationInfo{}, err
 	}
 	w := waiter{sub: sub, interval: opts.ProgressInterval, poll: opts.Progress != nil}
@@ -280,8 +284,22 @@ func isMigrationEnd(status string) bool {
 	return status == "completed" || status == "failed" || status == "cancelled"
 }
 
+// finalQueries bounds how often migrationEnded asks again for the
+// figures of a completed migration: QEMU 7.2 and 10.0 report "completed"
+// a moment before they set total-time and downtime and move the source
+// to postmigrate (a few queries later here), and a QEMU that never set
+// them must not hold Migrate.
+const finalQueries = 1000
+
 // migrationEnded reports a migration's end, as info says it.
 func (q *QMP) migrationEnded(ctx context.Context, uri string, info MigrationInfo, opts MigrateOptions) (MigrationInfo, error) {
+	for i := 0; info.Status == "completed" && info.TotalTime == 0 && i < finalQueries; i++ {
+		next, err := q.ExecuteQueryMigrate(ctx)
+		if err != nil {
+			break
+		}
+		info = next
+	}
 	if opts.Progress != nil {
 		opts.Progress(info)
 	}
@@ -291,6 +309,9 @@ func (q *QMP) migrationEnded(ctx context.Context, uri string, info MigrationInfo
 	reason := info.ErrorDesc
 	if reason == "" {
 		reason = "no reason given"
+	}
+	if info.Status == "failed" {
+		return info, commandError("migrate", uri, fmt.Errorf("%w: %s", ErrMigrationFailed, reason))
 	}
 	return info, commandError("migrate", uri, fmt.Errorf("%w: %s: %s", ErrMigrationFailed, info.Status, reason))
 }
@@ -312,7 +333,7 @@ func (q *QMP) cancelMigration(ctx context.Context, uri string, sub *Subscription
 		if info.Status == "completed" {
 			return q.migrationEnded(ctx, uri, info, opts)
 		}
-		if isMigrationEnd(info.Status) {
+		if isMigrationEnd(info.Status) || info.Status == "none" {
 			return info, commandError("migrate", uri, fmt.Errorf("cancelled: %w", cause))
 		}
 		if _, err := sub.Receive(ctx); err != nil {

@@ -518,7 +518,7 @@ func TestTypedCommandsMatchSchema(t *testing.T) {
 				case strings.Contains(cmd, `"execute":"migrate"`):
 					return []string{okReply, event("MIGRATION", `{"status": "completed"}`, 1, 0)}
 				case strings.Contains(cmd, `"query-migrate"`):
-					return []string{`{"return": {"status": "completed"}}`}
+					return []string{`{"return": {"status": "completed", "total-time": 600}}`}
 				case strings.Contains(cmd, `"blockdev-mirror"`):
 					return []string{okReply, event("JOB_STATUS_CHANGE", `{"id": "job0", "status": "ready"}`, 1, 0)}
 				case strings.Contains(cmd, `"job-complete"`), strings.Contains(cmd, `"block-stream"`), strings.Contains(cmd, `"block-commit"`),
