@@ -49,7 +49,10 @@ func (q *QMP) SaveSnapshot(ctx context.Context, s Snapshot, opts JobOptions) (Jo
 }
 
 // LoadSnapshot loads an internal snapshot (snapshot-load) and waits for
-// the job to end: the VM is then as it was when the snapshot was saved.
+// the job to end: the VM is then as it was when the snapshot was saved,
+// running if it was running. When the load fails, QEMU 7.2 and 10.0
+// leave the VM stopped (status "restore-vm"), since its state may be
+// half loaded.
 func (q *QMP) LoadSnapshot(ctx context.Context, s Snapshot, opts JobOptions) (JobInfo, error) {
 	if err := s.check("snapshot-load", true); err != nil {
 		return JobInfo{}, err
