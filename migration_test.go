@@ -247,7 +247,7 @@ type vmSpec struct {
 }
 
 // testVM is the QEMU under test, with a q35 machine.
-func testVM(t *testing.T) vmSpec {
+func testVM(t testing.TB) vmSpec {
 	t.Helper()
 	requireGuest(t)
 	v := vmSpec{bin: realVM.bin, machine: "q35"}
@@ -261,7 +261,14 @@ func testVM(t *testing.T) vmSpec {
 // ready line unless incoming is set (-incoming), in which case QEMU waits
 // for a migration; extra are added to the command line. Cleanup closes
 // it.
-func (v vmSpec) start(t *testing.T, incoming string, extra ...string) *Instance {
+func (v vmSpec) start(t testing.TB, incoming string, extra ...string) *Instance {
+	t.Helper()
+	return v.startWith(t, incoming, InstanceOptions{}, extra...)
+}
+
+// startWith is start with options; the console is always the serial
+// port.
+func (v vmSpec) startWith(t testing.TB, incoming string, opts InstanceOptions, extra ...string) *Instance {
 	t.Helper()
 	accel, _ := guestAccel()
 	config := Config{
@@ -275,13 +282,16 @@ func (v vmSpec) start(t *testing.T, incoming string, extra ...string) *Instance 
 		Env:          v.env,
 		ExtraParams:  append(append([]string{"-display", "none"}, accel...), extra...),
 	}
-	inst, err := StartInstance(ctxTimeout(t, 30*time.Second), config, InstanceOptions{Console: ConsoleSerial})
+	opts.Console = ConsoleSerial
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	inst, err := StartInstance(ctx, config, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { inst.Close() })
 	if incoming == "" {
-		if _, err := inst.Console().WaitFor(ctxTimeout(t, 2*time.Minute), guestReadyLine); err != nil {
+		if _, err := inst.Console().WaitFor(ctx, guestReadyLine); err != nil {
 			t.Fatalf("%v; console:\n%s\nQEMU's stderr: %s", err, inst.Console().History(), inst.Stderr())
 		}
 	}
@@ -659,5 +669,40 @@ func writePEM(t *testing.T, dir string, files map[string][]byte) {
 		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestMigrationQEMU72To100 moves a running guest from QEMU 7.2 to QEMU
+// 10.0 on the machine type both have, pc-q35-7.2: the guest carries on.
+// It needs Debian's QEMU 7.2 and the QEMU 10.0 that make test unpacks.
+func TestMigrationQEMU72To100(t *testing.T) {
+	requireGuest(t)
+	root, _ := filepath.Abs(filepath.Join("testdata", "qemu10"))
+	old := vmSpec{bin: "/usr/bin/qemu-system-x86_64", machine: "pc-q35-7.2",
+		env: []string{"QEMU_MODULE_DIR=/usr/lib/x86_64-linux-gnu/qemu"}}
+	young := vmSpec{bin: filepath.Join(root, "usr/bin/qemu-system-x86_64"), machine: "pc-q35-7.2",
+		firmware: []string{filepath.Join(root, "usr/share/qemu"), filepath.Join(root, "usr/share/seabios")},
+		env:      []string{"QEMU_MODULE_DIR=" + filepath.Join(root, "usr/lib/x86_64-linux-gnu/qemu")}}
+	for _, bin := range []string{old.bin, young.bin} {
+		if _, err := os.Stat(bin); err != nil {
+			t.Skipf("needs QEMU 7.2 and 10.0 (make qemu10): %v", err)
+		}
+	}
+	src := old.start(t, "")
+	if v := src.Version(); v.Major != 7 || v.Minor != 2 {
+		t.Fatalf("%s is QEMU %d.%d", old.bin, v.Major, v.Minor)
+	}
+	startHeartbeat(t, src)
+	dst := young.start(t, "defer")
+	if v := dst.Version(); v.Major != 10 {
+		t.Fatalf("%s is QEMU %d.%d", young.bin, v.Major, v.Minor)
+	}
+	sock := filepath.Join(shortTempDir(t), "mig.sock")
+	if err := dst.QMP().ExecuteMigrateIncoming(ctxTimeout(t, 30*time.Second), "unix:"+sock); err != nil {
+		t.Fatal(err)
+	}
+	migrateTo(t, src, dst, "unix:"+sock)
+	if got := guestAsk(t, dst, "echo ans=alive"); got != "alive" {
+		t.Errorf("the guest on QEMU 10.0 answers %q", got)
 	}
 }
