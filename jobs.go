@@ -185,6 +185,7 @@ type JobError struct {
 	Event string
 }
 
+// Error returns the job's type, id and QEMU's reason.
 func (e *JobError) Error() string {
 	if e.Event != "" {
 		return fmt.Sprintf("%s job %s failed: %s (%s)", e.Type, e.ID, e.Desc, e.Event)

@@ -37,6 +37,17 @@ const (
 	wireQueryMigrate = `{"execute":"query-migrate"}`
 )
 
+// migrateOnFake starts Migrate against the fake server and answers its
+// first command, which turns the events capability on.
+func migrateOnFake(t *testing.T, s *client, ctx context.Context, uri string, opts MigrateOptions) <-chan error {
+	t.Helper()
+	ch := make(chan error, 1)
+	go func() { _, err := s.q.Migrate(ctx, uri, opts); ch <- err }()
+	s.p.expect(t, wireEventsOn)
+	s.p.send(okReply)
+	return ch
+}
+
 func migrateReply(status string, transferred, remaining int64) string {
 	return fmt.Sprintf(`{"return": {"status": %q, "total-time": 600, "ram": {"transferred": %d, "remaining": %d, "total": %d}}}`,
 		status, transferred, remaining, transferred+remaining)
@@ -119,10 +130,7 @@ func TestMigrateContextEnds(t *testing.T) {
 	s := connect(t, "7.2.22", nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	ch := make(chan error, 1)
-	go func() { _, err := s.q.Migrate(ctx, "fd:mig", MigrateOptions{}); ch <- err }()
-	s.p.expect(t, wireEventsOn)
-	s.p.send(okReply)
+	ch := migrateOnFake(t, s, ctx, "fd:mig", MigrateOptions{})
 	s.p.expect(t, `{"execute":"migrate","arguments":{"uri":"fd:mig"}}`)
 	s.p.send(okReply, event("MIGRATION", `{"status": "active"}`, 1, 0))
 	stillPending(t, ch, "Migrate")
@@ -147,10 +155,7 @@ func TestMigrateCompletesAsContextEnds(t *testing.T) {
 	s := connect(t, "7.2.22", nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	ch := make(chan error, 1)
-	go func() { _, err := s.q.Migrate(ctx, "fd:mig", MigrateOptions{}); ch <- err }()
-	s.p.expect(t, wireEventsOn)
-	s.p.send(okReply)
+	ch := migrateOnFake(t, s, ctx, "fd:mig", MigrateOptions{})
 	s.p.recv()
 	s.p.send(okReply)
 	cancel()
@@ -166,14 +171,8 @@ func TestMigrateCompletesAsContextEnds(t *testing.T) {
 // QEMU dying half-way ends Migrate with the session's end.
 func TestMigrateQEMUDies(t *testing.T) {
 	s := connect(t, "10.0.2", nil)
-	ch := make(chan error, 1)
-	go func() {
-		_, err := s.q.Migrate(ctxTimeout(t, 10*time.Second), "unix:/tmp/m.sock", MigrateOptions{
-			Progress: func(MigrationInfo) {}, ProgressInterval: time.Millisecond})
-		ch <- err
-	}()
-	s.p.expect(t, wireEventsOn)
-	s.p.send(okReply)
+	ch := migrateOnFake(t, s, ctxTimeout(t, 10*time.Second), "unix:/tmp/m.sock", MigrateOptions{
+		Progress: func(MigrationInfo) {}, ProgressInterval: time.Millisecond})
 	s.p.recv()
 	s.p.send(okReply)
 	s.p.expect(t, wireQueryMigrate)
