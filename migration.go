@@ -284,16 +284,25 @@ func isMigrationEnd(status string) bool {
 	return status == "completed" || status == "failed" || status == "cancelled"
 }
 
-// finalQueries bounds how often migrationEnded asks again for the
-// figures of a completed migration: QEMU 7.2 and 10.0 report "completed"
-// a moment before they set total-time and downtime and move the source
-// to postmigrate (a few queries later here), and a QEMU that never set
-// them must not hold Migrate.
-const finalQueries = 1000
-
-// migrationEnded reports a migration's end, as info says it.
+// migrationEnded reports a migration's end, as info says it. A completed
+// migration is over on the source only once QEMU has set its figures
+// (total-time, downtime) and moved the VM from finish-migrate to
+// postmigrate: QEMU 7.2 and 10.0 report "completed" before both, by a few
+// milliseconds (by tens over TLS on 10.0). Until then it asks again, a
+// millisecond apart, bounded by ctx.
 func (q *QMP) migrationEnded(ctx context.Context, uri string, info MigrationInfo, opts MigrateOptions) (MigrationInfo, error) {
-	for i := 0; info.Status == "completed" && info.TotalTime == 0 && i < finalQueries; i++ {
+	for info.Status == "completed" {
+		if info.TotalTime != 0 {
+			st, err := q.ExecuteQueryStatus(ctx)
+			if err != nil || st.Status != "finish-migrate" {
+				break
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return info, nil // completed all the same
+		case <-time.After(time.Millisecond):
+		}
 		next, err := q.ExecuteQueryMigrate(ctx)
 		if err != nil {
 			break

@@ -35,6 +35,7 @@ func (p *peer) expect(t *testing.T, want string) {
 const (
 	wireEventsOn     = `{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"events","state":true}]}}`
 	wireQueryMigrate = `{"execute":"query-migrate"}`
+	wireQueryStat    = `{"execute":"query-status"}`
 )
 
 // migrateOnFake starts Migrate against the fake server and answers its
@@ -79,15 +80,30 @@ func TestMigrateProgressAndEnd(t *testing.T) {
 	s.p.send(event("MIGRATION", `{"status": "completed"}`, 2, 0))
 	// A poll may have been sent before the event was read, so one or two
 	// queries follow.
-	rest := s.p.serve(func(cmd string) []string { return []string{migrateReply("completed", 100, 0)} })
+	// Then query-status, until the source has left finish-migrate.
+	states := []string{"finish-migrate", "postmigrate"}
+	rest := s.p.serve(func(cmd string) []string {
+		if cmd == wireQueryStat {
+			st := states[0]
+			states = states[1:]
+			return []string{fmt.Sprintf(`{"return": {"status": %q, "running": false}}`, st)}
+		}
+		return []string{migrateReply("completed", 100, 0)}
+	})
 	if err := <-ch; err != nil {
 		t.Fatal(err)
 	}
 	s.q.Shutdown()
+	var statuses int
 	for _, cmd := range <-rest {
-		if cmd != wireQueryMigrate {
+		if cmd == wireQueryStat {
+			statuses++
+		} else if cmd != wireQueryMigrate {
 			t.Errorf("after the end: %q", cmd)
 		}
+	}
+	if statuses != 2 {
+		t.Errorf("%d query-status after the end, want 2 (finish-migrate, postmigrate)", statuses)
 	}
 	if final.Status != "completed" || final.RAM == nil || final.RAM.Transferred != 100 {
 		t.Errorf("final %+v", final)
@@ -163,6 +179,8 @@ func TestMigrateCompletesAsContextEnds(t *testing.T) {
 	s.p.send(okReply)
 	s.p.expect(t, wireQueryMigrate)
 	s.p.send(migrateReply("completed", 100, 0))
+	s.p.expect(t, wireQueryStat)
+	s.p.send(`{"return": {"status": "postmigrate", "running": false}}`)
 	if err := <-ch; err != nil {
 		t.Errorf("error %v", err)
 	}

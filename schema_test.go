@@ -406,7 +406,8 @@ func typedCommands(ctx context.Context, q *QMP, file *os.File) []string {
 		{"query-migrate", func() error { _, err := q.ExecuteQueryMigrate(ctx); return err }},
 		{"Migrate: migrate-set-capabilities", nil},
 		{"Migrate: migrate", nil},
-		{"Migrate: query-migrate", func() error { _, err := q.Migrate(ctx, "fd:mig", MigrateOptions{}); return err }},
+		{"Migrate: query-migrate", nil},
+		{"Migrate: query-status", func() error { _, err := q.Migrate(ctx, "fd:mig", MigrateOptions{}); return err }},
 		{"blockdev-mirror", func() error {
 			return q.ExecuteBlockdevMirror(ctx, BlockdevMirror{JobID: "job0", Device: "n0", Target: "n1"})
 		}},
