@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 )
 
@@ -280,9 +281,7 @@ func (q *QMP) Migrate(ctx context.Context, uri string, opts MigrateOptions) (Mig
 // migrationEnds are the statuses a migration ends in.
 var migrationEnds = []string{"completed", "failed", "cancelled"}
 
-func isMigrationEnd(status string) bool {
-	return status == "completed" || status == "failed" || status == "cancelled"
-}
+func isMigrationEnd(status string) bool { return slices.Contains(migrationEnds, status) }
 
 // migrationEnded reports a migration's end, as info says it. A completed
 // migration is over on the source only once QEMU has set its figures
