@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -418,8 +419,9 @@ func migrationSocketPair(t *testing.T) (a, b *os.File) {
 // Instances: over a socket pair passed by fd, over a unix socket path,
 // and over TCP with TLS; on the way, a migration to a destination that
 // trusts another CA fails with QEMU's reason, and one cancelled half-way
-// by its context leaves the source running. At the end the guest still
-// answers, and a migration whose source dies half-way fails with the
+// by its context leaves the source running. Then the guest still
+// answers, a migration switched to postcopy from its progress callback
+// completes, and a migration whose source dies half-way fails with the
 // session's end.
 func TestMigrationRealQEMU(t *testing.T) {
 	vm := testVM(t)
@@ -522,8 +524,56 @@ func TestMigrationRealQEMU(t *testing.T) {
 	if got := guestAsk(t, cur, `echo ans=$(cat /proc/uptime | cut -d. -f1)`); got == "" {
 		t.Errorf("the guest's uptime after three migrations: %q", got)
 	}
-	step(t, "source dies half-way", func() {
+	step(t, "postcopy", func() {
 		setTLSClient(t, cur, "") // it has the destination's credentials
+		dst := vm.start(t, "defer")
+		ctx := ctxTimeout(t, time.Minute)
+		postcopy := map[MigrationCapability]bool{MigrationPostcopyRAM: true}
+		for _, inst := range []*Instance{cur, dst} {
+			if err := inst.QMP().ExecuteMigrateSetCapabilities(ctx, postcopy); err != nil {
+				t.Fatal(err)
+			}
+		}
+		sock := filepath.Join(shortTempDir(t), "mig.sock")
+		if err := dst.QMP().ExecuteMigrateIncoming(ctx, "unix:"+sock); err != nil {
+			t.Fatal(err)
+		}
+		// Slow enough for precopy never to finish on its own; the switch
+		// to postcopy, with the limit lifted, is made from the progress
+		// callback, on Migrate's goroutine, through the same session.
+		limit(t, cur, 4<<20)
+		var statuses []string
+		info, err := cur.QMP().Migrate(ctx, "unix:"+sock, MigrateOptions{ProgressInterval: 50 * time.Millisecond,
+			Progress: func(m MigrationInfo) {
+				if len(statuses) == 0 || statuses[len(statuses)-1] != m.Status {
+					statuses = append(statuses, m.Status)
+				}
+				if m.Status == "active" && m.RAM != nil && m.RAM.Transferred > 1<<20 && !slices.Contains(statuses, "postcopy") {
+					statuses = append(statuses, "postcopy")
+					unlimited := int64(0)
+					if err := cur.QMP().ExecuteMigrateSetParameters(ctx, MigrationParameters{MaxBandwidth: &unlimited}); err != nil {
+						t.Errorf("lifting the bandwidth limit: %v", err)
+					}
+					if err := cur.QMP().ExecuteMigrateStartPostcopy(ctx); err != nil {
+						t.Errorf("migrate-start-postcopy: %v", err)
+					}
+				}
+			}})
+		if err != nil {
+			t.Fatalf("postcopy migration: %v (statuses %q)\nsource stderr: %s\ndestination stderr: %s", err, statuses, cur.Stderr(), dst.Stderr())
+		}
+		t.Logf("postcopy: %d ms, statuses %q", info.TotalTime, statuses)
+		if !slices.Contains(statuses, "postcopy-active") {
+			t.Errorf("the migration went through %q, never postcopy-active", statuses)
+		}
+		checkStatus(t, cur, "postmigrate")
+		checkBeatsOn(t, dst, lastBeat(cur), true)
+		cur = dst
+	})
+	step(t, "source dies half-way", func() {
+		if err := cur.QMP().ExecuteMigrateSetCapabilities(ctxTimeout(t, 10*time.Second), map[MigrationCapability]bool{MigrationPostcopyRAM: false}); err != nil {
+			t.Fatal(err)
+		}
 		dst := vm.start(t, "defer")
 		sock := filepath.Join(shortTempDir(t), "mig.sock")
 		if err := dst.QMP().ExecuteMigrateIncoming(ctxTimeout(t, 30*time.Second), "unix:"+sock); err != nil {
