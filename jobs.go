@@ -230,7 +230,10 @@ func (q *QMP) Backup(ctx context.Context, b BlockdevBackup, opts JobOptions) (Jo
 // (job-cancel), and runJob waits for it to conclude, bounded by the
 // session (QEMU ends a cancelled job once its requests in flight have
 // drained), dismisses it and returns an error that wraps ctx.Err(). If
-// the session ends (QEMU died), the error wraps ErrDisconnected.
+// the session ends (QEMU died), the error wraps ErrDisconnected. A job
+// whose error policy is "stop" pauses on an error (BLOCK_JOB_ERROR,
+// action stop) and stays paused, as QEMU means it to, until job-resume
+// from another goroutine or the end of ctx.
 func (q *QMP) runJob(ctx context.Context, name, id string, args interface{}, opts JobOptions) (JobInfo, error) {
 	if id == "" {
 		return JobInfo{}, commandError(name, id, errors.New("JobID is empty"))
