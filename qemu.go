@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -763,6 +764,14 @@ type Config struct {
 	// Knobs are QEMU's on/off switches.
 	Knobs Knobs
 
+	// Incoming makes QEMU wait for an incoming migration rather than
+	// boot (-incoming): "defer" waits for the QMP command
+	// migrate-incoming (ExecuteMigrateIncoming), which is what a
+	// destination passed a file or given TLS credentials needs; a URI
+	// ("unix:PATH", "tcp:HOST:PORT", "fd:N") listens at once. Written
+	// as is.
+	Incoming string
+
 	// FirmwareDirs are directories QEMU searches for firmware and option
 	// ROMs before its own (-L DIR each), for a QEMU installed outside
 	// its default prefix.
@@ -1003,6 +1012,31 @@ func kernelPart(c *Config) plainPart {
 	return plainPart{"Kernel", []string{k.Path, k.InitrdPath, k.Params}, argv}
 }
 
+// incomingPart passes the value verbatim: QEMU parses a URI, not an
+// option list.
+func incomingPart(c *Config) plainPart {
+	if c.Incoming == "" {
+		return plainPart{}
+	}
+	return plainPart{"Incoming", []string{c.Incoming}, []string{"-incoming", c.Incoming}}
+}
+
+// incomingProblem says why Incoming is not something -incoming takes, or
+// "": "defer", or a URI with a scheme QEMU 7.2 to 10.0 know.
+func incomingProblem(incoming string) string {
+	if incoming == "" || incoming == "defer" {
+		return ""
+	}
+	scheme, rest, ok := strings.Cut(incoming, ":")
+	switch {
+	case !ok || rest == "":
+		return fmt.Sprintf("Incoming %q is neither defer nor SCHEME:ADDRESS", incoming)
+	case !slices.Contains([]string{"tcp", "unix", "fd", "exec", "rdma", "file", "vsock"}, scheme):
+		return fmt.Sprintf("Incoming %q: QEMU knows no scheme %s", incoming, scheme)
+	}
+	return ""
+}
+
 // firmwarePart passes each directory verbatim: -L takes a path.
 func firmwarePart(c *Config) plainPart {
 	if len(c.FirmwareDirs) == 0 {
@@ -1025,7 +1059,7 @@ func extraPart(c *Config) plainPart {
 // plainParts lists every plainPart, for checkConfig.
 var plainParts = []func(*Config) plainPart{
 	namePart, uuidPart, machinePart, cpuPart, memoryPart, smpPart,
-	globalPart, vgaPart, knobsPart, kernelPart, firmwarePart, extraPart,
+	globalPart, vgaPart, knobsPart, kernelPart, incomingPart, firmwarePart, extraPart,
 }
 
 // checkConfig returns an error naming the first part of config, among
@@ -1086,6 +1120,9 @@ func configProblems(config *Config) []string {
 		if p := config.RTC.problem(); p != "" {
 			problems = append(problems, "RTC: "+p)
 		}
+	}
+	if p := incomingProblem(config.Incoming); p != "" {
+		problems = append(problems, p)
 	}
 	return problems
 }
@@ -1182,6 +1219,7 @@ func renderConfig(config Config, logger QMPLog) (params []string, fds []*os.File
 		r.log.Warningf("qemu: Kernel.InitrdPath and Kernel.Params left out: Kernel.Path is empty")
 	}
 	r.plain(kernelPart(&config))
+	r.plain(incomingPart(&config))
 	r.plain(firmwarePart(&config))
 	r.plain(extraPart(&config))
 	if len(r.params) == 0 {

@@ -133,6 +133,10 @@ func TestConfigParts(t *testing.T) {
 		{"kernel verbatim", Config{Kernel: Kernel{Path: "/opt/a,b", InitrdPath: "/opt/c,d", Params: "x=1,2"}},
 			argv("-kernel /opt/a,b -initrd /opt/c,d -append x=1,2")},
 		{"initrd without kernel", Config{Kernel: Kernel{InitrdPath: "/opt/initrd.img", Params: "quiet"}}, nil},
+		{"incoming defer", Config{Incoming: "defer"}, argv("-incoming defer")},
+		{"incoming uri verbatim", Config{Incoming: "unix:/run/a,b.sock"}, argv("-incoming unix:/run/a,b.sock")},
+		{"incoming after kernel", Config{Kernel: Kernel{Path: "/opt/vmlinuz"}, Incoming: "tcp:127.0.0.1:4444", FirmwareDirs: []string{"/fw"}},
+			argv("-kernel /opt/vmlinuz -incoming tcp:127.0.0.1:4444 -L /fw")},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -144,6 +148,35 @@ func TestConfigParts(t *testing.T) {
 				t.Errorf("fds = %v, want none", fds)
 			}
 		})
+	}
+}
+
+// Incoming is "defer" or a URI with a scheme QEMU knows; StartInstance
+// refuses anything else before QEMU starts, and a newline fails
+// LaunchQemu as in any plain part.
+func TestIncomingProblem(t *testing.T) {
+	for _, ok := range []string{"", "defer", "unix:/run/m.sock", "tcp:127.0.0.1:0", "fd:mig", "exec:cat /tmp/f", "file:/tmp/vm"} {
+		if p := incomingProblem(ok); p != "" {
+			t.Errorf("incomingProblem(%q) = %q", ok, p)
+		}
+	}
+	for in, want := range map[string]string{
+		"later":      `Incoming "later" is neither defer nor SCHEME:ADDRESS`,
+		"unix:":      `Incoming "unix:" is neither defer nor SCHEME:ADDRESS`,
+		"smoke:/dev": `Incoming "smoke:/dev": QEMU knows no scheme smoke`,
+		"Defer":      `Incoming "Defer" is neither defer nor SCHEME:ADDRESS`,
+		"tcp:1:2\nx": "",
+	} {
+		if got := incomingProblem(in); got != want {
+			t.Errorf("incomingProblem(%q) = %q, want %q", in, got, want)
+		}
+	}
+	_, err := StartInstance(context.Background(), Config{Path: "/nonexistent/qemu", Incoming: "later"}, InstanceOptions{})
+	if err == nil || !strings.Contains(err.Error(), `Incoming "later" is neither defer nor SCHEME:ADDRESS`) {
+		t.Errorf("StartInstance with Incoming later: %v", err)
+	}
+	if _, err := LaunchQemu(Config{Path: "/nonexistent/qemu", Incoming: "tcp:1:2\nx"}, nil); err == nil || !strings.Contains(err.Error(), "config Incoming: a field contains a newline or NUL") {
+		t.Errorf("LaunchQemu with a newline in Incoming: %v", err)
 	}
 }
 

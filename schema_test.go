@@ -386,6 +386,104 @@ func typedCommands(ctx context.Context, q *QMP, file *os.File) []string {
 		{"AddCPU: device_add", func() error { _, err := q.AddCPU(ctx, "cpu1"); return err }},
 		{"RemoveCPU: device_del", nil},
 		{"RemoveCPU: query-hotpluggable-cpus", func() error { return q.RemoveCPU(ctx, "cpu1") }},
+		{"migrate-set-capabilities", func() error {
+			return q.ExecuteMigrateSetCapabilities(ctx, map[MigrationCapability]bool{MigrationEvents: true, MigrationMultifd: false,
+				MigrationAutoConverge: true, MigrationPostcopyRAM: true})
+		}},
+		{"migrate-set-parameters all", func() error {
+			bw, downtime, channels, creds, host := int64(32<<20), int64(300), int64(4), "tls0", "127.0.0.1"
+			return q.ExecuteMigrateSetParameters(ctx, MigrationParameters{MaxBandwidth: &bw, DowntimeLimit: &downtime,
+				MultifdChannels: &channels, TLSCreds: &creds, TLSHostname: &host})
+		}},
+		{"migrate-set-parameters tls off", func() error {
+			off := ""
+			return q.ExecuteMigrateSetParameters(ctx, MigrationParameters{TLSCreds: &off})
+		}},
+		{"object-add tls-creds-x509 server", func() error {
+			return q.ExecuteObjectAddTLSCredsX509(ctx, TLSCredsX509{ID: "tls0", Dir: "/tmp/pki", Endpoint: "server"})
+		}},
+		{"object-add tls-creds-x509 client no verify", func() error {
+			return q.ExecuteObjectAddTLSCredsX509(ctx, TLSCredsX509{ID: "tls1", Dir: "/tmp/pki", Endpoint: "client", NoVerifyPeer: true})
+		}},
+		{"migrate", func() error { return q.ExecuteMigrate(ctx, "unix:/tmp/mig.sock") }},
+		{"migrate-incoming", func() error { return q.ExecuteMigrateIncoming(ctx, "tcp:127.0.0.1:0") }},
+		{"migrate_cancel", func() error { return q.ExecuteMigrateCancel(ctx) }},
+		{"migrate-start-postcopy", func() error { return q.ExecuteMigrateStartPostcopy(ctx) }},
+		{"query-migrate", func() error { _, err := q.ExecuteQueryMigrate(ctx); return err }},
+		{"Migrate: migrate-set-capabilities", nil},
+		{"Migrate: migrate", nil},
+		{"Migrate: query-migrate", nil},
+		{"Migrate: query-status", func() error { _, err := q.Migrate(ctx, "fd:mig", MigrateOptions{}); return err }},
+		{"blockdev-mirror", func() error {
+			return q.ExecuteBlockdevMirror(ctx, BlockdevMirror{JobID: "job0", Device: "n0", Target: "n1"})
+		}},
+		{"blockdev-mirror all", func() error {
+			return q.ExecuteBlockdevMirror(ctx, BlockdevMirror{JobID: "job0", Device: "n0", Target: "n1", Sync: "top", Speed: 1 << 20,
+				CopyMode: "write-blocking", OnTargetError: "enospc"})
+		}},
+		{"block-stream", func() error { return q.ExecuteBlockStream(ctx, BlockStream{JobID: "job0", Device: "n1"}) }},
+		{"block-stream all", func() error {
+			return q.ExecuteBlockStream(ctx, BlockStream{JobID: "job0", Device: "n1", BaseNode: "n0", Speed: 1 << 20})
+		}},
+		{"block-commit", func() error { return q.ExecuteBlockCommit(ctx, BlockCommit{JobID: "job0", Device: "n1"}) }},
+		{"block-commit all", func() error {
+			return q.ExecuteBlockCommit(ctx, BlockCommit{JobID: "job0", Device: "n2", TopNode: "n1", BaseNode: "n0", Speed: 1 << 20})
+		}},
+		{"blockdev-backup", func() error {
+			return q.ExecuteBlockdevBackup(ctx, BlockdevBackup{JobID: "job0", Device: "n0", Target: "n1"})
+		}},
+		{"blockdev-backup all", func() error {
+			return q.ExecuteBlockdevBackup(ctx, BlockdevBackup{JobID: "job0", Device: "n0", Target: "n1", Sync: "full", Speed: 1 << 20})
+		}},
+		{"query-jobs", func() error { _, err := q.ExecuteQueryJobs(ctx); return err }},
+		{"job-complete", func() error { return q.ExecuteJobComplete(ctx, "job0") }},
+		{"job-cancel", func() error { return q.ExecuteJobCancel(ctx, "job0") }},
+		{"job-finalize", func() error { return q.ExecuteJobFinalize(ctx, "job0") }},
+		{"job-dismiss", func() error { return q.ExecuteJobDismiss(ctx, "job0") }},
+		{"Mirror: blockdev-mirror", nil},
+		{"Mirror: job-complete", nil},
+		{"Mirror: query-jobs", nil},
+		{"Mirror: job-dismiss", func() error {
+			_, err := q.Mirror(ctx, BlockdevMirror{JobID: "job0", Device: "n0", Target: "n1"}, JobOptions{})
+			return err
+		}},
+		{"Stream: block-stream", nil},
+		{"Stream: query-jobs", nil},
+		{"Stream: job-dismiss", func() error {
+			_, err := q.Stream(ctx, BlockStream{JobID: "job0", Device: "n1"}, JobOptions{})
+			return err
+		}},
+		{"Commit: block-commit", nil},
+		{"Commit: query-jobs", nil},
+		{"Commit: job-dismiss", func() error {
+			_, err := q.Commit(ctx, BlockCommit{JobID: "job0", Device: "n1"}, JobOptions{})
+			return err
+		}},
+		{"Backup: blockdev-backup", nil},
+		{"Backup: query-jobs", nil},
+		{"Backup: job-dismiss", func() error {
+			_, err := q.Backup(ctx, BlockdevBackup{JobID: "job0", Device: "n0", Target: "n1"}, JobOptions{})
+			return err
+		}},
+		{"SaveSnapshot: snapshot-save", nil},
+		{"SaveSnapshot: query-jobs", nil},
+		{"SaveSnapshot: job-dismiss", func() error {
+			_, err := q.SaveSnapshot(ctx, Snapshot{JobID: "job0", Tag: "s1", VMState: "n1", Devices: []string{"n1", "n2"}}, JobOptions{})
+			return err
+		}},
+		{"LoadSnapshot: snapshot-load", nil},
+		{"LoadSnapshot: query-jobs", nil},
+		{"LoadSnapshot: job-dismiss", func() error {
+			_, err := q.LoadSnapshot(ctx, Snapshot{JobID: "job0", Tag: "s1", VMState: "n1", Devices: []string{"n1"}}, JobOptions{})
+			return err
+		}},
+		{"DeleteSnapshot: snapshot-delete", nil},
+		{"DeleteSnapshot: query-jobs", nil},
+		{"DeleteSnapshot: job-dismiss", func() error {
+			_, err := q.DeleteSnapshot(ctx, Snapshot{JobID: "job0", Tag: "s1", VMState: "n1", Devices: []string{"n1"}}, JobOptions{})
+			return err
+		}},
+		{"blockdev-snapshot", func() error { return q.ExecuteBlockdevSnapshot(ctx, "n0", "n1") }},
 	}
 	var names []string
 	for _, c := range calls {
@@ -424,6 +522,17 @@ func TestTypedCommandsMatchSchema(t *testing.T) {
 					return []string{`{"return": {"fdset-id": 3, "fd": 5}}`}
 				case strings.Contains(cmd, `"query-fdsets"`):
 					return []string{`{"return": []}`}
+				case strings.Contains(cmd, `"execute":"migrate"`):
+					return []string{okReply, event("MIGRATION", `{"status": "completed"}`, 1, 0)}
+				case strings.Contains(cmd, `"query-migrate"`):
+					return []string{`{"return": {"status": "completed", "total-time": 600}}`}
+				case strings.Contains(cmd, `"blockdev-mirror"`):
+					return []string{okReply, event("JOB_STATUS_CHANGE", `{"id": "job0", "status": "ready"}`, 1, 0)}
+				case strings.Contains(cmd, `"job-complete"`), strings.Contains(cmd, `"block-stream"`), strings.Contains(cmd, `"block-commit"`),
+					strings.Contains(cmd, `"blockdev-backup"`), strings.Contains(cmd, `"snapshot-`):
+					return []string{okReply, event("JOB_STATUS_CHANGE", `{"id": "job0", "status": "concluded"}`, 1, 0)}
+				case strings.Contains(cmd, `"query-jobs"`):
+					return []string{`{"return": [{"id": "job0", "type": "mirror", "status": "concluded", "current-progress": 1, "total-progress": 1}]}`}
 				case strings.Contains(cmd, `"query-hotpluggable-cpus"`):
 					return []string{`{"return": [{"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "props": {"socket-id": 1, "core-id": 0, "thread-id": 0}}]}`}
 				}

@@ -1,0 +1,567 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func jobEvent(id, status string) string {
+	return event("JOB_STATUS_CHANGE", fmt.Sprintf(`{"id": %q, "status": %q}`, id, status), 1, 0)
+}
+
+func jobsReply(id, status, errDesc string, current, total int64) string {
+	e := ""
+	if errDesc != "" {
+		e = fmt.Sprintf(`, "error": %q`, errDesc)
+	}
+	return fmt.Sprintf(`{"return": [{"id": "other", "type": "stream", "status": "running", "current-progress": 0, "total-progress": 1}, {"id": %q, "type": "mirror", "status": %q, "current-progress": %d, "total-progress": %d%s}]}`, id, status, current, total, e)
+}
+
+const (
+	wireQueryJobs  = `{"execute":"query-jobs"}`
+	wireMirrorJob0 = `{"execute":"blockdev-mirror","arguments":{"auto-dismiss":false,"job-id":"job0","device":"src","target":"dst","sync":"full"}}`
+)
+
+// A mirror is completed once ready, after Ready, and dismissed once
+// concluded; the events QEMU sends before its reply are not missed.
+func TestMirrorRunsToItsEnd(t *testing.T) {
+	s := connect(t, "10.0.2", nil)
+	ready := make(chan struct{})
+	var progress []JobInfo
+	ch := make(chan error, 1)
+	var final JobInfo
+	go func() {
+		var err error
+		final, err = s.q.Mirror(ctxTimeout(t, 10*time.Second), BlockdevMirror{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{
+			Ready:    func(context.Context) error { close(ready); return nil },
+			Progress: func(j JobInfo) { progress = append(progress, j) },
+		})
+		ch <- err
+	}()
+	s.p.expect(t, wireMirrorJob0)
+	s.p.send(jobEvent("job0", "created"), jobEvent("other", "ready"), jobEvent("job0", "running"), okReply)
+	// Another job's ready is not this one's.
+	stillPending(t, ch, "Mirror")
+	// The first poll comes after DefaultProgressInterval.
+	s.p.expect(t, wireQueryJobs)
+	s.p.send(jobsReply("job0", "running", "", 5, 10))
+	s.p.send(jobEvent("job0", "ready"))
+	s.p.expect(t, `{"execute":"job-complete","arguments":{"id":"job0"}}`)
+	select {
+	case <-ready:
+	default:
+		t.Fatal("job-complete before Ready")
+	}
+	s.p.send(jobEvent("job0", "waiting"), jobEvent("job0", "pending"), jobEvent("job0", "concluded"), okReply)
+	s.p.expect(t, wireQueryJobs)
+	s.p.send(jobsReply("job0", "concluded", "", 10, 10))
+	s.p.expect(t, `{"execute":"job-dismiss","arguments":{"id":"job0"}}`)
+	s.p.send(jobEvent("job0", "null"), okReply)
+	if err := <-ch; err != nil {
+		t.Fatal(err)
+	}
+	if final.Status != "concluded" || final.CurrentProgress != 10 {
+		t.Errorf("final %+v", final)
+	}
+	if len(progress) != 2 || progress[0].CurrentProgress != 5 || progress[1].CurrentProgress != 10 {
+		t.Errorf("progress %+v", progress)
+	}
+}
+
+// A job QEMU concludes with an error fails with a *JobError carrying
+// QEMU's reason, and is dismissed all the same.
+func TestJobFails(t *testing.T) {
+	s := connect(t, "7.2.22", nil)
+	var dismissed bool
+	done := s.p.serve(func(cmd string) []string {
+		switch {
+		case strings.Contains(cmd, `"blockdev-backup"`):
+			return []string{okReply, jobEvent("job0", "running"),
+				event("BLOCK_JOB_ERROR", `{"device": "job0", "operation": "write", "action": "report"}`, 1, 0),
+				jobEvent("job0", "aborting"), jobEvent("job0", "concluded")}
+		case cmd == wireQueryJobs:
+			return []string{jobsReply("job0", "concluded", "No space left on device", 3, 10)}
+		case strings.Contains(cmd, `"job-dismiss"`):
+			dismissed = true
+		}
+		return []string{okReply}
+	})
+	_, err := s.q.Backup(ctxTimeout(t, 5*time.Second), BlockdevBackup{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{})
+	var jerr *JobError
+	if !errors.As(err, &jerr) || jerr.Desc != "No space left on device" || jerr.Type != "mirror" || jerr.Event != "write error, action report" {
+		t.Fatalf("error %v (%#v)", err, jerr)
+	}
+	if want := "qmp: blockdev-backup job0: mirror job job0 failed: No space left on device (write error, action report)"; err.Error() != want {
+		t.Errorf("error %q, want %q", err, want)
+	}
+	s.q.Shutdown()
+	<-done
+	if !dismissed {
+		t.Error("the failed job was not dismissed")
+	}
+}
+
+// When the context ends the job is cancelled, waited for and dismissed;
+// a Ready that fails cancels it the same way.
+func TestJobCancelled(t *testing.T) {
+	for _, how := range []string{"context", "ready"} {
+		t.Run(how, func(t *testing.T) {
+			s := connect(t, "7.2.22", nil)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			refused := errors.New("the guest is still writing")
+			ch := make(chan error, 1)
+			go func() {
+				_, err := s.q.Mirror(ctx, BlockdevMirror{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{
+					Ready: func(context.Context) error { return refused }})
+				ch <- err
+			}()
+			s.p.expect(t, wireMirrorJob0)
+			s.p.send(okReply, jobEvent("job0", "running"))
+			if how == "context" {
+				stillPending(t, ch, "Mirror")
+				cancel()
+			} else {
+				s.p.send(jobEvent("job0", "ready"))
+			}
+			s.p.expect(t, `{"execute":"job-cancel","arguments":{"id":"job0"}}`)
+			s.p.send(okReply, jobEvent("job0", "aborting"))
+			stillPending(t, ch, "Mirror while aborting")
+			s.p.send(jobEvent("job0", "concluded"))
+			s.p.expect(t, wireQueryJobs)
+			s.p.send(jobsReply("job0", "concluded", "Operation canceled", 1, 10))
+			s.p.expect(t, `{"execute":"job-dismiss","arguments":{"id":"job0"}}`)
+			s.p.send(okReply)
+			err := <-ch
+			want := error(refused)
+			if how == "context" {
+				want = context.Canceled
+			}
+			if !errors.Is(err, want) || !strings.Contains(err.Error(), "cancelled") {
+				t.Errorf("error %v, want one wrapping %v", err, want)
+			}
+		})
+	}
+}
+
+// A job that concluded before the cancel reached it is reported as it
+// ended.
+func TestJobConcludedBeforeCancel(t *testing.T) {
+	s := connect(t, "7.2.22", nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ch := make(chan error, 1)
+	go func() { _, err := s.q.Stream(ctx, BlockStream{JobID: "job0", Device: "top"}, JobOptions{}); ch <- err }()
+	s.p.expect(t, `{"execute":"block-stream","arguments":{"auto-dismiss":false,"job-id":"job0","device":"top"}}`)
+	s.p.send(okReply)
+	stillPending(t, ch, "Stream")
+	cancel()
+	s.p.expect(t, `{"execute":"job-cancel","arguments":{"id":"job0"}}`)
+	s.p.send(jobEvent("job0", "concluded"), `{"error": {"class": "GenericError", "desc": "Job 'job0' in state 'concluded' cannot accept command verb 'cancel'"}}`)
+	s.p.expect(t, wireQueryJobs)
+	s.p.send(jobsReply("job0", "concluded", "", 10, 10))
+	s.p.expect(t, wireQueryJobs)
+	s.p.send(jobsReply("job0", "concluded", "", 10, 10))
+	s.p.expect(t, `{"execute":"job-dismiss","arguments":{"id":"job0"}}`)
+	s.p.send(okReply)
+	if err := <-ch; err != nil {
+		t.Errorf("error %v", err)
+	}
+}
+
+// QEMU dying half-way ends the wait with the session's end; a refused
+// start fails at once; a job needs an id.
+func TestJobQEMUDiesAndRefusals(t *testing.T) {
+	s := connect(t, "10.0.2", nil)
+	ch := make(chan error, 1)
+	go func() {
+		_, err := s.q.Commit(ctxTimeout(t, 10*time.Second), BlockCommit{JobID: "job0", Device: "top"}, JobOptions{})
+		ch <- err
+	}()
+	s.p.recv()
+	s.p.send(okReply, jobEvent("job0", "running"))
+	s.p.conn.Close()
+	if err := returnsWithin(t, 5*time.Second, func() error { return <-ch }); !errors.Is(err, ErrDisconnected) {
+		t.Errorf("error %v, want one wrapping ErrDisconnected", err)
+	}
+
+	s = connect(t, "10.0.2", nil)
+	done := s.p.serve(func(string) []string {
+		return []string{`{"error": {"class": "GenericError", "desc": "Cannot find device='nope' nor node-name='nope'"}}`}
+	})
+	ctx := ctxTimeout(t, 5*time.Second)
+	_, err := s.q.Backup(ctx, BlockdevBackup{JobID: "job1", Device: "nope", Target: "dst"}, JobOptions{})
+	var qerr *QMPError
+	if !errors.As(err, &qerr) || !strings.HasPrefix(err.Error(), "qmp: blockdev-backup job1: ") {
+		t.Errorf("refused: %v", err)
+	}
+	for name, err := range map[string]error{
+		"mirror":   second(s.q.Mirror(ctx, BlockdevMirror{Device: "a", Target: "b"}, JobOptions{})),
+		"save":     second(s.q.SaveSnapshot(ctx, Snapshot{JobID: "j", Tag: "t", Devices: []string{"d"}}, JobOptions{})),
+		"load":     second(s.q.LoadSnapshot(ctx, Snapshot{JobID: "j", VMState: "d", Devices: []string{"d"}}, JobOptions{})),
+		"delete":   second(s.q.DeleteSnapshot(ctx, Snapshot{JobID: "j", Tag: "t"}, JobOptions{})),
+		"no jobid": second(s.q.DeleteSnapshot(ctx, Snapshot{Tag: "t", Devices: []string{"d"}}, JobOptions{})),
+	} {
+		if err == nil || errors.As(err, &qerr) {
+			t.Errorf("%s: %v, want an error before anything is sent", name, err)
+		}
+	}
+	s.q.Shutdown()
+	if lines := <-done; len(lines) != 1 {
+		t.Errorf("sent %q, want only the backup", lines)
+	}
+}
+
+func second[T any](_ T, err error) error { return err }
+
+// The real-VM layer: block jobs on the disks of a running test guest,
+// while it writes to them.
+
+// guestDisk is a qcow2 disk of the test guest, as a -blockdev node and a
+// virtio-blk device with a serial the guest finds it by.
+type guestDisk struct {
+	path, node, serial string
+	dev                string // in the guest, once found: /dev/vdb, say
+}
+
+// newDisk makes a 32 MiB qcow2 image in dir with an optional backing
+// file, and returns it with its command-line arguments.
+func newDisk(t *testing.T, dir, name string) (guestDisk, []string) {
+	t.Helper()
+	d := guestDisk{path: filepath.Join(dir, name+".qcow2"), node: name, serial: "s-" + name}
+	qemuImg(t, "create", "-q", "-f", "qcow2", d.path, "32M")
+	return d, []string{
+		"-blockdev", "driver=qcow2,node-name=" + name + ",file.driver=file,file.filename=" + d.path,
+		"-device", "virtio-blk-pci,drive=" + name + ",id=vd-" + name + ",serial=" + d.serial,
+	}
+}
+
+func qemuImg(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command("qemu-img", args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("qemu-img %q: %v\n%s", args, err, out)
+	}
+	return string(out)
+}
+
+// findDisk finds the guest's device of d by its serial.
+func findDisk(t *testing.T, inst *Instance, d *guestDisk) {
+	t.Helper()
+	name := guestAsk(t, inst, `for b in /sys/block/vd*; do [ "$(cat $b/serial)" = `+d.serial+` ] && echo ans=${b##*/}; done; true`)
+	d.dev = "/dev/" + name
+}
+
+// pattern is 1 MiB of a line repeated, as the guest writes it with yes
+// and head, and its SHA-256.
+func pattern(word string) (data []byte, sum string) {
+	data = bytes.Repeat([]byte(word+"\n"), 1<<20/(len(word)+1)+1)[:1<<20]
+	h := sha256.Sum256(data)
+	return data, hex.EncodeToString(h[:])
+}
+
+// guestWrite makes the guest write word's pattern at MiB offset off of
+// its disk, through to the disk.
+func guestWrite(t *testing.T, inst *Instance, d guestDisk, off int, word string) {
+	t.Helper()
+	guestAsk(t, inst, fmt.Sprintf("yes %s | head -c 1048576 | dd of=%s bs=1M seek=%d conv=fsync 2>/dev/null; echo ans=$?", word, d.dev, off))
+}
+
+// guestRead returns the SHA-256 of MiB off of the guest's disk, read
+// from the disk rather than the guest's page cache.
+func guestRead(t *testing.T, inst *Instance, d guestDisk, off int) string {
+	t.Helper()
+	return guestAsk(t, inst, fmt.Sprintf("echo 3 > /proc/sys/vm/drop_caches; echo ans=$(dd if=%s bs=1M skip=%d count=1 2>/dev/null | sha256sum | cut -c1-64)", d.dev, off))
+}
+
+// imageSum returns the SHA-256 of MiB off of an image as the host reads
+// it alone, its backing chain included as its header names it. The VM
+// is stopped meanwhile: a stop flushes every node (QEMU keeps qcow2
+// metadata in a write-back cache), and nothing writes until cont.
+func imageSum(t *testing.T, q *QMP, image string, off int) string {
+	t.Helper()
+	ctx := ctxTimeout(t, 10*time.Second)
+	if err := q.ExecuteStop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := q.ExecuteCont(ctx); err != nil {
+			t.Error(err)
+		}
+	}()
+	raw := filepath.Join(t.TempDir(), "image.raw")
+	qemuImg(t, "convert", "-U", "-O", "raw", image, raw)
+	f, err := os.Open(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := make([]byte, 1<<20)
+	if _, err := f.ReadAt(b, int64(off)<<20); err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.Sum256(b)
+	return hex.EncodeToString(h[:])
+}
+
+// startWriter makes the guest overwrite MiB [from, from+n) of d again
+// and again until stopWriter.
+func startWriter(t *testing.T, inst *Instance, d guestDisk, from, n int) {
+	t.Helper()
+	fmt.Fprintf(inst.Console(), "rm -f /tmp/stop; (i=0; while [ ! -e /tmp/stop ]; do dd if=/dev/urandom of=%s bs=64k count=4 seek=$((%d*16 + i %% (%d*4) * 4)) conv=fsync 2>/dev/null; i=$((i+1)); done; echo WRITER STOPPED $i) &\n", d.dev, from, n)
+}
+
+// stopWriter stops the writer and returns how many writes it made.
+func stopWriter(t *testing.T, inst *Instance) int {
+	t.Helper()
+	fmt.Fprintln(inst.Console(), "touch /tmp/stop")
+	line, err := inst.Console().WaitForRegexp(ctxTimeout(t, time.Minute), regexp.MustCompile(`^WRITER STOPPED \d+$`))
+	if err != nil {
+		t.Fatalf("%v; console:\n%s", err, inst.Console().History())
+	}
+	n, _ := strconv.Atoi(strings.TrimPrefix(line, "WRITER STOPPED "))
+	return n
+}
+
+func noJobs(t *testing.T, q *QMP) {
+	t.Helper()
+	if jobs, err := q.ExecuteQueryJobs(ctxTimeout(t, 10*time.Second)); err != nil || len(jobs) != 0 {
+		t.Errorf("jobs left: %+v, %v", jobs, err)
+	}
+}
+
+func addNode(t *testing.T, q *QMP, node, path string) {
+	t.Helper()
+	if err := q.ExecuteBlockdevAddNode(ctxTimeout(t, 10*time.Second), BlockdevNode{NodeName: node, Driver: "qcow2",
+		File: BlockdevFile{Filename: path}, NoBacking: true}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestBlockJobsRealQEMU runs the block jobs on a running guest's disks:
+// a mirror while the guest writes, pivoted once ready; an external
+// snapshot, commit and stream flattening the chain; a backup consistent
+// to its start while the guest overwrites what it copies; a backup that
+// fails on a full filesystem; a backup cancelled by its context; and one
+// whose QEMU is killed half-way.
+func TestBlockJobsRealQEMU(t *testing.T) {
+	vm := testVM(t)
+	dir := t.TempDir()
+	m, mArgs := newDisk(t, dir, "m0")
+	c, cArgs := newDisk(t, dir, "c0")
+	b, bArgs := newDisk(t, dir, "b0")
+	inst := vm.start(t, "", append(append(mArgs, cArgs...), bArgs...)...)
+	q := inst.QMP()
+	for _, d := range []*guestDisk{&m, &c, &b} {
+		findDisk(t, inst, d)
+	}
+
+	step(t, "mirror while the guest writes", func() {
+		_, sum := pattern("mirror")
+		guestWrite(t, inst, m, 0, "mirror")
+		target := filepath.Join(dir, "m1.qcow2")
+		qemuImg(t, "create", "-q", "-f", "qcow2", target, "32M")
+		addNode(t, q, "m1", target)
+		startWriter(t, inst, m, 4, 8)
+		var last JobInfo
+		writes := 0
+		info, err := q.Mirror(ctxTimeout(t, 2*time.Minute), BlockdevMirror{JobID: "mirror0", Device: "m0", Target: "m1", Speed: 16 << 20}, JobOptions{
+			Progress: func(j JobInfo) { last = j },
+			Ready:    func(context.Context) error { writes = stopWriter(t, inst); return nil },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.Type != "mirror" || last.CurrentProgress != last.TotalProgress || last.TotalProgress == 0 {
+			t.Errorf("final %+v, last progress %+v", info, last)
+		}
+		t.Logf("mirror: %d bytes, the guest made %d writes during it", info.TotalProgress, writes)
+		if writes == 0 {
+			t.Error("the guest did not write during the mirror")
+		}
+		blocks, err := q.ExecuteQueryBlock(ctxTimeout(t, 10*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, blk := range blocks {
+			if blk.QDev == "vd-m0" || strings.HasSuffix(blk.QDev, "/vd-m0/virtio-backend") {
+				if blk.Inserted == nil || blk.Inserted.NodeName != "m1" {
+					t.Errorf("the disk's node after the pivot: %+v", blk.Inserted)
+				}
+			}
+		}
+		ctx := ctxTimeout(t, 10*time.Second)
+		if err := q.ExecuteStop(ctx); err != nil { // flushes the target
+			t.Fatal(err)
+		}
+		if out, err := exec.Command("qemu-img", "compare", "-U", m.path, target).CombinedOutput(); err != nil {
+			t.Errorf("qemu-img compare source target: %v\n%s", err, out)
+		}
+		if err := q.ExecuteCont(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if got := guestRead(t, inst, m, 0); got != sum {
+			t.Errorf("the guest reads %s after the pivot, wrote %s", got, sum)
+		}
+		noJobs(t, q)
+	})
+
+	step(t, "external snapshots, commit and stream", func() {
+		sums := map[int]string{}
+		for i, word := range []string{"base", "over1", "over2"} {
+			if i > 0 {
+				overlay := fmt.Sprintf("c%d", i)
+				path := filepath.Join(dir, overlay+".qcow2")
+				qemuImg(t, "create", "-q", "-f", "qcow2", path, "32M")
+				addNode(t, q, overlay, path)
+				if err := q.ExecuteBlockdevSnapshot(ctxTimeout(t, 10*time.Second), fmt.Sprintf("c%d", i-1), overlay); err != nil {
+					t.Fatal(err)
+				}
+			}
+			guestWrite(t, inst, c, i, word)
+			_, sums[i] = pattern(word)
+		}
+		// c0 <- c1 <- c2 (active). Commit c1 into c0, then stream c0
+		// into c2, which is then the whole disk alone.
+		if _, err := q.Commit(ctxTimeout(t, time.Minute), BlockCommit{JobID: "commit0", Device: "c2", TopNode: "c1", BaseNode: "c0"}, JobOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if got := imageSum(t, q, c.path, 1); got != sums[1] {
+			t.Errorf("c0 after the commit holds %s at 1 MiB, want %s", got, sums[1])
+		}
+		if _, err := q.Stream(ctxTimeout(t, time.Minute), BlockStream{JobID: "stream0", Device: "c2"}, JobOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		top := filepath.Join(dir, "c2.qcow2")
+		if out := qemuImg(t, "info", "-U", "--output=json", top); strings.Contains(out, "backing-filename") {
+			t.Errorf("c2 still has a backing file after the stream: %s", out)
+		}
+		for off, sum := range sums {
+			if got := imageSum(t, q, top, off); got != sum {
+				t.Errorf("c2 alone at %d MiB: %s, want %s", off, got, sum)
+			}
+			if got := guestRead(t, inst, c, off); got != sum {
+				t.Errorf("the guest reads %s at %d MiB, wrote %s", got, off, sum)
+			}
+		}
+		noJobs(t, q)
+	})
+
+	step(t, "backup consistent to its start", func() {
+		// Data to copy before the part the guest overwrites, at a speed
+		// that leaves the guest time to overwrite it before it is copied.
+		for off := range 8 {
+			guestWrite(t, inst, b, off, fmt.Sprintf("fill%d", off))
+		}
+		_, sum := pattern("before")
+		guestWrite(t, inst, b, 8, "before")
+		target := filepath.Join(dir, "backup.qcow2")
+		qemuImg(t, "create", "-q", "-f", "qcow2", target, "32M")
+		addNode(t, q, "bk0", target)
+		started := false
+		_, err := q.Backup(ctxTimeout(t, 2*time.Minute), BlockdevBackup{JobID: "backup0", Device: "b0", Target: "bk0", Speed: 4 << 20}, JobOptions{
+			ProgressInterval: 100 * time.Millisecond,
+			Progress: func(j JobInfo) {
+				if !started {
+					started = true
+					startWriter(t, inst, b, 8, 1)
+				}
+			}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		writes := stopWriter(t, inst)
+		if err := q.ExecuteBlockdevDel(ctxTimeout(t, 10*time.Second), "bk0"); err != nil {
+			t.Fatal(err)
+		}
+		if got := imageSum(t, q, target, 8); got != sum {
+			t.Errorf("the backup holds %s at 8 MiB, the disk held %s when it started", got, sum)
+		}
+		if got := guestRead(t, inst, b, 8); got == sum {
+			t.Errorf("the guest's %d writes did not change the disk during the backup", writes)
+		}
+		t.Logf("backup: the guest made %d writes during it", writes)
+		noJobs(t, q)
+	})
+
+	step(t, "a backup onto a full filesystem", func() {
+		if os.Geteuid() != 0 {
+			t.Log("not run: mounting a small tmpfs needs root")
+			return
+		}
+		small := filepath.Join(dir, "small")
+		if err := os.Mkdir(small, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", small).CombinedOutput(); err != nil {
+			t.Fatalf("mount a 2 MiB tmpfs: %v\n%s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("umount", "-l", small).Run() })
+		target := filepath.Join(small, "full.qcow2")
+		qemuImg(t, "create", "-q", "-f", "qcow2", target, "32M")
+		addNode(t, q, "full0", target)
+		_, err := q.Backup(ctxTimeout(t, time.Minute), BlockdevBackup{JobID: "full0", Device: "b0", Target: "full0"}, JobOptions{})
+		var jerr *JobError
+		if !errors.As(err, &jerr) || !strings.Contains(jerr.Desc, "No space left on device") {
+			t.Fatalf("backup onto a full filesystem: %v", err)
+		}
+		t.Logf("full: %v", err)
+		noJobs(t, q)
+		if err := q.ExecuteBlockdevDel(ctxTimeout(t, 10*time.Second), "full0"); err != nil {
+			t.Error(err)
+		}
+	})
+
+	step(t, "a backup whose context ends half-way", func() {
+		target := filepath.Join(dir, "cancel.qcow2")
+		qemuImg(t, "create", "-q", "-f", "qcow2", target, "32M")
+		addNode(t, q, "bk1", target)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var at JobInfo
+		_, err := q.Backup(ctx, BlockdevBackup{JobID: "backup1", Device: "b0", Target: "bk1", Speed: 1 << 20}, JobOptions{
+			ProgressInterval: 100 * time.Millisecond,
+			Progress: func(j JobInfo) {
+				if j.CurrentProgress > 0 && at.ID == "" {
+					at = j
+					cancel()
+				}
+			}})
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("backup cancelled by its context: %v", err)
+		}
+		t.Logf("cancelled at %d of %d: %v", at.CurrentProgress, at.TotalProgress, err)
+		noJobs(t, q)
+	})
+
+	step(t, "a backup whose QEMU dies half-way", func() {
+		target := filepath.Join(dir, "dies.qcow2")
+		qemuImg(t, "create", "-q", "-f", "qcow2", target, "32M")
+		addNode(t, q, "bk2", target)
+		killed := false
+		_, err := q.Backup(ctxTimeout(t, time.Minute), BlockdevBackup{JobID: "backup2", Device: "b0", Target: "bk2", Speed: 1 << 20}, JobOptions{
+			ProgressInterval: 100 * time.Millisecond,
+			Progress: func(j JobInfo) {
+				if !killed {
+					killed = true
+					syscall.Kill(inst.Pid(), syscall.SIGKILL)
+				}
+			}})
+		if !errors.Is(err, ErrDisconnected) {
+			t.Errorf("backup whose QEMU was killed: %v", err)
+		}
+	})
+}

@@ -1,0 +1,775 @@
+package qemu
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// expect reads the next command and fails the test unless it is want.
+func (p *peer) expect(t *testing.T, want string) {
+	t.Helper()
+	if got := p.recv(); got != want {
+		t.Fatalf("got command %q, want %q", got, want)
+	}
+}
+
+const (
+	wireEventsOn     = `{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"events","state":true}]}}`
+	wireQueryMigrate = `{"execute":"query-migrate"}`
+	wireQueryStat    = `{"execute":"query-status"}`
+)
+
+// migrateOnFake starts Migrate against the fake server and answers its
+// first command, which turns the events capability on.
+func migrateOnFake(t *testing.T, s *client, ctx context.Context, uri string, opts MigrateOptions) <-chan error {
+	t.Helper()
+	ch := make(chan error, 1)
+	go func() { _, err := s.q.Migrate(ctx, uri, opts); ch <- err }()
+	s.p.expect(t, wireEventsOn)
+	s.p.send(okReply)
+	return ch
+}
+
+func migrateReply(status string, transferred, remaining int64) string {
+	return fmt.Sprintf(`{"return": {"status": %q, "total-time": 600, "ram": {"transferred": %d, "remaining": %d, "total": %d}}}`,
+		status, transferred, remaining, transferred+remaining)
+}
+
+// Migrate reports the progress it polls, ends on the MIGRATION event, and
+// returns the final query-migrate.
+func TestMigrateProgressAndEnd(t *testing.T) {
+	s := connect(t, "10.0.2", nil)
+	var seen []float64
+	ch := make(chan error, 1)
+	var final MigrationInfo
+	go func() {
+		var err error
+		final, err = s.q.Migrate(ctxTimeout(t, 10*time.Second), "unix:/tmp/m.sock", MigrateOptions{
+			ProgressInterval: time.Millisecond,
+			Progress:         func(m MigrationInfo) { seen = append(seen, m.Progress()) },
+		})
+		ch <- err
+	}()
+	s.p.expect(t, wireEventsOn)
+	s.p.send(okReply)
+	s.p.expect(t, `{"execute":"migrate","arguments":{"uri":"unix:/tmp/m.sock"}}`)
+	s.p.send(okReply, event("MIGRATION", `{"status": "setup"}`, 1, 0))
+	for _, done := range []int64{0, 25, 50} {
+		s.p.expect(t, wireQueryMigrate)
+		s.p.send(migrateReply("active", done, 100-done))
+	}
+	s.p.send(event("MIGRATION", `{"status": "completed"}`, 2, 0))
+	// A poll may have been sent before the event was read, so one or two
+	// queries follow.
+	// Then query-status, until the source has left finish-migrate.
+	states := []string{"finish-migrate", "postmigrate"}
+	rest := s.p.serve(func(cmd string) []string {
+		if cmd == wireQueryStat {
+			st := states[0]
+			states = states[1:]
+			return []string{fmt.Sprintf(`{"return": {"status": %q, "running": false}}`, st)}
+		}
+		return []string{migrateReply("completed", 100, 0)}
+	})
+	if err := <-ch; err != nil {
+		t.Fatal(err)
+	}
+	s.q.Shutdown()
+	var statuses int
+	for _, cmd := range <-rest {
+		if cmd == wireQueryStat {
+			statuses++
+		} else if cmd != wireQueryMigrate {
+			t.Errorf("after the end: %q", cmd)
+		}
+	}
+	if statuses != 2 {
+		t.Errorf("%d query-status after the end, want 2 (finish-migrate, postmigrate)", statuses)
+	}
+	if final.Status != "completed" || final.RAM == nil || final.RAM.Transferred != 100 {
+		t.Errorf("final %+v", final)
+	}
+	if len(seen) < 4 || seen[0] != 0 || seen[1] != 0.25 || seen[2] != 0.5 || seen[len(seen)-1] != 1 {
+		t.Errorf("progress %v, want 0 0.25 0.5 ... 1", seen)
+	}
+}
+
+// A failed or cancelled migration is an error with QEMU's reason.
+func TestMigrateFails(t *testing.T) {
+	for _, status := range []string{"failed", "cancelled"} {
+		t.Run(status, func(t *testing.T) {
+			s := connect(t, "7.2.22", nil)
+			done := s.p.serve(func(cmd string) []string {
+				switch {
+				case strings.Contains(cmd, `"execute":"migrate"`):
+					return []string{okReply, event("MIGRATION", fmt.Sprintf(`{"status": %q}`, status), 1, 0)}
+				case cmd == wireQueryMigrate:
+					return []string{fmt.Sprintf(`{"return": {"status": %q, "error-desc": "TLS handshake failed: The certificate hasn't got a known issuer"}}`, status)}
+				}
+				return []string{okReply}
+			})
+			info, err := s.q.Migrate(ctxTimeout(t, 10*time.Second), "tcp:127.0.0.1:4444", MigrateOptions{})
+			if !errors.Is(err, ErrMigrationFailed) || !strings.Contains(err.Error(), "known issuer") || status == "cancelled" && !strings.Contains(err.Error(), status) {
+				t.Errorf("error %v", err)
+			}
+			if info.Status != status {
+				t.Errorf("info %+v", info)
+			}
+			s.q.Shutdown()
+			<-done
+		})
+	}
+}
+
+// When the context ends, Migrate cancels the migration and waits until
+// QEMU says it is over.
+func TestMigrateContextEnds(t *testing.T) {
+	s := connect(t, "7.2.22", nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ch := migrateOnFake(t, s, ctx, "fd:mig", MigrateOptions{})
+	s.p.expect(t, `{"execute":"migrate","arguments":{"uri":"fd:mig"}}`)
+	s.p.send(okReply, event("MIGRATION", `{"status": "active"}`, 1, 0))
+	stillPending(t, ch, "Migrate")
+	cancel()
+	s.p.expect(t, `{"execute":"migrate_cancel"}`)
+	s.p.send(okReply)
+	s.p.expect(t, wireQueryMigrate)
+	s.p.send(migrateReply("cancelling", 10, 90))
+	stillPending(t, ch, "Migrate while cancelling")
+	s.p.send(event("MIGRATION", `{"status": "cancelled"}`, 2, 0))
+	s.p.expect(t, wireQueryMigrate)
+	s.p.send(migrateReply("cancelled", 10, 90))
+	err := <-ch
+	if !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "cancelled") {
+		t.Errorf("error %v", err)
+	}
+}
+
+// A migration that completes as its context ends has moved the VM: that
+// is success.
+func TestMigrateCompletesAsContextEnds(t *testing.T) {
+	s := connect(t, "7.2.22", nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ch := migrateOnFake(t, s, ctx, "fd:mig", MigrateOptions{})
+	s.p.recv()
+	s.p.send(okReply)
+	cancel()
+	s.p.expect(t, `{"execute":"migrate_cancel"}`)
+	s.p.send(okReply)
+	s.p.expect(t, wireQueryMigrate)
+	s.p.send(migrateReply("completed", 100, 0))
+	s.p.expect(t, wireQueryStat)
+	s.p.send(`{"return": {"status": "postmigrate", "running": false}}`)
+	if err := <-ch; err != nil {
+		t.Errorf("error %v", err)
+	}
+}
+
+// QEMU dying half-way ends Migrate with the session's end.
+func TestMigrateQEMUDies(t *testing.T) {
+	s := connect(t, "10.0.2", nil)
+	ch := migrateOnFake(t, s, ctxTimeout(t, 10*time.Second), "unix:/tmp/m.sock", MigrateOptions{
+		Progress: func(MigrationInfo) {}, ProgressInterval: time.Millisecond})
+	s.p.recv()
+	s.p.send(okReply)
+	s.p.expect(t, wireQueryMigrate)
+	s.p.send(migrateReply("active", 1, 99))
+	s.p.conn.Close()
+	err := returnsWithin(t, 5*time.Second, func() error { return <-ch })
+	if !errors.Is(err, ErrDisconnected) {
+		t.Errorf("error %v, want one wrapping ErrDisconnected", err)
+	}
+}
+
+// A refused migrate, or events that cannot be turned on, fail at once.
+func TestMigrateRefused(t *testing.T) {
+	for _, refused := range []string{"migrate-set-capabilities", "migrate"} {
+		s := connect(t, "7.2.22", nil)
+		done := s.p.serve(func(cmd string) []string {
+			if strings.Contains(cmd, `"execute":"`+refused+`"`) {
+				return []string{`{"error": {"class": "GenericError", "desc": "There's a migration process in progress"}}`}
+			}
+			return []string{okReply}
+		})
+		_, err := s.q.Migrate(ctxTimeout(t, 5*time.Second), "unix:/tmp/m.sock", MigrateOptions{})
+		var qerr *QMPError
+		if !errors.As(err, &qerr) || !strings.Contains(err.Error(), refused) {
+			t.Errorf("%s refused: %v", refused, err)
+		}
+		s.q.Shutdown()
+		<-done
+	}
+}
+
+func TestMigrationArgumentsRefused(t *testing.T) {
+	s := connect(t, "7.2.22", nil)
+	ctx := ctxTimeout(t, 5*time.Second)
+	if err := s.q.ExecuteMigrateSetCapabilities(ctx, nil); err == nil || !strings.Contains(err.Error(), "no capability") {
+		t.Errorf("no capabilities: %v", err)
+	}
+	if err := s.q.ExecuteObjectAddTLSCredsX509(ctx, TLSCredsX509{ID: "t", Dir: "/d", Endpoint: "both"}); err == nil || !strings.Contains(err.Error(), `Endpoint is "both"`) {
+		t.Errorf("endpoint both: %v", err)
+	}
+}
+
+// FuzzMigrationInfo decodes any query-migrate reply: Progress is always a
+// fraction.
+func FuzzMigrationInfo(f *testing.F) {
+	f.Add([]byte(`{"status": "active", "ram": {"transferred": 5, "remaining": 5}}`))
+	f.Add([]byte(`{"status": "completed"}`))
+	f.Add([]byte(`{"status": "active", "ram": {"transferred": 9223372036854775807, "remaining": 9223372036854775807}}`))
+	f.Add([]byte(`{"ram": {"transferred": -5, "remaining": 2}}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var m MigrationInfo
+		if json.Unmarshal(b, &m) != nil {
+			return
+		}
+		if p := m.Progress(); math.IsNaN(p) || p < 0 || p > 1 {
+			t.Errorf("%s: Progress %v", b, p)
+		}
+	})
+}
+
+// The real-VM layer: the test guest with a heartbeat on its console,
+// migrated between Instances on this machine.
+
+// vmSpec is how to start a QEMU for the migration and job tests: which
+// binary, firmware and machine type.
+type vmSpec struct {
+	bin      string
+	firmware []string // directories, for Config.FirmwareDirs
+	env      []string
+	machine  string
+}
+
+// testVM is the QEMU under test, with a q35 machine.
+func testVM(t testing.TB) vmSpec {
+	t.Helper()
+	requireGuest(t)
+	v := vmSpec{bin: realVM.bin, machine: "q35"}
+	for i := 1; i < len(realVM.firmware); i += 2 {
+		v.firmware = append(v.firmware, realVM.firmware[i])
+	}
+	return v
+}
+
+// start starts the test guest through StartInstance, and waits for its
+// ready line unless incoming is set (-incoming), in which case QEMU waits
+// for a migration; extra are added to the command line. Cleanup closes
+// it.
+func (v vmSpec) start(t testing.TB, incoming string, extra ...string) *Instance {
+	t.Helper()
+	return v.startWith(t, incoming, InstanceOptions{}, extra...)
+}
+
+// startWith is start with options; the console is always the serial
+// port.
+func (v vmSpec) startWith(t testing.TB, incoming string, opts InstanceOptions, extra ...string) *Instance {
+	t.Helper()
+	accel, _ := guestAccel()
+	config := Config{
+		Path:         v.bin,
+		Machine:      Machine{Type: v.machine},
+		Memory:       Memory{Size: "256M"},
+		Knobs:        Knobs{NoDefaults: true, NoUserConfig: true},
+		Kernel:       Kernel{Path: realVM.kernel, InitrdPath: realVM.initrd, Params: guestKernelParams},
+		Incoming:     incoming,
+		FirmwareDirs: v.firmware,
+		Env:          v.env,
+		ExtraParams:  append(append([]string{"-display", "none"}, accel...), extra...),
+	}
+	opts.Console = ConsoleSerial
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	inst, err := StartInstance(ctx, config, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { inst.Close() })
+	if incoming == "" {
+		if _, err := inst.Console().WaitFor(ctx, guestReadyLine); err != nil {
+			t.Fatalf("%v; console:\n%s\nQEMU's stderr: %s", err, inst.Console().History(), inst.Stderr())
+		}
+	}
+	return inst
+}
+
+var heartbeatLine = regexp.MustCompile(`^HB (\d+)$`)
+
+// startHeartbeat makes the guest write "HB N" on its console once a
+// second, N counting from 0, and waits for the first beats.
+func startHeartbeat(t *testing.T, inst *Instance) {
+	t.Helper()
+	fmt.Fprintln(inst.Console(), `(i=0; while :; do echo HB $i; i=$((i+1)); sleep 1; done) &`)
+	if _, err := inst.Console().WaitFor(ctxTimeout(t, time.Minute), "HB 1"); err != nil {
+		t.Fatalf("%v; console:\n%s", err, inst.Console().History())
+	}
+}
+
+// lastBeat returns the last heartbeat in the console's history, or -1.
+func lastBeat(inst *Instance) int {
+	last := -1
+	for _, line := range strings.Split(string(inst.Console().History()), "\n") {
+		if m := heartbeatLine.FindStringSubmatch(strings.TrimRight(line, "\r")); m != nil {
+			last, _ = strconv.Atoi(m[1])
+		}
+	}
+	return last
+}
+
+// checkBeatsOn checks that the guest's heartbeat, last seen at beat,
+// goes on in inst's console from where it was. On a destination
+// (arrived), the console must show no older beat and no boot: the guest
+// carried on rather than start again.
+func checkBeatsOn(t *testing.T, inst *Instance, beat int, arrived bool) {
+	t.Helper()
+	con := inst.Console()
+	ctx := ctxTimeout(t, time.Minute)
+	n := -1
+	for n <= beat {
+		line, err := con.WaitForRegexp(ctx, heartbeatLine)
+		if err != nil {
+			t.Fatalf("no heartbeat after %d: %v; console:\n%s", beat, err, con.History())
+		}
+		n, _ = strconv.Atoi(heartbeatLine.FindStringSubmatch(line)[1])
+		if arrived && n <= beat {
+			t.Errorf("the destination shows beat %d, from before the last on the source (%d)", n, beat)
+		}
+	}
+	if n > beat+5 {
+		t.Errorf("first heartbeat after %d is %d", beat, n)
+	}
+	if next, err := con.WaitFor(ctx, fmt.Sprintf("HB %d", n+1)); err != nil || next != fmt.Sprintf("HB %d", n+1) {
+		t.Errorf("the heartbeat stopped at %d: %q, %v", n, next, err)
+	}
+	if arrived && strings.Contains(string(con.History()), guestReadyLine) {
+		t.Errorf("the guest booted again:\n%s", con.History())
+	}
+}
+
+func checkStatus(t *testing.T, inst *Instance, want string) {
+	t.Helper()
+	st, err := inst.QMP().ExecuteQueryStatus(ctxTimeout(t, 10*time.Second))
+	if err != nil || st.Status != want {
+		t.Errorf("status %+v, %v; want %s", st, err, want)
+	}
+}
+
+// migrateTo migrates src to dst, which waits on uri, and checks the end:
+// the destination runs on from where the source stopped, which is left
+// in postmigrate, and the progress reported reached 1.
+func migrateTo(t *testing.T, src, dst *Instance, uri string) MigrationInfo {
+	t.Helper()
+	ctx := ctxTimeout(t, 2*time.Minute)
+	var last MigrationInfo
+	polls := 0
+	info, err := src.QMP().Migrate(ctx, uri, MigrateOptions{ProgressInterval: 50 * time.Millisecond,
+		Progress: func(m MigrationInfo) { last = m; polls++ }})
+	if err != nil {
+		t.Fatalf("migrate %s: %v\nsource stderr: %s\ndestination stderr: %s", uri, err, src.Stderr(), dst.Stderr())
+	}
+	if info.Status != "completed" || info.RAM == nil || info.RAM.Total < 256<<20 || info.RAM.Remaining != 0 {
+		t.Errorf("final %+v %+v", info, info.RAM)
+	}
+	if last.Status != "completed" || last.Progress() != 1 {
+		t.Errorf("the last progress reported was %+v (%d polls)", last, polls)
+	}
+	t.Logf("%s: %d ms, downtime %d ms, %d MB sent, %d progress reports", uri, info.TotalTime, info.Downtime, info.RAM.Transferred>>20, polls)
+	checkStatus(t, src, "postmigrate")
+	checkBeatsOn(t, dst, lastBeat(src), true)
+	checkStatus(t, dst, "running")
+	return info
+}
+
+// socketPair returns the two ends of a unix stream socket pair.
+func migrationSocketPair(t *testing.T) (a, b *os.File) {
+	t.Helper()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b = os.NewFile(uintptr(fds[0]), "migration-a"), os.NewFile(uintptr(fds[1]), "migration-b")
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return a, b
+}
+
+// TestMigrationRealQEMU moves one running guest along a chain of
+// Instances: over a socket pair passed by fd, over a unix socket path,
+// and over TCP with TLS; on the way, a migration to a destination that
+// trusts another CA fails with QEMU's reason, and one cancelled half-way
+// by its context leaves the source running. Then the guest still
+// answers, a migration switched to postcopy from its progress callback
+// completes, and a migration whose source dies half-way fails with the
+// session's end.
+func TestMigrationRealQEMU(t *testing.T) {
+	vm := testVM(t)
+	cur := vm.start(t, "")
+	startHeartbeat(t, cur)
+
+	step(t, "fd", func() {
+		dst := vm.start(t, "defer")
+		checkStatus(t, dst, "inmigrate")
+		a, b := migrationSocketPair(t)
+		ctx := ctxTimeout(t, 30*time.Second)
+		if err := cur.QMP().ExecuteGetFD(ctx, "mig", a); err != nil {
+			t.Fatal(err)
+		}
+		if err := dst.QMP().ExecuteGetFD(ctx, "mig", b); err != nil {
+			t.Fatal(err)
+		}
+		a.Close()
+		b.Close()
+		if err := dst.QMP().ExecuteMigrateIncoming(ctx, "fd:mig"); err != nil {
+			t.Fatal(err)
+		}
+		migrateTo(t, cur, dst, "fd:mig")
+		cur = dst
+	})
+	if t.Failed() {
+		return
+	}
+	step(t, "unix", func() {
+		sock := filepath.Join(shortTempDir(t), "mig.sock")
+		dst := vm.start(t, "defer")
+		if err := dst.QMP().ExecuteMigrateIncoming(ctxTimeout(t, 30*time.Second), "unix:"+sock); err != nil {
+			t.Fatal(err)
+		}
+		migrateTo(t, cur, dst, "unix:"+sock)
+		cur = dst
+	})
+	if t.Failed() {
+		return
+	}
+	pki := makePKI(t)
+	step(t, "tls wrong CA", func() {
+		dst := vm.start(t, "defer")
+		uri := listenTLS(t, dst, pki.server)
+		setTLSClient(t, cur, pki.otherCA)
+		beat := lastBeat(cur)
+		_, err := cur.QMP().Migrate(ctxTimeout(t, time.Minute), uri, MigrateOptions{})
+		if !errors.Is(err, ErrMigrationFailed) {
+			t.Fatalf("migration to a destination of another CA: %v", err)
+		}
+		t.Logf("wrong CA: %v", err)
+		info, _ := cur.QMP().ExecuteQueryMigrate(ctxTimeout(t, 10*time.Second))
+		if info.ErrorDesc == "" || !strings.Contains(err.Error(), info.ErrorDesc) {
+			t.Errorf("error %q does not carry QEMU's reason %q", err, info.ErrorDesc)
+		}
+		checkStatus(t, cur, "running")
+		checkBeatsOn(t, cur, beat, false)
+	})
+	step(t, "cancelled half-way", func() {
+		setTLSClient(t, cur, "")
+		dst := vm.start(t, "defer")
+		sock := filepath.Join(shortTempDir(t), "mig.sock")
+		if err := dst.QMP().ExecuteMigrateIncoming(ctxTimeout(t, 30*time.Second), "unix:"+sock); err != nil {
+			t.Fatal(err)
+		}
+		// 4 MB/s: the guest's RAM that is not zero takes some 5 s.
+		slow, unlimited := int64(4<<20), int64(0)
+		limit(t, cur, slow)
+		defer limit(t, cur, unlimited)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var at float64
+		info, err := cur.QMP().Migrate(ctx, "unix:"+sock, MigrateOptions{ProgressInterval: 50 * time.Millisecond,
+			Progress: func(m MigrationInfo) {
+				if m.Progress() > 0.2 && at == 0 {
+					at = m.Progress()
+					cancel()
+				}
+			}})
+		if !errors.Is(err, context.Canceled) || info.Status != "cancelled" {
+			t.Fatalf("cancelled migration: %+v, %v", info, err)
+		}
+		t.Logf("cancelled at %.0f%%: %v", at*100, err)
+		checkStatus(t, cur, "running")
+		checkBeatsOn(t, cur, lastBeat(cur), false)
+	})
+	if t.Failed() {
+		return
+	}
+	step(t, "tls", func() {
+		dst := vm.start(t, "defer")
+		uri := listenTLS(t, dst, pki.server)
+		setTLSClient(t, cur, pki.client)
+		migrateTo(t, cur, dst, uri)
+		cur = dst
+	})
+	if t.Failed() {
+		return
+	}
+	if got := guestAsk(t, cur, `echo ans=$(cat /proc/uptime | cut -d. -f1)`); got == "" {
+		t.Errorf("the guest's uptime after three migrations: %q", got)
+	}
+	step(t, "postcopy", func() {
+		setTLSClient(t, cur, "") // it has the destination's credentials
+		dst := vm.start(t, "defer")
+		ctx := ctxTimeout(t, time.Minute)
+		postcopy := map[MigrationCapability]bool{MigrationPostcopyRAM: true}
+		for _, inst := range []*Instance{cur, dst} {
+			if err := inst.QMP().ExecuteMigrateSetCapabilities(ctx, postcopy); err != nil {
+				t.Fatal(err)
+			}
+		}
+		sock := filepath.Join(shortTempDir(t), "mig.sock")
+		if err := dst.QMP().ExecuteMigrateIncoming(ctx, "unix:"+sock); err != nil {
+			t.Fatal(err)
+		}
+		// Slow enough for precopy never to finish on its own; the switch
+		// to postcopy, with the limit lifted, is made from the progress
+		// callback, on Migrate's goroutine, through the same session.
+		limit(t, cur, 4<<20)
+		var statuses []string
+		info, err := cur.QMP().Migrate(ctx, "unix:"+sock, MigrateOptions{ProgressInterval: 50 * time.Millisecond,
+			Progress: func(m MigrationInfo) {
+				if len(statuses) == 0 || statuses[len(statuses)-1] != m.Status {
+					statuses = append(statuses, m.Status)
+				}
+				if m.Status == "active" && m.RAM != nil && m.RAM.Transferred > 1<<20 && !slices.Contains(statuses, "postcopy") {
+					statuses = append(statuses, "postcopy")
+					unlimited := int64(0)
+					if err := cur.QMP().ExecuteMigrateSetParameters(ctx, MigrationParameters{MaxBandwidth: &unlimited}); err != nil {
+						t.Errorf("lifting the bandwidth limit: %v", err)
+					}
+					if err := cur.QMP().ExecuteMigrateStartPostcopy(ctx); err != nil {
+						t.Errorf("migrate-start-postcopy: %v", err)
+					}
+				}
+			}})
+		if err != nil {
+			t.Fatalf("postcopy migration: %v (statuses %q)\nsource stderr: %s\ndestination stderr: %s", err, statuses, cur.Stderr(), dst.Stderr())
+		}
+		t.Logf("postcopy: %d ms, statuses %q", info.TotalTime, statuses)
+		if !slices.Contains(statuses, "postcopy-active") {
+			t.Errorf("the migration went through %q, never postcopy-active", statuses)
+		}
+		checkStatus(t, cur, "postmigrate")
+		checkBeatsOn(t, dst, lastBeat(cur), true)
+		cur = dst
+	})
+	step(t, "source dies half-way", func() {
+		if err := cur.QMP().ExecuteMigrateSetCapabilities(ctxTimeout(t, 10*time.Second), map[MigrationCapability]bool{MigrationPostcopyRAM: false}); err != nil {
+			t.Fatal(err)
+		}
+		dst := vm.start(t, "defer")
+		sock := filepath.Join(shortTempDir(t), "mig.sock")
+		if err := dst.QMP().ExecuteMigrateIncoming(ctxTimeout(t, 30*time.Second), "unix:"+sock); err != nil {
+			t.Fatal(err)
+		}
+		limit(t, cur, 4<<20)
+		killed := false
+		_, err := cur.QMP().Migrate(ctxTimeout(t, time.Minute), "unix:"+sock, MigrateOptions{ProgressInterval: 50 * time.Millisecond,
+			Progress: func(m MigrationInfo) {
+				if m.Progress() > 0.2 && !killed {
+					killed = true
+					syscall.Kill(cur.Pid(), syscall.SIGKILL)
+				}
+			}})
+		if !errors.Is(err, ErrDisconnected) {
+			t.Errorf("migration whose source was killed: %v", err)
+		}
+	})
+}
+
+// step runs one step of a real-VM test, named in the log; the
+// Instances it starts live until the test ends.
+func step(t *testing.T, name string, f func()) {
+	t.Helper()
+	t.Logf("step: %s", name)
+	f()
+}
+
+func limit(t *testing.T, inst *Instance, bytesPerSecond int64) {
+	t.Helper()
+	if err := inst.QMP().ExecuteMigrateSetParameters(ctxTimeout(t, 10*time.Second), MigrationParameters{MaxBandwidth: &bytesPerSecond}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// listenTLS gives dst the server credentials in dir and makes it wait on
+// an ephemeral TCP port of 127.0.0.1, whose URI it returns.
+func listenTLS(t *testing.T, dst *Instance, dir string) string {
+	t.Helper()
+	ctx := ctxTimeout(t, 30*time.Second)
+	q := dst.QMP()
+	if err := q.ExecuteObjectAddTLSCredsX509(ctx, TLSCredsX509{ID: "tls0", Dir: dir, Endpoint: "server"}); err != nil {
+		t.Fatal(err)
+	}
+	creds := "tls0"
+	if err := q.ExecuteMigrateSetParameters(ctx, MigrationParameters{TLSCreds: &creds}); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.ExecuteMigrateIncoming(ctx, "tcp:127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	info, err := q.ExecuteQueryMigrate(ctx)
+	if err != nil || len(info.SocketAddresses) != 1 || info.SocketAddresses[0].Port == "" || info.SocketAddresses[0].Port == "0" {
+		t.Fatalf("the destination listens on %+v, %v", info.SocketAddresses, err)
+	}
+	return "tcp:127.0.0.1:" + info.SocketAddresses[0].Port
+}
+
+// setTLSClient gives the source the client credentials in dir, replacing
+// any it had, or turns TLS off for dir "".
+func setTLSClient(t *testing.T, src *Instance, dir string) {
+	t.Helper()
+	ctx := ctxTimeout(t, 30*time.Second)
+	q := src.QMP()
+	off := ""
+	if err := q.ExecuteMigrateSetParameters(ctx, MigrationParameters{TLSCreds: &off}); err != nil {
+		t.Fatal(err)
+	}
+	q.ExecuteObjectDel(ctx, "tls-client") // from an earlier call, if any
+	if dir == "" {
+		return
+	}
+	if err := q.ExecuteObjectAddTLSCredsX509(ctx, TLSCredsX509{ID: "tls-client", Dir: dir, Endpoint: "client"}); err != nil {
+		t.Fatal(err)
+	}
+	creds, host := "tls-client", "localhost"
+	if err := q.ExecuteMigrateSetParameters(ctx, MigrationParameters{TLSCreds: &creds, TLSHostname: &host}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// pki holds the certificate directories of a TLS migration: the
+// destination's, a source's trusting the same CA, and a source's trusting
+// another CA.
+type pki struct{ server, client, otherCA string }
+
+// makePKI makes a CA and a server and a client certificate it signs, for
+// localhost and 127.0.0.1, and another CA, in the file names
+// tls-creds-x509 reads.
+func makePKI(t *testing.T) pki {
+	t.Helper()
+	root := t.TempDir()
+	ca, caKey := makeCert(t, "test CA", nil, nil, true, 0)
+	other, otherKey := makeCert(t, "other CA", nil, nil, true, 0)
+	server, serverKey := makeCert(t, "localhost", ca, caKey, false, x509.ExtKeyUsageServerAuth)
+	client, clientKey := makeCert(t, "client", ca, caKey, false, x509.ExtKeyUsageClientAuth)
+	p := pki{filepath.Join(root, "server"), filepath.Join(root, "client"), filepath.Join(root, "other")}
+	writePEM(t, p.server, map[string][]byte{"ca-cert.pem": ca, "server-cert.pem": server, "server-key.pem": serverKey})
+	writePEM(t, p.client, map[string][]byte{"ca-cert.pem": ca, "client-cert.pem": client, "client-key.pem": clientKey})
+	// QEMU checks its own certificate against its CA too.
+	otherClient, otherClientKey := makeCert(t, "client", other, otherKey, false, x509.ExtKeyUsageClientAuth)
+	writePEM(t, p.otherCA, map[string][]byte{"ca-cert.pem": other, "client-cert.pem": otherClient, "client-key.pem": otherClientKey})
+	return p
+}
+
+// makeCert makes an ECDSA P-256 certificate, self-signed when parent is
+// nil, and returns it and its key, each PEM-encoded.
+func makeCert(t *testing.T, name string, parent []byte, parentKey []byte, isCA bool, usage x509.ExtKeyUsage) (certPEM, keyPEM []byte) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: name},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		BasicConstraintsValid: true,
+		IsCA:                  isCA,
+	}
+	if isCA {
+		tmpl.KeyUsage = x509.KeyUsageCertSign | x509.KeyUsageCRLSign
+	} else {
+		// QEMU's sanity check wants key encipherment beside the signature.
+		tmpl.KeyUsage = x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{usage}
+		tmpl.DNSNames = []string{"localhost"}
+		tmpl.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1)}
+	}
+	signer, signerKey := tmpl, interface{}(key)
+	if parent != nil {
+		block, _ := pem.Decode(parent)
+		if signer, err = x509.ParseCertificate(block.Bytes); err != nil {
+			t.Fatal(err)
+		}
+		block, _ = pem.Decode(parentKey)
+		if signerKey, err = x509.ParsePKCS8PrivateKey(block.Bytes); err != nil {
+			t.Fatal(err)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, &key.PublicKey, signerKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
+}
+
+func writePEM(t *testing.T, dir string, files map[string][]byte) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestMigrationQEMU72To100 moves a running guest from QEMU 7.2 to QEMU
+// 10.0 on the machine type both have, pc-q35-7.2: the guest carries on.
+// It needs Debian's QEMU 7.2 and the QEMU 10.0 that make test unpacks.
+func TestMigrationQEMU72To100(t *testing.T) {
+	requireGuest(t)
+	root, _ := filepath.Abs(filepath.Join("testdata", "qemu10"))
+	old := vmSpec{bin: "/usr/bin/qemu-system-x86_64", machine: "pc-q35-7.2",
+		env: []string{"QEMU_MODULE_DIR=/usr/lib/x86_64-linux-gnu/qemu"}}
+	young := vmSpec{bin: filepath.Join(root, "usr/bin/qemu-system-x86_64"), machine: "pc-q35-7.2",
+		firmware: []string{filepath.Join(root, "usr/share/qemu"), filepath.Join(root, "usr/share/seabios")},
+		env:      []string{"QEMU_MODULE_DIR=" + filepath.Join(root, "usr/lib/x86_64-linux-gnu/qemu")}}
+	for _, bin := range []string{old.bin, young.bin} {
+		if _, err := os.Stat(bin); err != nil {
+			t.Skipf("needs QEMU 7.2 and 10.0 (make qemu10): %v", err)
+		}
+	}
+	src := old.start(t, "")
+	if v := src.Version(); v.Major != 7 || v.Minor != 2 {
+		t.Fatalf("%s is QEMU %d.%d", old.bin, v.Major, v.Minor)
+	}
+	startHeartbeat(t, src)
+	dst := young.start(t, "defer")
+	if v := dst.Version(); v.Major != 10 {
+		t.Fatalf("%s is QEMU %d.%d", young.bin, v.Major, v.Minor)
+	}
+	sock := filepath.Join(shortTempDir(t), "mig.sock")
+	if err := dst.QMP().ExecuteMigrateIncoming(ctxTimeout(t, 30*time.Second), "unix:"+sock); err != nil {
+		t.Fatal(err)
+	}
+	migrateTo(t, src, dst, "unix:"+sock)
+	if got := guestAsk(t, dst, "echo ans=alive"); got != "alive" {
+		t.Errorf("the guest on QEMU 10.0 answers %q", got)
+	}
+}
