@@ -441,8 +441,7 @@ func (a *GuestAgent) FSFreeze(ctx context.Context, mountpoints ...string) (int, 
 		}{mountpoints}
 	}
 	n, err := callFor[int](ctx, a, name, "", args)
-	var unanswered *unansweredError
-	if err == nil || !errors.As(err, &unanswered) {
+	if err == nil || !unanswered(err) {
 		return n, err
 	}
 	tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), agentCleanupTimeout)

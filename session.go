@@ -36,12 +36,20 @@ type lostReplyError struct{ err error }
 func (e *lostReplyError) Error() string { return "no reply: " + e.err.Error() }
 func (e *lostReplyError) Unwrap() error { return e.err }
 
-// unansweredError is the error of a command given up on, on a session with
-// resync, after it was written: the peer may still act on it.
+// unansweredError is the error of a command whose context ended after it
+// was written and before its reply: the peer may still act on it.
 type unansweredError struct{ err error }
 
 func (e *unansweredError) Error() string { return "gave up waiting for the reply: " + e.err.Error() }
 func (e *unansweredError) Unwrap() error { return e.err }
+
+// unanswered reports whether err says that the command was written and its
+// caller stopped waiting for the reply, so that what it asked for may
+// still happen (and may need undoing), as opposed to a command never sent.
+func unanswered(err error) bool {
+	var u *unansweredError
+	return errors.As(err, &u)
+}
 
 // lostToPeer reports whether err says that the peer closed the connection
 // after the command was written, as opposed to Shutdown, a context, an
@@ -389,9 +397,8 @@ func (s *session) exchange(ctx context.Context, req request) (json.RawMessage, e
 		}
 		if s.proto.resync != nil {
 			s.withdraw(p, true)
-			return nil, &unansweredError{ctx.Err()}
 		}
-		return nil, ctx.Err()
+		return nil, &unansweredError{ctx.Err()}
 	}
 }
 
