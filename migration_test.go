@@ -336,8 +336,10 @@ func TestMigrateSettlesAsContextEnds(t *testing.T) {
 		case cmd == wireQueryMigrate:
 			return []string{migrateReply("completed", 100, 0)}
 		case cmd == wireQueryStat:
+			// The reply first, then the end of ctx.
+			s.p.send(`{"return": {"status": "finish-migrate", "running": false}}`)
 			cancel()
-			return []string{`{"return": {"status": "finish-migrate", "running": false}}`}
+			return nil
 		}
 		return []string{okReply}
 	})
