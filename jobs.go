@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 )
 
@@ -160,9 +161,13 @@ func (q *QMP) ExecuteJobDismiss(ctx context.Context, id string) error {
 type JobOptions struct {
 	// Progress, if not nil, is called with the job's query-jobs entry
 	// every ProgressInterval while it runs, and with its last one. It
-	// runs on the waiting goroutine.
+	// runs on the waiting goroutine. A poll that fails is skipped: the
+	// wait goes on, and ends as it would have without it.
 	Progress         func(JobInfo)
 	ProgressInterval time.Duration
+	// CancelGrace bounds the cancel after ctx ended; 0 means
+	// DefaultCancelGrace.
+	CancelGrace time.Duration
 
 	// Ready, for a job that becomes ready (a mirror, a commit of the
 	// active layer), is called then, on the waiting goroutine, before the
@@ -170,7 +175,8 @@ type JobOptions struct {
 	// migration over. It may call the session. When it returns an
 	// error, the job is cancelled instead (a ready mirror then ends
 	// without pivoting) and the method returns that error. Nil completes
-	// the job at once.
+	// the job at once. It is called once: a ready job that pauses and
+	// becomes ready again is not completed again.
 	Ready func(ctx context.Context) error
 }
 
@@ -226,33 +232,47 @@ func (q *QMP) Backup(ctx context.Context, b BlockdevBackup, opts JobOptions) (Jo
 // is dismissed, and its last query-jobs entry is returned, with a
 // *JobError when QEMU concluded it with one.
 //
-// It is bounded by ctx alone: when ctx ends first, the job is cancelled
-// (job-cancel), and runJob waits for it to conclude, bounded by the
-// session (QEMU ends a cancelled job once its requests in flight have
-// drained), dismisses it and returns an error that wraps ctx.Err(). If
-// the session ends (QEMU died), the error wraps ErrDisconnected. A job
-// whose error policy is "stop" pauses on an error (BLOCK_JOB_ERROR,
-// action stop) and stays paused, as QEMU means it to, until job-resume
-// from another goroutine or the end of ctx.
+// It is bounded by ctx: when ctx ends first, the job is cancelled
+// (job-cancel), and runJob waits for it to conclude (QEMU ends a
+// cancelled job once its requests in flight have drained), dismisses it
+// and returns an error that wraps ctx.Err(). That wait is bounded by
+// opts.CancelGrace; past it the error wraps ErrCancelPending too, and the
+// job is left to QEMU. A start whose reply ctx cut short is cancelled only
+// if QEMU made the job (its "created" came), never when the start was not
+// sent or QEMU refused it (a job of that id is someone else's). If the
+// session ends (QEMU died), the error wraps ErrDisconnected. A job whose
+// error policy is "stop" pauses on an error (BLOCK_JOB_ERROR, action
+// stop) and stays paused, as QEMU means it to, until job-resume from
+// another goroutine or the end of ctx.
 func (q *QMP) runJob(ctx context.Context, name, id string, args interface{}, opts JobOptions) (JobInfo, error) {
 	if id == "" {
 		return JobInfo{}, commandError(name, id, errors.New("JobID is empty"))
 	}
 	sub := q.Subscribe(jobFilter(id))
 	defer sub.Close()
-	j := jobRun{q: q, name: name, id: id, opts: opts,
+	j := &jobRun{q: q, name: name, id: id, opts: opts,
 		w: waiter{sub: sub, interval: opts.ProgressInterval, poll: opts.Progress != nil}}
-	if err := q.run(ctx, name, id, args, nil); err != nil {
-		if ctx.Err() == nil {
-			return JobInfo{}, err
-		}
-		// The command may have reached QEMU before ctx ended: cancel
-		// the job if there is one.
-		wctx, cerr := j.cancel(ctx, ctx.Err())
-		if cerr != nil {
-			return JobInfo{}, err
-		}
-		return j.wait(wctx)
+	defer j.endGrace()
+	err := q.run(ctx, name, id, args, nil)
+	switch {
+	case err == nil:
+		return j.wait(ctx)
+	case !unanswered(err):
+		return JobInfo{}, err // refused, never sent, or QEMU gone
+	}
+	// Once another command has had the turn, which comes after the
+	// start's reply, the subscription holds the "created" QEMU sends
+	// before it when it made the job.
+	j.startGrace(ctx, ctx.Err())
+	if _, qerr := j.query(j.grace); qerr != nil {
+		return JobInfo{}, j.error(fmt.Errorf("%w; and whether QEMU made the job is unknown: %w", j.cause, qerr))
+	}
+	created := func(ev QMPEvent) bool { return ev.Name == "JOB_STATUS_CHANGE" && ev.Data["status"] == "created" }
+	if !slices.ContainsFunc(j.w.hold(), created) {
+		return JobInfo{}, err
+	}
+	if info, done, err := j.cancel(); done {
+		return info, err
 	}
 	return j.wait(ctx)
 }
@@ -263,22 +283,34 @@ type jobRun struct {
 	name, id string
 	opts     JobOptions
 	w        waiter
-	cause    error  // why the job was cancelled, once QEMU took the cancel
+	readied  bool   // the job has been ready once
 	lastErr  string // the last BLOCK_JOB_ERROR's operation and action
+	// Once the job is to be cancelled: why, and the context that bounds
+	// the cancel and the wait for its end.
+	cause     error
+	grace     context.Context
+	stopGrace context.CancelFunc
 }
 
 func (j *jobRun) wait(ctx context.Context) (JobInfo, error) {
 	for {
-		ev, err := j.w.next(ctx)
+		wctx := ctx
+		if j.cause != nil {
+			wctx = j.grace
+		}
+		ev, err := j.w.next(wctx)
 		switch {
 		case errors.Is(err, errPoll):
-			if info, err := j.query(ctx); err == nil {
+			if info, err := j.query(wctx); err == nil {
 				j.opts.Progress(info)
 			}
 			continue
-		case err != nil && ctx.Err() != nil:
-			if ctx, err = j.cancel(ctx, ctx.Err()); err != nil {
-				return JobInfo{}, err
+		case err != nil && j.cause != nil && j.grace.Err() != nil:
+			return JobInfo{}, j.pending()
+		case err != nil && j.cause == nil && ctx.Err() != nil:
+			j.startGrace(ctx, ctx.Err())
+			if info, done, err := j.cancel(); done {
+				return info, err
 			}
 			continue
 		case err != nil:
@@ -290,16 +322,22 @@ func (j *jobRun) wait(ctx context.Context) (JobInfo, error) {
 		}
 		switch ev.Data["status"] {
 		case "ready":
-			if j.cause != nil {
+			// Once: a ready mirror that pauses goes ready, standby,
+			// ready, and is completing already.
+			if j.cause != nil || j.readied {
 				continue
 			}
+			j.readied = true
 			if rerr := j.ready(ctx); rerr != nil {
-				if ctx, err = j.cancel(ctx, rerr); err != nil {
-					return JobInfo{}, err
+				j.startGrace(ctx, rerr)
+				if info, done, err := j.cancel(); done {
+					return info, err
 				}
 			}
 		case "concluded":
-			return j.conclude(ctx)
+			// Over: its entry is read and it is dismissed whatever ctx
+			// says, or the job would stay, its id taken.
+			return j.conclude(context.WithoutCancel(ctx))
 		}
 	}
 }
@@ -315,38 +353,65 @@ func jobFilter(id string) EventFilter {
 
 // ready calls opts.Ready and completes the job.
 func (j *jobRun) ready(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	if j.opts.Ready != nil {
 		if err := j.opts.Ready(ctx); err != nil {
 			return fmt.Errorf("Ready: %w", err)
 		}
 	}
-	err := j.q.ExecuteJobComplete(ctx, j.id)
-	if err != nil && ctx.Err() != nil {
-		return ctx.Err()
+	if err := j.q.execute(ctx, "job-complete", idArgs{j.id}, nil); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return fmt.Errorf("job-complete: %w", err)
 	}
-	return err
+	return nil
 }
 
-// cancel cancels the job for cause and returns the context to wait for
-// its end with, which only the session bounds. A job that concluded
-// before the cancel reached it is waited for as it ended.
-func (j *jobRun) cancel(ctx context.Context, cause error) (context.Context, error) {
-	ctx = context.WithoutCancel(ctx)
-	if err := j.q.ExecuteJobCancel(ctx, j.id); err != nil {
-		if info, qerr := j.query(ctx); qerr == nil && info.Status == "concluded" {
-			return ctx, nil // its "concluded" is queued
-		}
-		return ctx, j.error(fmt.Errorf("%w; and the cancel failed: %w", cause, err))
-	}
+// startGrace records why the job is to be cancelled and starts the grace
+// that bounds the cancel, which ctx no longer does.
+func (j *jobRun) startGrace(ctx context.Context, cause error) {
 	j.cause = cause
-	return ctx, nil
+	j.grace, j.stopGrace = context.WithTimeout(context.WithoutCancel(ctx), cancelGrace(j.opts.CancelGrace))
+}
+
+func (j *jobRun) endGrace() {
+	if j.stopGrace != nil {
+		j.stopGrace()
+	}
+}
+
+// cancel sends job-cancel. done says that the run is over, with info and
+// err: the cancel failed, or QEMU had concluded the job first, which is
+// then reported as it ended.
+func (j *jobRun) cancel() (info JobInfo, done bool, err error) {
+	err = j.q.execute(j.grace, "job-cancel", idArgs{j.id}, nil)
+	switch {
+	case err == nil:
+		return JobInfo{}, false, nil
+	case j.grace.Err() != nil:
+		return JobInfo{}, true, j.pending()
+	}
+	if info, qerr := j.query(j.grace); qerr == nil && info.Status == "concluded" {
+		j.cause = nil
+		info, err := j.conclude(j.grace)
+		return info, true, err
+	}
+	return JobInfo{}, true, j.error(fmt.Errorf("%w; and job-cancel failed: %w", j.cause, err))
+}
+
+// pending is the error of a cancel QEMU had not carried out in the grace.
+func (j *jobRun) pending() error {
+	return j.error(fmt.Errorf("%w; cancelled, but not concluded %v later: %w", j.cause, cancelGrace(j.opts.CancelGrace), ErrCancelPending))
 }
 
 // conclude reads the concluded job's entry and dismisses it.
 func (j *jobRun) conclude(ctx context.Context) (JobInfo, error) {
 	info, qerr := j.query(ctx)
-	if derr := j.q.ExecuteJobDismiss(ctx, j.id); derr != nil && qerr == nil {
-		qerr = derr
+	if derr := j.q.execute(ctx, "job-dismiss", idArgs{j.id}, nil); derr != nil && qerr == nil {
+		qerr = fmt.Errorf("job-dismiss: %w", derr)
 	}
 	if j.opts.Progress != nil && qerr == nil {
 		j.opts.Progress(info)
@@ -364,9 +429,9 @@ func (j *jobRun) conclude(ctx context.Context) (JobInfo, error) {
 
 // query returns the job's query-jobs entry.
 func (j *jobRun) query(ctx context.Context) (JobInfo, error) {
-	jobs, err := j.q.ExecuteQueryJobs(ctx)
-	if err != nil {
-		return JobInfo{}, err
+	var jobs []JobInfo
+	if err := j.q.execute(ctx, "query-jobs", nil, &jobs); err != nil {
+		return JobInfo{}, fmt.Errorf("query-jobs: %w", err)
 	}
 	for _, info := range jobs {
 		if info.ID == j.id {

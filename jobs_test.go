@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -46,38 +47,223 @@ func TestMirrorRunsToItsEnd(t *testing.T) {
 	go func() {
 		var err error
 		final, err = s.q.Mirror(ctxTimeout(t, 10*time.Second), BlockdevMirror{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{
-			Ready:    func(context.Context) error { close(ready); return nil },
-			Progress: func(j JobInfo) { progress = append(progress, j) },
+			ProgressInterval: time.Millisecond,
+			Ready:            func(context.Context) error { close(ready); return nil },
+			Progress:         func(j JobInfo) { progress = append(progress, j) },
 		})
 		ch <- err
 	}()
 	s.p.expect(t, wireMirrorJob0)
 	s.p.send(jobEvent("job0", "created"), jobEvent("other", "ready"), jobEvent("job0", "running"), okReply)
-	// Another job's ready is not this one's.
-	stillPending(t, ch, "Mirror")
-	// The first poll comes after DefaultProgressInterval.
-	s.p.expect(t, wireQueryJobs)
-	s.p.send(jobsReply("job0", "running", "", 5, 10))
-	s.p.send(jobEvent("job0", "ready"))
-	s.p.expect(t, `{"execute":"job-complete","arguments":{"id":"job0"}}`)
+	// Polls until the job is ready, each answered; another job's ready
+	// is not this one's.
+	for polls := 0; ; polls++ {
+		cmd := s.p.recv()
+		if cmd == `{"execute":"job-complete","arguments":{"id":"job0"}}` {
+			break
+		}
+		if cmd != wireQueryJobs {
+			t.Fatalf("got %q", cmd)
+		}
+		s.p.send(jobsReply("job0", "running", "", 5, 10))
+		if polls == 2 {
+			s.p.send(jobEvent("job0", "ready"))
+		}
+	}
 	select {
 	case <-ready:
 	default:
 		t.Fatal("job-complete before Ready")
 	}
 	s.p.send(jobEvent("job0", "waiting"), jobEvent("job0", "pending"), jobEvent("job0", "concluded"), okReply)
-	s.p.expect(t, wireQueryJobs)
-	s.p.send(jobsReply("job0", "concluded", "", 10, 10))
-	s.p.expect(t, `{"execute":"job-dismiss","arguments":{"id":"job0"}}`)
-	s.p.send(jobEvent("job0", "null"), okReply)
+	rest := s.p.serve(func(cmd string) []string {
+		if cmd == wireQueryJobs {
+			return []string{jobsReply("job0", "concluded", "", 10, 10)}
+		}
+		return []string{jobEvent("job0", "null"), okReply}
+	})
 	if err := <-ch; err != nil {
 		t.Fatal(err)
+	}
+	s.q.Shutdown()
+	if lines := <-rest; len(lines) == 0 || lines[len(lines)-1] != `{"execute":"job-dismiss","arguments":{"id":"job0"}}` {
+		t.Errorf("after job-complete: %q, want polls, query-jobs, job-dismiss", lines)
 	}
 	if final.Status != "concluded" || final.CurrentProgress != 10 {
 		t.Errorf("final %+v", final)
 	}
-	if len(progress) != 2 || progress[0].CurrentProgress != 5 || progress[1].CurrentProgress != 10 {
-		t.Errorf("progress %+v", progress)
+	if len(progress) < 4 || progress[0].CurrentProgress != 5 || progress[len(progress)-1].CurrentProgress != 10 {
+		t.Errorf("progress %+v, want 5 (at least 3 times) ... 10", progress)
+	}
+}
+
+// A ready mirror that pauses and becomes ready again is completed once:
+// Ready is not called again, and no second job-complete is sent.
+func TestMirrorReadyOnce(t *testing.T) {
+	s := connect(t, "10.0.2", nil)
+	readies := 0
+	done := s.p.serve(func(cmd string) []string {
+		switch {
+		case strings.Contains(cmd, `"blockdev-mirror"`):
+			return []string{jobEvent("job0", "running"), okReply, jobEvent("job0", "ready")}
+		case strings.Contains(cmd, `"job-complete"`):
+			return []string{okReply, jobEvent("job0", "standby"), jobEvent("job0", "ready"),
+				jobEvent("job0", "waiting"), jobEvent("job0", "pending"), jobEvent("job0", "concluded")}
+		case cmd == wireQueryJobs:
+			return []string{jobsReply("job0", "concluded", "", 10, 10)}
+		}
+		return []string{okReply}
+	})
+	_, err := s.q.Mirror(ctxTimeout(t, 5*time.Second), BlockdevMirror{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{
+		Ready: func(context.Context) error { readies++; return nil }})
+	s.q.Shutdown()
+	lines := <-done
+	completes := 0
+	for _, cmd := range lines {
+		if strings.Contains(cmd, `"job-complete"`) {
+			completes++
+		}
+	}
+	if err != nil || readies != 1 || completes != 1 {
+		t.Errorf("error %v, Ready called %d times, %d job-complete; sent %q", err, readies, completes, lines)
+	}
+}
+
+// A job that concludes as its context ends is read and dismissed all the
+// same, its result reported; an error names each command once.
+func TestJobConcludesAsContextEnds(t *testing.T) {
+	for _, dismissed := range []bool{true, false} {
+		t.Run(fmt.Sprintf("dismissed=%v", dismissed), func(t *testing.T) {
+			s := connect(t, "10.0.2", nil)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			polls := 0
+			done := s.p.serve(func(cmd string) []string {
+				switch {
+				case strings.Contains(cmd, `"block-stream"`):
+					return []string{okReply, jobEvent("job0", "running")}
+				case cmd == wireQueryJobs && polls == 0:
+					polls++
+					return []string{jobEvent("job0", "concluded"), jobsReply("job0", "running", "", 5, 10)}
+				case cmd == wireQueryJobs:
+					return []string{jobsReply("job0", "concluded", "", 10, 10)}
+				case strings.Contains(cmd, `"job-dismiss"`) && !dismissed:
+					return []string{`{"error": {"class": "GenericError", "desc": "Job 'job0' in state 'null' cannot accept command verb 'dismiss'"}}`}
+				}
+				return []string{okReply}
+			})
+			info, err := s.q.Stream(ctx, BlockStream{JobID: "job0", Device: "top"}, JobOptions{ProgressInterval: time.Millisecond,
+				Progress: func(JobInfo) { cancel() }})
+			s.q.Shutdown()
+			lines := <-done
+			if !slices.Contains(lines, `{"execute":"job-dismiss","arguments":{"id":"job0"}}`) || slices.Contains(lines, `{"execute":"job-cancel","arguments":{"id":"job0"}}`) {
+				t.Errorf("sent %q, want job-dismiss and no job-cancel", lines)
+			}
+			if info.Status != "concluded" || info.CurrentProgress != 10 {
+				t.Errorf("info %+v", info)
+			}
+			switch {
+			case dismissed && err != nil:
+				t.Errorf("error %v", err)
+			case !dismissed && (err == nil || strings.Count(err.Error(), "qmp:") != 1 || !strings.Contains(err.Error(), "job-dismiss")):
+				t.Errorf("error %v, want one naming job-dismiss under one qmp: prefix", err)
+			}
+		})
+	}
+}
+
+// A start whose context ends before its reply is cancelled only if QEMU
+// made the job (its "created" came): never a job of that id QEMU refused
+// to make again, which is someone else's, and nothing is sent for a
+// context that ended before the call.
+func TestJobCancelsOnlyWhatItStarted(t *testing.T) {
+	for _, made := range []bool{false, true} {
+		t.Run(fmt.Sprintf("made=%v", made), func(t *testing.T) {
+			s := connect(t, "10.0.2", nil)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			done := s.p.serve(func(cmd string) []string {
+				switch {
+				case strings.Contains(cmd, `"blockdev-mirror"`):
+					cancel()
+					time.Sleep(10 * time.Millisecond)
+					if made {
+						return []string{jobEvent("job0", "created"), jobEvent("job0", "running"), okReply}
+					}
+					// The other job0 changes status meanwhile.
+					return []string{jobEvent("job0", "paused"), jobEvent("job0", "running"),
+						`{"error": {"class": "GenericError", "desc": "Job ID 'job0' already in use"}}`}
+				case strings.Contains(cmd, `"job-cancel"`):
+					return []string{okReply, jobEvent("job0", "aborting"), jobEvent("job0", "concluded")}
+				case cmd == wireQueryJobs && made:
+					return []string{jobsReply("job0", "concluded", "Operation canceled", 5, 10)}
+				case cmd == wireQueryJobs:
+					return []string{jobsReply("job0", "running", "", 5, 10)}
+				}
+				return []string{okReply}
+			})
+			err := returnsWithin(t, 5*time.Second, func() error {
+				_, err := s.q.Mirror(ctx, BlockdevMirror{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{})
+				return err
+			})
+			s.q.Shutdown()
+			lines := <-done
+			cancelled := slices.Contains(lines, `{"execute":"job-cancel","arguments":{"id":"job0"}}`)
+			dismissed := slices.Contains(lines, `{"execute":"job-dismiss","arguments":{"id":"job0"}}`)
+			if cancelled != made || dismissed != made {
+				t.Errorf("sent %q: job-cancel %v, job-dismiss %v, want %v", lines, cancelled, dismissed, made)
+			}
+			var qerr *QMPError
+			if err == nil || !errors.Is(err, context.Canceled) && !errors.As(err, &qerr) {
+				t.Errorf("error %v, want the context's or QEMU's refusal", err)
+			}
+		})
+	}
+	s := connect(t, "10.0.2", nil)
+	done := s.p.serve(func(string) []string { return []string{okReply} })
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := s.q.Mirror(ctx, BlockdevMirror{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{})
+	s.q.Shutdown()
+	if lines := <-done; len(lines) != 0 || !errors.Is(err, context.Canceled) {
+		t.Errorf("sent %q, error %v", lines, err)
+	}
+}
+
+// A cancel QEMU does not carry out (a mirror whose target hangs never
+// drains; a QEMU that does not answer job-cancel) ends the wait after
+// the grace, with an error that says so.
+func TestJobCancelPending(t *testing.T) {
+	for _, answered := range []bool{true, false} {
+		t.Run(fmt.Sprintf("answered=%v", answered), func(t *testing.T) {
+			s := connect(t, "10.0.2", nil)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			done := s.p.serve(func(cmd string) []string {
+				switch {
+				case strings.Contains(cmd, `"blockdev-mirror"`):
+					return []string{jobEvent("job0", "created"), okReply}
+				case strings.Contains(cmd, `"job-cancel"`) && answered:
+					return []string{okReply, jobEvent("job0", "aborting")}
+				case strings.Contains(cmd, `"job-cancel"`):
+					return nil
+				}
+				return []string{okReply}
+			})
+			ch := make(chan error, 1)
+			go func() {
+				_, err := s.q.Mirror(ctx, BlockdevMirror{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{CancelGrace: 50 * time.Millisecond})
+				ch <- err
+			}()
+			stillPending(t, ch, "Mirror")
+			cancel()
+			err := returnsWithin(t, 5*time.Second, func() error { return <-ch })
+			s.q.Shutdown()
+			<-done
+			if !errors.Is(err, ErrCancelPending) || !errors.Is(err, context.Canceled) {
+				t.Errorf("error %v, want one wrapping ErrCancelPending and the context's", err)
+			}
+		})
 	}
 }
 

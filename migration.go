@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -204,15 +205,50 @@ func (q *QMP) ExecuteQueryMigrate(ctx context.Context) (MigrationInfo, error) {
 // query the progress they report, when their options say 0.
 const DefaultProgressInterval = 200 * time.Millisecond
 
+// DefaultCancelGrace is how long Migrate and the block job methods wait,
+// once their context has ended, for QEMU to take their cancel and end
+// what they cancelled, when their options say 0. QEMU ends a cancelled
+// migration or job within milliseconds, unless it waits on a peer that
+// does not answer (a migration's silent TCP or TLS peer, a mirror's hung
+// target).
+const DefaultCancelGrace = 30 * time.Second
+
+// ErrCancelPending is wrapped, beside the context's error, by the error
+// of a call whose context ended and whose cancel QEMU had not carried out
+// within the grace: the migration or job is still being cancelled in
+// QEMU, and the caller may wait for its end itself (MigrationFilter,
+// JobStatusFilter).
+var ErrCancelPending = errors.New("cancel still pending in QEMU")
+
+// ErrMigrationInPostcopy is wrapped, beside the context's error, by
+// Migrate's error when its context ended after the migration had switched
+// to postcopy. Migrate does not cancel it then: the guest runs on the
+// destination, which fetches from the source the pages it lacks, so the
+// end of either side loses the guest. The migration goes on in QEMU; the
+// caller waits for its end (MigrationFilter, ExecuteQueryMigrate) or
+// decides otherwise.
+var ErrMigrationInPostcopy = errors.New("migration in postcopy, not cancelled")
+
 // MigrateOptions are Migrate's options.
 type MigrateOptions struct {
 	// Progress, if not nil, is called with query-migrate's answer every
 	// ProgressInterval while the migration runs, and with the final one.
 	// It runs on Migrate's goroutine, so it may call the session (to
 	// raise MaxBandwidth, or to start postcopy) but delays the wait while
-	// it runs.
+	// it runs. A poll that fails is skipped: the wait goes on, and ends
+	// as it would have without it.
 	Progress         func(MigrationInfo)
 	ProgressInterval time.Duration
+	// CancelGrace bounds the cancel after ctx ended; 0 means
+	// DefaultCancelGrace.
+	CancelGrace time.Duration
+}
+
+func cancelGrace(d time.Duration) time.Duration {
+	if d <= 0 {
+		return DefaultCancelGrace
+	}
+	return d
 }
 
 // ErrMigrationFailed is wrapped by the error of a migration that QEMU
@@ -228,53 +264,95 @@ var ErrMigrationFailed = errors.New("migration failed")
 //
 // Migrate turns the events capability on first, so that it learns of the
 // end from the MIGRATION event at once rather than by polling. It is
-// bounded by ctx alone: when ctx ends first, Migrate cancels the
-// migration (migrate_cancel), waits for QEMU to say it is over, which is
-// the moment the source runs on, and returns an error that wraps
-// ctx.Err(); should the migration have completed all the same, it
-// returns success, since the VM has moved. If the session ends (QEMU
+// bounded by ctx: when ctx ends first, Migrate cancels the migration
+// (migrate_cancel), waits for QEMU to say it is over, which is the moment
+// the source runs on, and returns an error that wraps ctx.Err(); should
+// the migration have completed all the same, it returns success, since
+// the VM has moved. That wait is bounded by opts.CancelGrace; past it the
+// error wraps ErrCancelPending too. A migration that has switched to
+// postcopy is not cancelled: the error wraps ErrMigrationInPostcopy, and
+// the migration goes on. A migrate whose reply ctx cut short is cancelled
+// only if QEMU started a migration for it. If the session ends (QEMU
 // died), the error wraps ErrDisconnected.
 func (q *QMP) Migrate(ctx context.Context, uri string, opts MigrateOptions) (MigrationInfo, error) {
 	if err := q.ExecuteMigrateSetCapabilities(ctx, map[MigrationCapability]bool{MigrationEvents: true}); err != nil {
 		return MigrationInfo{}, err
 	}
-	sub := q.Subscribe(MigrationFilter(migrationEnds...))
+	// Every status: "setup" says that a migrate given up on started a
+	// migration, "postcopy-active" that it can no longer be cancelled.
+	sub := q.Subscribe(MigrationFilter())
 	defer sub.Close()
-	if err := q.ExecuteMigrate(ctx, uri); err != nil {
-		if ctx.Err() != nil {
-			// The command may have reached QEMU before ctx ended.
-			return q.cancelMigration(ctx, uri, sub, opts)
-		}
+	m := &migration{q: q, uri: uri, opts: opts,
+		w: waiter{sub: sub, interval: opts.ProgressInterval, poll: opts.Progress != nil}}
+	err := q.ExecuteMigrate(ctx, uri)
+	switch {
+	case err == nil:
+		return m.wait(ctx)
+	case !unanswered(err):
+		return MigrationInfo{}, err // refused, never sent, or QEMU gone
+	}
+	// QEMU sends "setup" before the reply of a migrate that started a
+	// migration (7.2 and 10.0), and refuses one while another runs without
+	// it: once another command has had the turn, which comes after that
+	// reply, the subscription holds the answer.
+	gctx, stop := context.WithTimeout(context.WithoutCancel(ctx), cancelGrace(opts.CancelGrace))
+	defer stop()
+	if _, qerr := m.query(gctx); qerr != nil {
+		return MigrationInfo{}, m.error(fmt.Errorf("%w; and whether it started is unknown: %w", ctx.Err(), qerr))
+	}
+	if !slices.ContainsFunc(m.w.hold(), func(ev QMPEvent) bool { return ev.Data["status"] == "setup" }) {
 		return MigrationInfo{}, err
 	}
-	w := waiter{sub: sub, interval: opts.ProgressInterval, poll: opts.Progress != nil}
+	return m.stop(ctx)
+}
+
+// migration is one run of Migrate.
+type migration struct {
+	q        *QMP
+	uri      string
+	opts     MigrateOptions
+	w        waiter
+	postcopy bool // a postcopy status has been seen
+}
+
+func (m *migration) wait(ctx context.Context) (MigrationInfo, error) {
 	for {
-		_, err := w.next(ctx)
+		ev, err := m.w.next(ctx)
+		var info MigrationInfo
 		switch {
 		case errors.Is(err, errPoll):
-			info, err := q.ExecuteQueryMigrate(ctx)
-			if err == nil && isMigrationEnd(info.Status) {
-				return q.migrationEnded(ctx, uri, info, opts)
+			if info, err = m.query(ctx); err != nil {
+				continue // ctx's end or the session's is seen next
 			}
-			if err == nil {
-				opts.Progress(info)
-			} else if ctx.Err() == nil {
-				return info, err
+			m.note(info.Status)
+			if !isMigrationEnd(info.Status) {
+				m.opts.Progress(info)
+				continue
 			}
+			// The poll saw the end before its event.
 		case err != nil && ctx.Err() != nil:
-			return q.cancelMigration(ctx, uri, sub, opts)
+			return m.stop(ctx)
 		case err != nil:
-			return MigrationInfo{}, commandError("migrate", uri, fmt.Errorf("waiting for its end: %w", err))
+			return MigrationInfo{}, m.error(fmt.Errorf("waiting for its end: %w", err))
 		default:
-			info, err := q.ExecuteQueryMigrate(ctx)
-			if err != nil {
-				if ctx.Err() != nil {
-					return q.cancelMigration(ctx, uri, sub, opts)
-				}
-				return info, err
+			status, _ := ev.Data["status"].(string)
+			m.note(status)
+			if !isMigrationEnd(status) {
+				continue
 			}
-			return q.migrationEnded(ctx, uri, info, opts)
+			// Over: its figures and reason are read whatever ctx says.
+			if info, err = m.query(context.WithoutCancel(ctx)); err != nil {
+				return info, m.error(err)
+			}
 		}
+		return m.ended(ctx, info, nil)
+	}
+}
+
+// note records a status the migration reported.
+func (m *migration) note(status string) {
+	if strings.HasPrefix(status, "postcopy") {
+		m.postcopy = true
 	}
 }
 
@@ -283,72 +361,102 @@ var migrationEnds = []string{"completed", "failed", "cancelled"}
 
 func isMigrationEnd(status string) bool { return slices.Contains(migrationEnds, status) }
 
-// migrationEnded reports a migration's end, as info says it. A completed
-// migration is over on the source only once QEMU has set its figures
-// (total-time, downtime) and moved the VM from finish-migrate to
-// postmigrate: QEMU 7.2 and 10.0 report "completed" before both, by a few
-// milliseconds (by tens over TLS on 10.0). Until then it asks again, a
-// millisecond apart, bounded by ctx.
-func (q *QMP) migrationEnded(ctx context.Context, uri string, info MigrationInfo, opts MigrateOptions) (MigrationInfo, error) {
+// ended reports a migration's end, as info says it; cause is why Migrate
+// cancelled it, if it did. A completed migration is over on the source
+// only once QEMU has set its figures (total-time, downtime) and moved the
+// VM from finish-migrate to postmigrate: QEMU 7.2 and 10.0 report
+// "completed" before both, by a few milliseconds (by tens over TLS on
+// 10.0). Until then it asks again, a millisecond apart, bounded by ctx;
+// when ctx ends first, it reports what it has.
+func (m *migration) ended(ctx context.Context, info MigrationInfo, cause error) (MigrationInfo, error) {
 	for info.Status == "completed" {
 		if info.TotalTime != 0 {
-			st, err := q.ExecuteQueryStatus(ctx)
+			st, err := m.q.ExecuteQueryStatus(ctx)
 			if err != nil || st.Status != "finish-migrate" {
 				break
 			}
 		}
 		select {
 		case <-ctx.Done():
-			return info, nil // completed all the same
 		case <-time.After(time.Millisecond):
 		}
-		next, err := q.ExecuteQueryMigrate(ctx)
+		next, err := m.query(ctx)
 		if err != nil {
 			break
 		}
 		info = next
 	}
-	if opts.Progress != nil {
-		opts.Progress(info)
+	if m.opts.Progress != nil {
+		m.opts.Progress(info)
 	}
-	if info.Status == "completed" {
+	switch {
+	case info.Status == "completed":
 		return info, nil
+	case cause != nil && (info.Status == "cancelled" || info.Status == "none"):
+		return info, m.error(fmt.Errorf("cancelled: %w", cause))
 	}
 	reason := info.ErrorDesc
 	if reason == "" {
 		reason = "no reason given"
 	}
-	if info.Status == "failed" {
-		return info, commandError("migrate", uri, fmt.Errorf("%w: %s", ErrMigrationFailed, reason))
+	err := fmt.Errorf("%w: %s", ErrMigrationFailed, reason)
+	if info.Status != "failed" {
+		err = fmt.Errorf("%w: %s: %s", ErrMigrationFailed, info.Status, reason)
 	}
-	return info, commandError("migrate", uri, fmt.Errorf("%w: %s: %s", ErrMigrationFailed, info.Status, reason))
+	if cause != nil {
+		err = fmt.Errorf("%w; %w", cause, err)
+	}
+	return info, m.error(err)
 }
 
-// cancelMigration cancels the migration after ctx ended, and waits for it
-// to be over, bounded by the session: QEMU ends a cancelled migration
-// promptly, and the source VM runs on only once it has.
-func (q *QMP) cancelMigration(ctx context.Context, uri string, sub *Subscription, opts MigrateOptions) (MigrationInfo, error) {
+// stop ends the wait for a migration that started, after ctx ended: it
+// cancels it, unless it is in postcopy, and waits for it to be over,
+// bounded by the grace. QEMU ends a cancelled migration promptly unless
+// it waits on its peer, and the source VM runs on only once it has.
+func (m *migration) stop(ctx context.Context) (MigrationInfo, error) {
 	cause := ctx.Err()
-	ctx = context.WithoutCancel(ctx)
-	if err := q.ExecuteMigrateCancel(ctx); err != nil {
-		return MigrationInfo{}, commandError("migrate", uri, fmt.Errorf("%w; and the cancel failed: %w", cause, err))
+	for _, ev := range m.w.hold() {
+		status, _ := ev.Data["status"].(string)
+		m.note(status)
 	}
-	for {
-		info, err := q.ExecuteQueryMigrate(ctx)
-		if err != nil {
-			return info, commandError("migrate", uri, fmt.Errorf("%w; cancelled, but its end is unknown: %w", cause, err))
-		}
-		if info.Status == "completed" {
-			return q.migrationEnded(ctx, uri, info, opts)
+	// The events are only a reason to ask again from here on.
+	m.w.held = nil
+	if m.postcopy {
+		return MigrationInfo{}, m.error(fmt.Errorf("%w; %w", cause, ErrMigrationInPostcopy))
+	}
+	grace := cancelGrace(m.opts.CancelGrace)
+	gctx, stop := context.WithTimeout(context.WithoutCancel(ctx), grace)
+	defer stop()
+	var info MigrationInfo
+	err := m.q.execute(gctx, "migrate_cancel", nil, nil)
+	if err != nil && gctx.Err() == nil {
+		return info, m.error(fmt.Errorf("%w; and migrate_cancel failed: %w", cause, err))
+	}
+	for err == nil {
+		if info, err = m.query(gctx); err != nil {
+			break
 		}
 		if isMigrationEnd(info.Status) || info.Status == "none" {
-			return info, commandError("migrate", uri, fmt.Errorf("cancelled: %w", cause))
+			return m.ended(gctx, info, cause)
 		}
-		if _, err := sub.Receive(ctx); err != nil {
-			return info, commandError("migrate", uri, fmt.Errorf("%w; cancelled, but its end is unknown: %w", cause, err))
-		}
+		_, err = m.w.sub.Receive(gctx)
 	}
+	if gctx.Err() != nil {
+		return info, m.error(fmt.Errorf("%w; cancelled, but not over %v later (%q): %w", cause, grace, info.Status, ErrCancelPending))
+	}
+	return info, m.error(fmt.Errorf("%w; cancelled, but its end is unknown: %w", cause, err))
 }
+
+// query is ExecuteQueryMigrate with the error named for Migrate's.
+func (m *migration) query(ctx context.Context) (MigrationInfo, error) {
+	var info MigrationInfo
+	if err := m.q.execute(ctx, "query-migrate", nil, &info); err != nil {
+		return info, fmt.Errorf("query-migrate: %w", err)
+	}
+	return info, nil
+}
+
+func (m *migration) error(err error) error { return commandError("migrate", m.uri, err) }
 
 // errPoll is what waiter.next returns when it is time to poll.
 var errPoll = errors.New("poll")
@@ -359,11 +467,31 @@ type waiter struct {
 	sub      *Subscription
 	interval time.Duration
 	poll     bool
+	held     []QMPEvent // taken by hold, for next to return first
+}
+
+// hold takes the events queued now, which next returns before any
+// other, and returns every event held.
+func (w *waiter) hold() []QMPEvent {
+	done, cancel := context.WithCancel(context.Background())
+	cancel()
+	for {
+		ev, err := w.sub.Receive(done)
+		if err != nil {
+			return w.held
+		}
+		w.held = append(w.held, ev)
+	}
 }
 
 // next returns the next event, or errPoll when interval has passed
 // without one and the operation reports progress.
 func (w *waiter) next(ctx context.Context) (QMPEvent, error) {
+	if len(w.held) > 0 {
+		ev := w.held[0]
+		w.held = w.held[1:]
+		return ev, nil
+	}
 	if !w.poll {
 		return w.sub.Receive(ctx)
 	}

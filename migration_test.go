@@ -167,23 +167,225 @@ func TestMigrateContextEnds(t *testing.T) {
 }
 
 // A migration that completes as its context ends has moved the VM: that
-// is success.
+// is success, whether the context ended before the migrate's reply was
+// read or after.
 func TestMigrateCompletesAsContextEnds(t *testing.T) {
 	s := connect(t, "7.2.22", nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	ch := migrateOnFake(t, s, ctx, "fd:mig", MigrateOptions{})
-	s.p.recv()
-	s.p.send(okReply)
-	cancel()
-	s.p.expect(t, `{"execute":"migrate_cancel"}`)
-	s.p.send(okReply)
-	s.p.expect(t, wireQueryMigrate)
-	s.p.send(migrateReply("completed", 100, 0))
-	s.p.expect(t, wireQueryStat)
-	s.p.send(`{"return": {"status": "postmigrate", "running": false}}`)
-	if err := <-ch; err != nil {
+	done := s.p.serve(func(cmd string) []string {
+		switch {
+		case strings.Contains(cmd, `"execute":"migrate"`):
+			cancel()
+			time.Sleep(10 * time.Millisecond)
+			return []string{event("MIGRATION", `{"status": "setup"}`, 1, 0), okReply}
+		case cmd == wireQueryMigrate:
+			return []string{migrateReply("completed", 100, 0)}
+		case cmd == wireQueryStat:
+			return []string{`{"return": {"status": "postmigrate", "running": false}}`}
+		}
+		return []string{okReply}
+	})
+	_, err := s.q.Migrate(ctx, "fd:mig", MigrateOptions{})
+	s.q.Shutdown()
+	lines := <-done
+	if err != nil {
 		t.Errorf("error %v", err)
+	}
+	if !slices.Contains(lines, `{"execute":"migrate_cancel"}`) {
+		t.Errorf("sent %q, want a migrate_cancel", lines)
+	}
+}
+
+// A migrate whose context ends before its reply is cancelled only if
+// QEMU started a migration for it (its "setup" came): never after QEMU
+// refused it, whose query-migrate is then another migration's, and never
+// when it was not sent at all.
+func TestMigrateCancelsOnlyWhatItStarted(t *testing.T) {
+	for _, started := range []bool{false, true} {
+		t.Run(fmt.Sprintf("started=%v", started), func(t *testing.T) {
+			s := connect(t, "10.0.2", nil)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			done := s.p.serve(func(cmd string) []string {
+				switch {
+				case strings.Contains(cmd, `"execute":"migrate"`):
+					cancel()
+					time.Sleep(10 * time.Millisecond)
+					if started {
+						return []string{event("MIGRATION", `{"status": "setup"}`, 1, 0), okReply}
+					}
+					return []string{`{"error": {"class": "GenericError", "desc": "There's a migration process in progress"}}`}
+				case cmd == `{"execute":"migrate_cancel"}`:
+					return []string{event("MIGRATION", `{"status": "cancelling"}`, 2, 0), okReply, event("MIGRATION", `{"status": "cancelled"}`, 3, 0)}
+				case cmd == wireQueryMigrate && started:
+					return []string{`{"return": {"status": "cancelled"}}`}
+				case cmd == wireQueryMigrate:
+					// Another migration's figures, or an earlier one's.
+					return []string{migrateReply("completed", 100, 0)}
+				}
+				return []string{okReply}
+			})
+			err := returnsWithin(t, 5*time.Second, func() error {
+				_, err := s.q.Migrate(ctx, "fd:mig", MigrateOptions{})
+				return err
+			})
+			s.q.Shutdown()
+			lines := <-done
+			if cancelled := slices.Contains(lines, `{"execute":"migrate_cancel"}`); cancelled != started {
+				t.Errorf("sent %q: migrate_cancel %v, want %v", lines, cancelled, started)
+			}
+			var qerr *QMPError
+			if err == nil || !errors.Is(err, context.Canceled) && !errors.As(err, &qerr) {
+				t.Errorf("error %v, want the context's or QEMU's refusal", err)
+			}
+		})
+	}
+	// Its context ended before the call: nothing is sent.
+	s := connect(t, "10.0.2", nil)
+	done := s.p.serve(func(string) []string { return []string{migrateReply("completed", 100, 0)} })
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := s.q.Migrate(ctx, "fd:mig", MigrateOptions{})
+	s.q.Shutdown()
+	if lines := <-done; len(lines) != 0 || !errors.Is(err, context.Canceled) {
+		t.Errorf("sent %q, error %v", lines, err)
+	}
+}
+
+// A migration in postcopy is not cancelled when the context ends: the
+// error says so, and the migration goes on.
+func TestMigratePostcopyNotCancelled(t *testing.T) {
+	s := connect(t, "10.0.2", nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	postcopy := s.q.Subscribe(MigrationFilter("postcopy-active"))
+	defer postcopy.Close()
+	done := s.p.serve(func(cmd string) []string {
+		if strings.Contains(cmd, `"execute":"migrate"`) {
+			return []string{okReply, event("MIGRATION", `{"status": "setup"}`, 1, 0),
+				event("MIGRATION", `{"status": "active"}`, 2, 0), event("MIGRATION", `{"status": "postcopy-active"}`, 3, 0)}
+		}
+		return []string{okReply}
+	})
+	ch := make(chan error, 1)
+	go func() { _, err := s.q.Migrate(ctx, "unix:/tmp/m.sock", MigrateOptions{}); ch <- err }()
+	if _, err := postcopy.Receive(ctxTimeout(t, 5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	err := returnsWithin(t, 5*time.Second, func() error { return <-ch })
+	s.q.Shutdown()
+	lines := <-done
+	if !errors.Is(err, ErrMigrationInPostcopy) || !errors.Is(err, context.Canceled) {
+		t.Errorf("error %v, want one wrapping ErrMigrationInPostcopy and the context's", err)
+	}
+	if slices.Contains(lines, `{"execute":"migrate_cancel"}`) {
+		t.Errorf("sent %q: a migration in postcopy was cancelled", lines)
+	}
+}
+
+// A migration that ends as the context ends is reported as it ended,
+// with QEMU's reason, whether its event or a poll saw the end first.
+func TestMigrateEndsAsContextEnds(t *testing.T) {
+	for _, how := range []string{"event", "poll"} {
+		t.Run(how, func(t *testing.T) {
+			s := connect(t, "10.0.2", nil)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			polls := 0
+			done := s.p.serve(func(cmd string) []string {
+				switch {
+				case cmd == wireQueryMigrate && how == "event" && polls == 0:
+					polls++
+					return []string{event("MIGRATION", `{"status": "failed"}`, 1, 0), migrateReply("active", 1, 99)}
+				case cmd == wireQueryMigrate:
+					polls++
+					return []string{`{"return": {"status": "failed", "error-desc": "TLS handshake failed"}}`}
+				}
+				return []string{okReply}
+			})
+			var last MigrationInfo
+			_, err := s.q.Migrate(ctx, "unix:/x", MigrateOptions{ProgressInterval: time.Millisecond,
+				Progress: func(m MigrationInfo) { last = m; cancel() }})
+			s.q.Shutdown()
+			lines := <-done
+			if !errors.Is(err, ErrMigrationFailed) || !strings.Contains(err.Error(), "TLS handshake failed") {
+				t.Errorf("error %v, want ErrMigrationFailed with QEMU's reason", err)
+			}
+			if slices.Contains(lines, `{"execute":"migrate_cancel"}`) {
+				t.Errorf("sent %q: an ended migration was cancelled", lines)
+			}
+			if last.Status != "failed" {
+				t.Errorf("the last progress was %+v, not the end", last)
+			}
+		})
+	}
+}
+
+// A completed migration whose context ends while the source settles is
+// success, and the final progress is reported.
+func TestMigrateSettlesAsContextEnds(t *testing.T) {
+	s := connect(t, "10.0.2", nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := s.p.serve(func(cmd string) []string {
+		switch {
+		case strings.Contains(cmd, `"execute":"migrate"`):
+			return []string{okReply, event("MIGRATION", `{"status": "completed"}`, 1, 0)}
+		case cmd == wireQueryMigrate:
+			return []string{migrateReply("completed", 100, 0)}
+		case cmd == wireQueryStat:
+			// The reply first, then the end of ctx.
+			s.p.send(`{"return": {"status": "finish-migrate", "running": false}}`)
+			cancel()
+			return nil
+		}
+		return []string{okReply}
+	})
+	var last []MigrationInfo
+	info, err := s.q.Migrate(ctx, "unix:/x", MigrateOptions{ProgressInterval: time.Hour,
+		Progress: func(m MigrationInfo) { last = append(last, m) }})
+	s.q.Shutdown()
+	<-done
+	if err != nil || info.Status != "completed" {
+		t.Errorf("%+v, %v", info, err)
+	}
+	if len(last) != 1 || last[0].Status != "completed" {
+		t.Errorf("progress %+v, want the final one", last)
+	}
+}
+
+// A cancel QEMU does not carry out (a migration in setup waiting on a
+// silent peer stays cancelling) ends the wait after the grace, with an
+// error that says so.
+func TestMigrateCancelPending(t *testing.T) {
+	s := connect(t, "7.2.22", nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := s.p.serve(func(cmd string) []string {
+		switch {
+		case strings.Contains(cmd, `"execute":"migrate"`):
+			return []string{okReply, event("MIGRATION", `{"status": "setup"}`, 1, 0)}
+		case cmd == wireQueryMigrate:
+			return []string{`{"return": {"status": "cancelling"}}`}
+		case cmd == `{"execute":"migrate_cancel"}`:
+			return []string{event("MIGRATION", `{"status": "cancelling"}`, 2, 0), okReply}
+		}
+		return []string{okReply}
+	})
+	ch := make(chan error, 1)
+	go func() {
+		_, err := s.q.Migrate(ctx, "tcp:192.0.2.1:4444", MigrateOptions{CancelGrace: 50 * time.Millisecond})
+		ch <- err
+	}()
+	stillPending(t, ch, "Migrate")
+	cancel()
+	err := returnsWithin(t, 5*time.Second, func() error { return <-ch })
+	s.q.Shutdown()
+	<-done
+	if !errors.Is(err, ErrCancelPending) || !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "cancelling") {
+		t.Errorf("error %v, want one wrapping ErrCancelPending and the context's", err)
 	}
 }
 
@@ -379,7 +581,7 @@ func checkStatus(t *testing.T, inst *Instance, want string) {
 
 // migrateTo migrates src to dst, which waits on uri, and checks the end:
 // the destination runs on from where the source stopped, which is left
-// in postmigrate, and the progress reported reached 1.
+// in postmigrate, and the last progress reported had nothing remaining.
 func migrateTo(t *testing.T, src, dst *Instance, uri string) MigrationInfo {
 	t.Helper()
 	ctx := ctxTimeout(t, 2*time.Minute)
@@ -393,8 +595,10 @@ func migrateTo(t *testing.T, src, dst *Instance, uri string) MigrationInfo {
 	if info.Status != "completed" || info.RAM == nil || info.RAM.Total < 256<<20 || info.RAM.Remaining != 0 {
 		t.Errorf("final %+v %+v", info, info.RAM)
 	}
-	if last.Status != "completed" || last.Progress() != 1 {
-		t.Errorf("the last progress reported was %+v (%d polls)", last, polls)
+	// The last report is the final one, and its RAM figures, not its
+	// status, say that nothing remained.
+	if last.Status != "completed" || last.RAM == nil || last.RAM.Remaining != 0 || last.RAM.Transferred < 1<<20 {
+		t.Errorf("the last progress reported was %+v %+v (%d polls)", last, last.RAM, polls)
 	}
 	t.Logf("%s: %d ms, downtime %d ms, %d MB sent, %d progress reports", uri, info.TotalTime, info.Downtime, info.RAM.Transferred>>20, polls)
 	checkStatus(t, src, "postmigrate")
@@ -542,6 +746,9 @@ func TestMigrationRealQEMU(t *testing.T) {
 		// to postcopy, with the limit lifted, is made from the progress
 		// callback, on Migrate's goroutine, through the same session.
 		limit(t, cur, 4<<20)
+		// The statuses as QEMU reports them; the polls may miss one.
+		events := cur.QMP().Subscribe(MigrationFilter())
+		defer events.Close()
 		var statuses []string
 		info, err := cur.QMP().Migrate(ctx, "unix:"+sock, MigrateOptions{ProgressInterval: 50 * time.Millisecond,
 			Progress: func(m MigrationInfo) {
@@ -562,9 +769,17 @@ func TestMigrationRealQEMU(t *testing.T) {
 		if err != nil {
 			t.Fatalf("postcopy migration: %v (statuses %q)\nsource stderr: %s\ndestination stderr: %s", err, statuses, cur.Stderr(), dst.Stderr())
 		}
-		t.Logf("postcopy: %d ms, statuses %q", info.TotalTime, statuses)
-		if !slices.Contains(statuses, "postcopy-active") {
-			t.Errorf("the migration went through %q, never postcopy-active", statuses)
+		var reported []string
+		for {
+			ev, err := events.Receive(ctxTimeout(t, 100*time.Millisecond))
+			if err != nil {
+				break
+			}
+			reported = append(reported, fmt.Sprint(ev.Data["status"]))
+		}
+		t.Logf("postcopy: %d ms, statuses %q polled, %q reported", info.TotalTime, statuses, reported)
+		if !slices.Contains(reported, "postcopy-active") {
+			t.Errorf("the migration went through %q, never postcopy-active", reported)
 		}
 		checkStatus(t, cur, "postmigrate")
 		checkBeatsOn(t, dst, lastBeat(cur), true)

@@ -1022,7 +1022,8 @@ func incomingPart(c *Config) plainPart {
 }
 
 // incomingProblem says why Incoming is not something -incoming takes, or
-// "": "defer", or a URI with a scheme QEMU 7.2 to 10.0 know.
+// "": "defer", or a URI with a scheme QEMU 7.2 to 10.0 know (file: only
+// from 8.2 on, so QEMU 7.2 refuses it itself).
 func incomingProblem(incoming string) string {
 	if incoming == "" || incoming == "defer" {
 		return ""

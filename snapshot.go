@@ -41,6 +41,12 @@ func (s Snapshot) check(name string, vmstate bool) error {
 // SaveSnapshot saves an internal snapshot of the running VM
 // (snapshot-save) and waits for the job to end, as the block job methods
 // do: the VM pauses while its state is written, then runs on.
+//
+// QEMU writes the snapshot in one step of its main loop, which a cancel
+// does not stop: a save whose ctx ended, cancelled and reported as such,
+// has most likely written the snapshot all the same. A caller that does
+// not want it deletes Tag (DeleteSnapshot), which also succeeds when the
+// tag is not there.
 func (q *QMP) SaveSnapshot(ctx context.Context, s Snapshot, opts JobOptions) (JobInfo, error) {
 	if err := s.check("snapshot-save", true); err != nil {
 		return JobInfo{}, err
