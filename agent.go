@@ -176,30 +176,13 @@ func (a *GuestAgent) Execute(ctx context.Context, name string, args, result inte
 // error with the command's name and what it is about.
 func (a *GuestAgent) run(ctx context.Context, name, about string, args, result interface{}) error {
 	if err := a.execute(ctx, name, args, result); err != nil {
-		if about != "" {
-			name += " " + about
-		}
-		return fmt.Errorf("qga: %s: %w", name, err)
+		return labelError("qga", name, about, err)
 	}
 	return nil
 }
 
 func (a *GuestAgent) execute(ctx context.Context, name string, args, result interface{}) error {
-	argsJSON, err := encodeArgs(args)
-	if err != nil {
-		return err
-	}
-	if err := checkResult(result); err != nil {
-		return err
-	}
-	ret, err := a.s.do(ctx, request{name: name, args: argsJSON})
-	if err != nil || result == nil {
-		return err
-	}
-	if err := json.Unmarshal(ret, result); err != nil {
-		return fmt.Errorf("decode reply: %w", err)
-	}
-	return nil
+	return a.s.execute(ctx, name, args, result, nil)
 }
 
 // call is run for a typed command, which the agent must offer. A command
@@ -208,12 +191,8 @@ func (a *GuestAgent) execute(ctx context.Context, name string, args, result inte
 // CommandNotFound: that too is ErrAgentCommandUnavailable, and the list is
 // asked for again next time.
 func (a *GuestAgent) call(ctx context.Context, name, about string, args, result interface{}) error {
-	label := name
-	if about != "" {
-		label += " " + about
-	}
 	if err := a.offers(ctx, name); err != nil {
-		return fmt.Errorf("qga: %s: %w", label, err)
+		return labelError("qga", name, about, err)
 	}
 	err := a.execute(ctx, name, args, result)
 	var qerr *QMPError
@@ -221,10 +200,10 @@ func (a *GuestAgent) call(ctx context.Context, name, about string, args, result 
 		a.mu.Lock()
 		a.commands = nil
 		a.mu.Unlock()
-		return fmt.Errorf("qga: %s: %w: %w", label, ErrAgentCommandUnavailable, err)
+		err = fmt.Errorf("%w: %w", ErrAgentCommandUnavailable, err)
 	}
 	if err != nil {
-		return fmt.Errorf("qga: %s: %w", label, err)
+		return labelError("qga", name, about, err)
 	}
 	return nil
 }

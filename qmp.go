@@ -409,24 +409,7 @@ func (q *QMP) execute(ctx context.Context, name string, args, result interface{}
 // executeWithFiles is execute with files sent beside the command, as
 // SCM_RIGHTS ancillary data on its write.
 func (q *QMP) executeWithFiles(ctx context.Context, name string, args, result interface{}, files []*os.File) error {
-	argsJSON, err := encodeArgs(args)
-	if err != nil {
-		return err
-	}
-	if err := checkResult(result); err != nil {
-		return err
-	}
-	if err := checkSendable(q.s.conn, files); err != nil {
-		return err
-	}
-	ret, err := q.s.call(ctx, name, argsJSON, files)
-	if err != nil || result == nil {
-		return err
-	}
-	if err := json.Unmarshal(ret, result); err != nil {
-		return fmt.Errorf("decode reply: %w", err)
-	}
-	return nil
+	return q.s.execute(ctx, name, args, result, files)
 }
 
 // encodeArgs encodes a command's arguments, which must be a JSON object.
@@ -458,10 +441,16 @@ func checkResult(result interface{}) error {
 // commandError wraps err with the command's name and the object it is
 // about.
 func commandError(name, about string, err error) error {
+	return labelError("qmp", name, about, err)
+}
+
+// labelError wraps err with the protocol, the command's name and the
+// object it is about: "qmp: device_del nic0: ...".
+func labelError(proto, name, about string, err error) error {
 	if about != "" {
 		name += " " + about
 	}
-	return fmt.Errorf("qmp: %s: %w", name, err)
+	return fmt.Errorf("%s: %s: %w", proto, name, err)
 }
 
 // run executes a command for one of the Execute methods, wrapping any error

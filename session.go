@@ -336,6 +336,31 @@ func (s *session) call(ctx context.Context, name string, argsJSON []byte, files 
 	return s.do(ctx, request{name: name, args: argsJSON, files: files})
 }
 
+// execute sends one command, waits for its reply and decodes the reply's
+// value into result, unless result is nil. args, when not nil, must encode
+// to a JSON object; result, when not nil, must be a pointer; files must be
+// sendable. All three are checked before anything is sent.
+func (s *session) execute(ctx context.Context, name string, args, result interface{}, files []*os.File) error {
+	argsJSON, err := encodeArgs(args)
+	if err != nil {
+		return err
+	}
+	if err := checkResult(result); err != nil {
+		return err
+	}
+	if err := checkSendable(s.conn, files); err != nil {
+		return err
+	}
+	ret, err := s.call(ctx, name, argsJSON, files)
+	if err != nil || result == nil {
+		return err
+	}
+	if err := json.Unmarshal(ret, result); err != nil {
+		return fmt.Errorf("decode reply: %w", err)
+	}
+	return nil
+}
+
 // do is call for any request. On a session with resync, the resync's
 // request goes first when replies may still be owed to commands given up
 // on.
