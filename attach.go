@@ -43,6 +43,7 @@ func AttachInstance(ctx context.Context, pidFile, qmpSocket string, opts Instanc
 		return nil, fmt.Errorf("qemu: attach to pid %d: %w", inst.pid, err)
 	}
 	inst.qmp, inst.version = q, *version
+	inst.watchShutdown(q)
 	go inst.watchExit()
 	return inst, nil
 }

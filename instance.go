@@ -150,6 +150,7 @@ type Instance struct {
 
 	stopTurn  chan struct{} // holds a token while a Stop runs
 	killed    atomic.Bool   // SIGKILL was sent to a running QEMU
+	exiting   atomic.Bool   // QEMU sent SHUTDOWN, and no STOP or RESUME since; set by watchShutdown
 	closeOnce sync.Once
 }
 
@@ -438,6 +439,7 @@ func (inst *Instance) connect(ctx context.Context, ours *os.File) error {
 		return err
 	}
 	inst.qmp, inst.version = q, *version
+	inst.watchShutdown(q)
 	if inst.agent != nil {
 		// Before the Instance is anyone's: Shutdown reads it.
 		inst.agent.qmp = q

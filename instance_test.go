@@ -116,8 +116,11 @@ func TestStartInstanceRefusesBadInput(t *testing.T) {
 // descriptor $QMP (3 unless set): qmp_greet sends the greeting, qmp_serve
 // answers every command with an empty return, exits on quit, and on
 // system_powerdown touches $DIR/powerdown, then sends SHUTDOWN and exits
-// unless $POWERBUTTON is "ignore". With $RUNNING set, query-status answers
-// that the guest's running is $RUNNING.
+// unless $POWERBUTTON is "ignore". After SHUTDOWN, $AFTER "stay" makes it
+// send STOP and stay, as -no-shutdown does, and "linger" makes it take a
+// second to exit and save in $DIR/after-shutdown a command sent meanwhile.
+// With $RUNNING set, query-status answers that the guest's running is
+// $RUNNING.
 const qmpStandIn = `
 QMP=${QMP:-3}
 qmp_greet() {
@@ -137,10 +140,17 @@ qmp_serve() {
 		*'"quit"'*) exit 0;;
 		*system_powerdown*)
 			touch "$DIR/powerdown"
-			if [ "$POWERBUTTON" != ignore ]; then
-				printf '%s\n' '{"event": "SHUTDOWN", "data": {"guest": true}, "timestamp": {"seconds": 1, "microseconds": 2}}' >&$QMP
-				exit 0
-			fi;;
+			[ "$POWERBUTTON" = ignore ] && continue
+			printf '%s\n' '{"event": "SHUTDOWN", "data": {"guest": true}, "timestamp": {"seconds": 1, "microseconds": 2}}' >&$QMP
+			case $AFTER in
+			stay)
+				printf '%s\n' '{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 3}}' >&$QMP;;
+			linger)
+				sleep 0.5
+				timeout 0.5 sh -c 'read -r line; printf "%s\n" "$line" >"$1"' - "$DIR/after-shutdown" <&$QMP
+				exit 0;;
+			*) exit 0;;
+			esac;;
 		esac
 	done
 }
@@ -225,6 +235,64 @@ qmp_serve`)
 		t.Error("a command after Close succeeded")
 	}
 	checkNoGoroutines(t)
+}
+
+// TestInstanceStandInAfterShutdown checks what Stop sends once the guest
+// has shut down: quit to a QEMU that said with STOP that it stays, and
+// nothing to one that is exiting, since a command during QEMU's cleanup can
+// crash it.
+func TestInstanceStandInAfterShutdown(t *testing.T) {
+	for _, after := range []string{"stay", "linger"} {
+		t.Run(after, func(t *testing.T) {
+			path, dir := standIn(t, "qemu", "AFTER="+after+"\n"+qmpStandIn+`
+qmp_greet
+qmp_serve`)
+			inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer inst.Close()
+			r, err := inst.StopWithReport(testCtx(t))
+			if err != nil || r.Step != StopPowerdown || len(r.Steps) != 1 {
+				t.Errorf("Stop: %v, %v; want powerdown alone", r, err)
+			}
+			if state, err := inst.Wait(context.Background()); err != nil || !state.Success() {
+				t.Errorf("Wait = %v, %v", state, err)
+			}
+			if b, err := os.ReadFile(filepath.Join(dir, "after-shutdown")); err == nil && strings.TrimSpace(string(b)) != "" {
+				t.Errorf("sent to an exiting QEMU after SHUTDOWN: %s", b)
+			}
+		})
+	}
+}
+
+// TestInstanceStandInShutDownByItself: a guest that shut down by itself
+// leaves a QEMU that is exiting, and Stop sends it nothing.
+func TestInstanceStandInShutDownByItself(t *testing.T) {
+	path, dir := standIn(t, "qemu", qmpStandIn+`
+qmp_greet
+read -r line <&$QMP
+printf '{"return": {}}\n' >&$QMP
+printf '%s\n' '{"event": "SHUTDOWN", "data": {"guest": true}, "timestamp": {"seconds": 1, "microseconds": 2}}' >&$QMP
+sleep 0.5
+timeout 0.5 sh -c 'read -r line; printf "%s\n" "$line" >"$1"' - "$DIR/after-shutdown" <&$QMP
+exit 0`)
+	events := make(chan QMPEvent, 4)
+	inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{EventCh: events})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	if ev := <-events; ev.Name != "SHUTDOWN" {
+		t.Fatalf("event %+v, want SHUTDOWN", ev)
+	}
+	r, err := inst.StopWithReport(testCtx(t))
+	if err != nil || r.Step != StopExited {
+		t.Errorf("Stop: %v, %v; want exited", r, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "after-shutdown")); err == nil && strings.TrimSpace(string(b)) != "" {
+		t.Errorf("sent to an exiting QEMU after SHUTDOWN: %s", b)
+	}
 }
 
 // countingWriter counts what is written to it, optionally blocking each
@@ -749,6 +817,18 @@ func TestInstanceRealQEMUStopSteps(t *testing.T) {
 			t.Errorf("Wait = %v, %v", state, err)
 		}
 		checkReaped(t, inst.Pid())
+	})
+	t.Run("no-shutdown", func(t *testing.T) {
+		// QEMU stays after SHUTDOWN, paused, until quit.
+		inst := startGuestInstance(t, "", InstanceOptions{}, "-no-shutdown")
+		r := report(t, inst)
+		if r.Step != StopPowerdown {
+			t.Errorf("Stop ended at %v, want powerdown", r.Step)
+		}
+		steps(t, r, "powerdown: the guest shut down")
+		if state, err := inst.Wait(context.Background()); err != nil || !state.Success() {
+			t.Errorf("Wait = %v, %v", state, err)
+		}
 	})
 	t.Run("quit", func(t *testing.T) {
 		inst := startGuestInstance(t, "testguest.powerbutton=ignore", short)

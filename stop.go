@@ -89,8 +89,11 @@ func (r *StopReport) record(step StopStep, start time.Time, outcome string) {
 // been reaped, with the step that ended it; StopWithReport also says which
 // steps ran and how long each took.
 //
-// After a SHUTDOWN, Stop sends quit at once, since QEMU started with
-// -no-shutdown would otherwise stay; the step is still StopPowerdown. When
+// After a SHUTDOWN, Stop waits for QEMU to exit, and sends quit only when
+// QEMU said, with STOP, that it stays (-no-shutdown); the step is still
+// StopPowerdown. When the guest has shut down by itself (SHUTDOWN, and no
+// STOP) and QEMU is exiting, Stop sends nothing and waits up to
+// QuitTimeout for the exit, then goes on at SIGTERM. When
 // query-status says the guest is not running (paused, started with -S,
 // suspended, shut down), it cannot act on the power button, and Stop starts
 // at quit; so it does with InstanceOptions.NoPowerdown. When the QMP
@@ -153,7 +156,17 @@ func (inst *Instance) stop(ctx context.Context, r *StopReport) (StopStep, error)
 // runLadder runs Stop's graceful steps and returns the one that ended
 // QEMU, or StopKill when none did.
 func (inst *Instance) runLadder(ctx context.Context, r *StopReport) StopStep {
-	if !isClosed(inst.qmp.Done()) {
+	if inst.exiting.Load() {
+		// The guest shut down by itself and QEMU is on its way out: a
+		// command now could crash it (see leaveAfterShutdown).
+		qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+		exited := inst.waitExited(qctx)
+		cancel()
+		if exited {
+			return StopExited
+		}
+	}
+	if !isClosed(inst.qmp.Done()) && !inst.exiting.Load() {
 		guestDown := false
 		if !inst.opts.NoPowerdown && inst.guestRunning(ctx) {
 			var exited bool
@@ -232,17 +245,17 @@ func (inst *Instance) powerdown(ctx context.Context, r *StopReport) (exited, gue
 	start := time.Now()
 	pctx, cancel := withTimeout(ctx, inst.opts.PowerdownTimeout, DefaultPowerdownTimeout)
 	defer cancel()
+	// A QEMU that stays after SHUTDOWN (-no-shutdown, or the shutdown
+	// action "pause") sends STOP right after it; one that exits sends
+	// none. Subscribed before the command, so that STOP is not missed.
+	paused := inst.qmp.Subscribe(EventFilter{Names: []string{"STOP"}})
+	defer paused.Close()
 	// The call returns on SHUTDOWN (also when QEMU then closes the
 	// connection), on QEMU closing the connection without it, on an error
 	// or when pctx ends.
 	err := inst.qmp.ExecuteSystemPowerdown(pctx)
 	if err == nil {
-		if !inst.hasExited() {
-			qctx, qcancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
-			defer qcancel()
-			inst.qmp.ExecuteQuit(qctx)
-			inst.waitExited(qctx)
-		}
+		inst.leaveAfterShutdown(ctx, paused)
 		r.record(StopPowerdown, start, "the guest shut down")
 		return inst.hasExited(), true
 	}
@@ -259,6 +272,31 @@ func (inst *Instance) powerdown(ctx context.Context, r *StopReport) (exited, gue
 		r.record(StopPowerdown, start, err.Error())
 	}
 	return inst.hasExited(), false
+}
+
+// watchShutdown keeps inst.exiting up to date with q's events. Its filter
+// selects nothing, so nothing is queued: Match only looks at each event,
+// on the session's reader.
+func (inst *Instance) watchShutdown(q *QMP) {
+	q.Subscribe(EventFilter{Names: []string{"SHUTDOWN", "STOP", "RESUME"}, Match: func(ev QMPEvent) bool {
+		inst.exiting.Store(ev.Name == "SHUTDOWN")
+		return false
+	}})
+}
+
+// leaveAfterShutdown waits, up to QuitTimeout, for QEMU to exit after the
+// guest shut down, sending quit only when paused says QEMU stays. A
+// command that reaches a QEMU already exiting can crash it: QEMU 10.0.2
+// segfaulted (a NULL coroutine in aio_co_wake, from the monitor) when
+// quit came during its cleanup after SHUTDOWN.
+func (inst *Instance) leaveAfterShutdown(ctx context.Context, paused *Subscription) {
+	qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+	defer cancel()
+	// Receive ends with an error when QEMU exits, since the session ends.
+	if _, err := paused.Receive(qctx); err == nil && !inst.hasExited() {
+		inst.qmp.ExecuteQuit(qctx)
+	}
+	inst.waitExited(qctx)
 }
 
 // quit is Stop's second step.
