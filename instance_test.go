@@ -118,13 +118,19 @@ func TestStartInstanceRefusesBadInput(t *testing.T) {
 // system_powerdown touches $DIR/powerdown, then sends SHUTDOWN and exits
 // unless $POWERBUTTON is "ignore". After SHUTDOWN, $AFTER "stay" makes it
 // send STOP and stay, as -no-shutdown does, and "linger" makes it take a
-// second to exit and save in $DIR/after-shutdown a command sent meanwhile.
+// second to exit and save in $DIR/after-shutdown a command sent meanwhile
+// (qmp_linger, which checkQuietAfterShutdown reads).
 // With $RUNNING set, query-status answers that the guest's running is
 // $RUNNING.
 const qmpStandIn = `
 QMP=${QMP:-3}
 qmp_greet() {
 	printf '%s\n' '{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}' >&$QMP
+}
+qmp_linger() {
+	sleep 0.5
+	timeout 0.5 sh -c 'read -r line; printf "%s\n" "$line" >"$1"' - "$DIR/after-shutdown" <&$QMP
+	exit 0
 }
 qmp_serve() {
 	while read -r line <&$QMP; do
@@ -145,10 +151,7 @@ qmp_serve() {
 			case $AFTER in
 			stay)
 				printf '%s\n' '{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 3}}' >&$QMP;;
-			linger)
-				sleep 0.5
-				timeout 0.5 sh -c 'read -r line; printf "%s\n" "$line" >"$1"' - "$DIR/after-shutdown" <&$QMP
-				exit 0;;
+			linger) qmp_linger;;
 			*) exit 0;;
 			esac;;
 		esac
@@ -237,6 +240,15 @@ qmp_serve`)
 	checkNoGoroutines(t)
 }
 
+// checkQuietAfterShutdown fails the test if the stand-in in dir saved a
+// command that came while it was exiting after SHUTDOWN (qmp_linger).
+func checkQuietAfterShutdown(t *testing.T, dir string) {
+	t.Helper()
+	if b, err := os.ReadFile(filepath.Join(dir, "after-shutdown")); err == nil && strings.TrimSpace(string(b)) != "" {
+		t.Errorf("sent to an exiting QEMU after SHUTDOWN: %s", b)
+	}
+}
+
 // TestInstanceStandInAfterShutdown checks what Stop sends once the guest
 // has shut down: quit to a QEMU that said with STOP that it stays, and
 // nothing to one that is exiting, since a command during QEMU's cleanup can
@@ -259,9 +271,7 @@ qmp_serve`)
 			if state, err := inst.Wait(context.Background()); err != nil || !state.Success() {
 				t.Errorf("Wait = %v, %v", state, err)
 			}
-			if b, err := os.ReadFile(filepath.Join(dir, "after-shutdown")); err == nil && strings.TrimSpace(string(b)) != "" {
-				t.Errorf("sent to an exiting QEMU after SHUTDOWN: %s", b)
-			}
+			checkQuietAfterShutdown(t, dir)
 		})
 	}
 }
@@ -274,9 +284,7 @@ qmp_greet
 read -r line <&$QMP
 printf '{"return": {}}\n' >&$QMP
 printf '%s\n' '{"event": "SHUTDOWN", "data": {"guest": true}, "timestamp": {"seconds": 1, "microseconds": 2}}' >&$QMP
-sleep 0.5
-timeout 0.5 sh -c 'read -r line; printf "%s\n" "$line" >"$1"' - "$DIR/after-shutdown" <&$QMP
-exit 0`)
+qmp_linger`)
 	events := make(chan QMPEvent, 4)
 	inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{EventCh: events})
 	if err != nil {
@@ -290,9 +298,7 @@ exit 0`)
 	if err != nil || r.Step != StopExited {
 		t.Errorf("Stop: %v, %v; want exited", r, err)
 	}
-	if b, err := os.ReadFile(filepath.Join(dir, "after-shutdown")); err == nil && strings.TrimSpace(string(b)) != "" {
-		t.Errorf("sent to an exiting QEMU after SHUTDOWN: %s", b)
-	}
+	checkQuietAfterShutdown(t, dir)
 }
 
 // countingWriter counts what is written to it, optionally blocking each
