@@ -23,6 +23,13 @@ const GuestAgentPort = "org.qemu.guest_agent.0"
 // Nothing was sent.
 var ErrAgentCommandUnavailable = errors.New("the guest agent does not offer the command")
 
+// ErrAgentPortClosed is the cause of a guest-agent call that failed because
+// the guest closed the agent's port while the call was under way: the
+// agent died or was stopped, or the guest is going down. It needs
+// GuestAgentConfig.QMP and Port, which an Instance's agent has; without
+// them such a call waits for its context.
+var ErrAgentPortClosed = errors.New("the guest closed the agent's port")
+
 // GuestAgentConfig configures a guest-agent session.
 type GuestAgentConfig struct {
 	// Logger receives the session's log lines; nil logs nothing.
@@ -32,6 +39,12 @@ type GuestAgentConfig struct {
 	// agent. Shutdown then also completes on its SHUTDOWN event, which
 	// is how a QEMU started with -no-shutdown tells it.
 	QMP *QMP
+
+	// Port, with QMP, is the id of the agent's virtserialport device
+	// (its -device id, not its name). QEMU's VSERPORT_CHANGE events then
+	// say when the guest closes the port, and the calls under way then
+	// fail with ErrAgentPortClosed.
+	Port string
 }
 
 // GuestAgent is a client of the QEMU guest agent, qemu-ga, the daemon in a
@@ -49,6 +62,10 @@ type GuestAgentConfig struct {
 // id after the agent's own 0xFF. A reply to a command the client gave up
 // on is never handed to another command.
 //
+// With GuestAgentConfig.QMP and Port (an Instance's agent has both), the
+// calls under way when the guest closes the agent's port fail at once with
+// ErrAgentPortClosed; otherwise they wait for their contexts.
+//
 // The typed calls check first that guest-info lists the command as
 // enabled (ErrAgentCommandUnavailable otherwise); Execute sends anything.
 // Error replies are *QMPError values, wrapped, with the agent's class and
@@ -58,9 +75,12 @@ type GuestAgent struct {
 	s   *session
 	qmp *QMP
 
-	mu       sync.Mutex      // guards the fields below
-	version  string          // the agent's, from guest-info
-	commands map[string]bool // from guest-info: enabled, by name; nil until asked
+	mu       sync.Mutex             // guards the fields below
+	version  string                 // the agent's, from guest-info
+	commands map[string]bool        // from guest-info: enabled, by name; nil until asked
+	ended    bool                   // the session has ended
+	portSub  *Subscription          // the port's closing, while watchPort watches it
+	underway map[*underwayCall]bool // the calls the port's closing fails; nil unless watched
 }
 
 // OpenGuestAgent connects to the unix socket of a guest agent's channel
@@ -83,17 +103,97 @@ func OpenGuestAgent(ctx context.Context, socket string, cfg GuestAgentConfig) (*
 // newGuestAgent runs a guest-agent session over conn, which it owns from
 // then on.
 func newGuestAgent(conn net.Conn, cfg GuestAgentConfig) *GuestAgent {
-	a := &GuestAgent{qmp: cfg.QMP}
+	a := &GuestAgent{}
 	// A file chunk's reply (agentChunk, base64: 1.4 MB) is read 64 KiB
 	// a read.
 	a.s = newSession(conn, bufio.NewReaderSize(conn, 64<<10), protocol{
 		name:   "qga",
 		decode: decodeAgentLine,
 		event:  func(QMPEvent) {},
-		end:    func(error) {},
+		end:    a.sessionEnded,
 		resync: agentSync,
 	}, orNullLogger(cfg.Logger))
+	a.useQMP(cfg.QMP, cfg.Port)
 	return a
+}
+
+// useQMP gives the agent its QEMU's QMP session, for Shutdown, and
+// watches port on it when port is set.
+func (a *GuestAgent) useQMP(q *QMP, port string) {
+	a.qmp = q
+	if q == nil || port == "" {
+		return
+	}
+	sub := q.Subscribe(EventFilter{Names: []string{"VSERPORT_CHANGE"}, Data: map[string]string{"id": port, "open": "false"}})
+	a.mu.Lock()
+	a.underway = map[*underwayCall]bool{}
+	ended := a.ended
+	a.portSub = sub
+	a.mu.Unlock()
+	if ended {
+		sub.Close()
+	}
+	go a.watchPort(sub)
+}
+
+// watchPort fails the calls under way each time sub says the guest closed
+// the agent's port. It returns when either session ends.
+func (a *GuestAgent) watchPort(sub *Subscription) {
+	for {
+		if _, err := sub.Receive(context.Background()); err != nil {
+			return
+		}
+		a.mu.Lock()
+		for g := range a.underway {
+			g.cancel(ErrAgentPortClosed)
+		}
+		a.mu.Unlock()
+	}
+}
+
+// sessionEnded is the session's end: watchPort has nothing left to do.
+func (a *GuestAgent) sessionEnded(error) {
+	a.mu.Lock()
+	a.ended = true
+	sub := a.portSub
+	a.mu.Unlock()
+	if sub != nil {
+		sub.Close()
+	}
+}
+
+// underwayCall is a call under way, as the port's closing would fail it.
+type underwayCall struct{ cancel context.CancelCauseFunc }
+
+// guard returns ctx, cancelled with ErrAgentPortClosed when the guest
+// closes the agent's port before release is called.
+func (a *GuestAgent) guard(ctx context.Context) (_ context.Context, release func()) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.underway == nil {
+		return ctx, func() {}
+	}
+	gctx, cancel := context.WithCancelCause(ctx)
+	g := &underwayCall{cancel}
+	a.underway[g] = true
+	return gctx, func() {
+		a.mu.Lock()
+		delete(a.underway, g)
+		a.mu.Unlock()
+		cancel(nil)
+	}
+}
+
+// portError is err, from a call on a guarded ctx, with ErrAgentPortClosed
+// in place of the context's error when the port's closing ended the call.
+func portError(ctx context.Context, err error) error {
+	if err == nil || !errors.Is(context.Cause(ctx), ErrAgentPortClosed) || !errors.Is(err, context.Canceled) {
+		return err
+	}
+	if unanswered(err) {
+		return &unansweredError{ErrAgentPortClosed}
+	}
+	return ErrAgentPortClosed
 }
 
 // agentSync returns a guest-sync-delimited with a fresh id, preceded by the
@@ -182,7 +282,9 @@ func (a *GuestAgent) run(ctx context.Context, name, about string, args, result i
 }
 
 func (a *GuestAgent) execute(ctx context.Context, name string, args, result interface{}) error {
-	return a.s.execute(ctx, name, args, result, nil)
+	gctx, release := a.guard(ctx)
+	defer release()
+	return portError(gctx, a.s.execute(gctx, name, args, result, nil))
 }
 
 // call is run for a typed command, which the agent must offer. A command
@@ -472,7 +574,8 @@ func (a *GuestAgent) Shutdown(ctx context.Context, mode string) error {
 	defer cancel()
 	replied := make(chan error, 1)
 	go func() {
-		replied <- a.execute(wctx, "guest-shutdown", args, nil)
+		// Not guarded: the agent closes its port as the guest goes down.
+		replied <- a.s.execute(wctx, "guest-shutdown", args, nil, nil)
 		cancel()
 	}()
 	if sub != nil {
@@ -496,12 +599,15 @@ func (a *GuestAgent) Shutdown(ctx context.Context, mode string) error {
 // adds with InstanceOptions.GuestAgent.
 const instanceAgent = "instance-agent"
 
+// instanceAgentPort is the device id of that channel's virtserialport.
+const instanceAgentPort = instanceAgent + "-port"
+
 // agentParams renders the guest agent's channel on the socket QEMU
 // inherits as descriptor fd: a virtio serial controller of its own, and on
 // it the port the agent opens.
 func agentParams(fd int) []string {
 	bus := SerialDevice{Driver: VirtioSerial, ID: instanceAgent + "-bus"}
-	port := GenericDevice{Driver: VirtioSerialPort, Bus: bus.ID + ".0", Properties: []DeviceProperty{
+	port := GenericDevice{Driver: VirtioSerialPort, ID: instanceAgentPort, Bus: bus.ID + ".0", Properties: []DeviceProperty{
 		{"chardev", instanceAgent}, {"name", GuestAgentPort}}}
 	params := inheritedSocket(instanceAgent, fd)
 	params = append(params, bus.QemuParams(nil)...)

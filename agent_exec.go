@@ -80,6 +80,10 @@ const (
 // non-zero exit is not an error. When ctx ends first, Exec returns ctx's
 // error and the command runs on in the guest.
 func (a *GuestAgent) Exec(ctx context.Context, cmd GuestCommand) (GuestExecResult, error) {
+	// The whole run, waits included: a port closed between two status
+	// calls ends it too.
+	ctx, release := a.guard(ctx)
+	defer release()
 	pid, err := a.ExecStart(ctx, cmd)
 	if err != nil {
 		return GuestExecResult{}, err
@@ -90,7 +94,7 @@ func (a *GuestAgent) Exec(ctx context.Context, cmd GuestCommand) (GuestExecResul
 		select {
 		case <-wait.C:
 		case <-ctx.Done():
-			return GuestExecResult{}, fmt.Errorf("qga: exec %s (pid %d): %w", cmd.Path, pid, ctx.Err())
+			return GuestExecResult{}, fmt.Errorf("qga: exec %s (pid %d): %w", cmd.Path, pid, portError(ctx, ctx.Err()))
 		}
 		st, err := a.ExecStatus(ctx, pid)
 		if err != nil {

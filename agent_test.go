@@ -352,8 +352,9 @@ func TestGuestAgentShutdownRealGuest(t *testing.T) {
 
 // An agent that is not running answers nothing: a call ends with its
 // context, and once the agent runs, the next call resynchronises and
-// succeeds. Then the agent dies in the middle of an Exec's status loop and
-// comes back: the next call gets its own reply.
+// succeeds. Then the agent dies in the middle of an Exec's status loop,
+// which fails with ErrAgentPortClosed, and comes back: the next call gets
+// its own reply.
 func TestGuestAgentFaultsRealGuest(t *testing.T) {
 	requireGuest(t)
 	inst, a := startAgentGuest(t, "testguest.agent=off")
@@ -378,9 +379,11 @@ func TestGuestAgentFaultsRealGuest(t *testing.T) {
 		t.Fatalf("ping once the agent runs: %v", err)
 	}
 
-	// The agent is killed while Exec polls a command that outlives it.
+	// The agent is killed while Exec polls a command that outlives it:
+	// the guest closes the port, and Exec fails then, long before its
+	// context ends.
 	execDone := make(chan error, 1)
-	ectx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	ectx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	go func() {
 		_, err := a.Exec(ectx, GuestCommand{Path: "/bin/sleep", Args: []string{"60"}})
@@ -391,8 +394,8 @@ func TestGuestAgentFaultsRealGuest(t *testing.T) {
 	if _, err := inst.Console().WaitForRegexp(ctx, regexp.MustCompile(`^ans=killed`)); err != nil {
 		t.Fatal(err)
 	}
-	if err := <-execDone; !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("Exec with its agent killed: %v, want context.DeadlineExceeded", err)
+	if err := <-execDone; !errors.Is(err, ErrAgentPortClosed) {
+		t.Errorf("Exec with its agent killed: %v, want ErrAgentPortClosed", err)
 	}
 	inst.Console().WaitFor(ctx, "TESTGUEST: exit ")
 	start()
@@ -439,10 +442,16 @@ func TestGuestAgentFaultsRealGuest(t *testing.T) {
 // agentPeer connects a GuestAgent to a fake agent on a real unix socket.
 func agentPeer(t *testing.T) (*GuestAgent, *peer) {
 	t.Helper()
+	return agentPeerWith(t, GuestAgentConfig{})
+}
+
+// agentPeerWith is agentPeer with a configuration.
+func agentPeerWith(t *testing.T, cfg GuestAgentConfig) (*GuestAgent, *peer) {
+	t.Helper()
 	s := newFakeServer(t)
 	peers := make(chan *peer, 1)
 	go func() { peers <- s.accept() }()
-	a, err := OpenGuestAgent(ctxTimeout(t, 5*time.Second), s.path, GuestAgentConfig{})
+	a, err := OpenGuestAgent(ctxTimeout(t, 5*time.Second), s.path, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -548,6 +557,21 @@ func TestGuestAgentGiveUpResynchronises(t *testing.T) {
 	}
 	if _, err := a.HostName(ctxTimeout(t, time.Second)); err == nil {
 		t.Fatal("a third call got a reply nobody sent")
+	}
+}
+
+// A call whose context ends while its resync waits for the agent was never
+// sent, and does not say it was: FSFreeze would thaw after it.
+func TestGuestAgentGiveUpDuringResync(t *testing.T) {
+	a, p := agentPeer(t)
+	short, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() { errc <- a.Execute(short, "guest-ping", nil, nil) }()
+	syncID(t, p.recv()) // left unanswered
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) || unanswered(err) {
+		t.Errorf("a call given up during its resync: %v (unanswered %v), want context.Canceled, not unanswered", err, unanswered(err))
 	}
 }
 
@@ -740,10 +764,87 @@ func TestGuestAgentChannelEnds(t *testing.T) {
 	a.Close()
 }
 
+// The guest closing the agent's port (VSERPORT_CHANGE, open false) fails
+// the calls under way: the one whose command was written, as unanswered,
+// and one waiting for its turn. Events of another port, or of the port
+// opening, fail nothing. The next call resynchronises.
+func TestGuestAgentPortClosedFailsCallsUnderWay(t *testing.T) {
+	c := connect(t, "10.0.2", nil)
+	a, p := agentPeerWith(t, GuestAgentConfig{QMP: c.q, Port: "qga0"})
+	ctx := ctxTimeout(t, 10*time.Second)
+	errc := make(chan error, 2)
+	ping := func() { errc <- a.Execute(ctx, "guest-ping", nil, nil) }
+	go ping()
+	p.send("\xff{\"return\": " + syncID(t, p.recv()) + "}")
+	if got := p.recv(); got != `{"execute":"guest-ping"}` {
+		t.Fatalf("got %q", got)
+	}
+	c.p.send(event("VSERPORT_CHANGE", `{"id": "other", "open": false}`, 1, 0),
+		event("VSERPORT_CHANGE", `{"id": "qga0", "open": true}`, 1, 1))
+	// Once QMP has answered, the reader has handed both events out.
+	go func() { c.p.recv(); c.p.send(okReply) }()
+	if err := c.q.ExecuteCommand(ctx, "query-status", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	p.send(`{"return": {}}`)
+	if err := <-errc; err != nil {
+		t.Fatalf("a ping while other ports changed: %v", err)
+	}
+
+	go ping()
+	if got := p.recv(); got != `{"execute":"guest-ping"}` {
+		t.Fatalf("got %q", got)
+	}
+	go ping()
+	for underway := 0; underway < 2; {
+		time.Sleep(time.Millisecond) // until the second is waiting too
+		a.mu.Lock()
+		underway = len(a.underway)
+		a.mu.Unlock()
+	}
+	c.p.send(event("VSERPORT_CHANGE", `{"id": "qga0", "open": false}`, 2, 0))
+	var written int
+	for range 2 {
+		err := <-errc
+		if !errors.Is(err, ErrAgentPortClosed) || errors.Is(err, context.Canceled) {
+			t.Errorf("a call under way as the port closed: %v, want ErrAgentPortClosed alone", err)
+		}
+		if unanswered(err) {
+			written++
+		}
+	}
+	if written != 1 {
+		t.Errorf("%d calls said they were written, want 1", written)
+	}
+	// The call that waited may have sent a sync before its context
+	// ended: answered as an agent would, it is skipped.
+	go ping()
+	for {
+		line := p.recv()
+		if id := syncLine(line); id != "" {
+			p.send("\xff{\"return\": " + id + "}")
+			continue
+		}
+		if line != `{"execute":"guest-ping"}` {
+			t.Fatalf("got %q", line)
+		}
+		break
+	}
+	p.send(`{"return": {}}`)
+	if err := <-errc; err != nil {
+		t.Errorf("a ping after the port closed: %v", err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.underway) != 0 {
+		t.Errorf("%d calls left registered", len(a.underway))
+	}
+}
+
 func TestGuestAgentParams(t *testing.T) {
 	got := strings.Join(agentParams(5), " ")
 	want := "-chardev socket,id=instance-agent,fd=5 -device virtio-serial-pci,id=instance-agent-bus " +
-		"-device virtserialport,bus=instance-agent-bus.0,chardev=instance-agent,name=org.qemu.guest_agent.0"
+		"-device virtserialport,id=instance-agent-port,bus=instance-agent-bus.0,chardev=instance-agent,name=org.qemu.guest_agent.0"
 	if got != want {
 		t.Errorf("got  %s\nwant %s", got, want)
 	}

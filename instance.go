@@ -81,7 +81,9 @@ type InstanceOptions struct {
 	// GuestAgent, if set, adds a channel for the QEMU guest agent: a
 	// virtio serial controller and a port named GuestAgentPort, whose
 	// backend is a socket pair QEMU inherits (after the console), so
-	// there is no path. Instance.GuestAgent returns its client.
+	// there is no path. Instance.GuestAgent returns its client, which
+	// watches the port: calls under way when the guest closes it fail
+	// with ErrAgentPortClosed.
 	GuestAgent bool
 
 	// ConsoleHistory bounds how much of the console's output is kept;
@@ -442,7 +444,7 @@ func (inst *Instance) connect(ctx context.Context, ours *os.File) error {
 	inst.watchShutdown(q)
 	if inst.agent != nil {
 		// Before the Instance is anyone's: Shutdown reads it.
-		inst.agent.qmp = q
+		inst.agent.useQMP(q, instanceAgentPort)
 	}
 	return q.ExecuteQMPCapabilities(ctx)
 }

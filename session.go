@@ -375,6 +375,10 @@ func (s *session) do(ctx context.Context, req request) (json.RawMessage, error) 
 		sync := s.proto.resync()
 		sync.synchronises = true
 		if _, err := s.exchange(ctx, sync); err != nil {
+			// Unanswered or not, the command itself was never sent.
+			if u, ok := err.(*unansweredError); ok {
+				err = u.err
+			}
 			return nil, fmt.Errorf("resynchronise: %w", err)
 		}
 	}
