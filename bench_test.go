@@ -17,6 +17,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -1375,4 +1376,88 @@ func rawMigrate(f *floorConn, uri string) (time.Time, int64, error) {
 			return event, sent, nil
 		}
 	}
+}
+
+// BenchmarkGuestAgentCall is guest-ping against an agent that answers at
+// once, on a socket pair: what the client costs per call, with and without
+// the watch on the agent's port (GuestAgentConfig.QMP and Port), which
+// registers every call.
+func BenchmarkGuestAgentCall(b *testing.B) {
+	for _, watched := range []bool{false, true} {
+		name := "Unwatched"
+		if watched {
+			name = "Watched"
+		}
+		b.Run(name, func(b *testing.B) {
+			var cfg GuestAgentConfig
+			if watched {
+				cfg.QMP, cfg.Port = benchIdleQMP(b), "qga0"
+			}
+			a := newGuestAgent(benchConn(b, answerAgent), cfg)
+			defer a.Close()
+			ctx := context.Background()
+			if err := a.Ping(ctx); err != nil { // the first, with its sync
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if err := a.Ping(ctx); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// benchConn returns our end of a socket pair whose other end serve has,
+// on a goroutine of its own, until the pair is closed.
+func benchConn(b *testing.B, serve func(net.Conn)) net.Conn {
+	ours, theirs, err := socketPair()
+	if err != nil {
+		b.Fatal(err)
+	}
+	conns := make([]net.Conn, 2)
+	for i, f := range []*os.File{ours, theirs} {
+		if conns[i], err = net.FileConn(f); err != nil {
+			b.Fatal(err)
+		}
+		f.Close()
+	}
+	b.Cleanup(func() { conns[1].Close() })
+	go serve(conns[1])
+	return conns[0]
+}
+
+// answerAgent answers a guest-sync-delimited with its id after 0xFF, and
+// anything else with an empty return.
+func answerAgent(c net.Conn) {
+	r := bufio.NewReader(c)
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return
+		}
+		reply := `{"return": {}}` + "\n"
+		if id := syncLine(strings.TrimSuffix(line, "\n")); id != "" {
+			reply = "\xff{\"return\": " + id + "}\n"
+		}
+		if _, err := io.WriteString(c, reply); err != nil {
+			return
+		}
+	}
+}
+
+// benchIdleQMP is a QMP session that greets and then sends nothing.
+func benchIdleQMP(b *testing.B) *QMP {
+	conn := benchConn(b, func(c net.Conn) {
+		io.WriteString(c, greeting("10.0.2")+"\r\n")
+		io.Copy(io.Discard, c)
+	})
+	q, _, err := qmpStartConn(context.Background(), conn, QMPConfig{}, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(q.Shutdown)
+	return q
 }
