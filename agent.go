@@ -27,7 +27,10 @@ var ErrAgentCommandUnavailable = errors.New("the guest agent does not offer the 
 // the guest closed the agent's port while the call was under way: the
 // agent died or was stopped, or the guest is going down. It needs
 // GuestAgentConfig.QMP and Port, which an Instance's agent has; without
-// them such a call waits for its context.
+// them such a call waits for its context. QEMU sends at most one
+// VSERPORT_CHANGE a second per port, the latest: a close within a second
+// of the port's last change is seen up to a second late, and one undone
+// by a reopen within that second is not seen at all.
 var ErrAgentPortClosed = errors.New("the guest closed the agent's port")
 
 // GuestAgentConfig configures a guest-agent session.
@@ -510,7 +513,10 @@ func (a *GuestAgent) FSFreezeStatus(ctx context.Context) (string, error) {
 // many it froze. Writes in the guest then block until FSThaw. When ctx
 // ends after the command was written and before its reply, the agent may
 // still freeze: FSFreeze then thaws, with agentCleanupTimeout of its own,
-// so that a freeze the caller began never outlives its failure. An error
+// so that a freeze the caller began never outlives its failure. So it
+// does after ErrAgentPortClosed, since a restarted agent remembers that
+// it froze: that thaw waits up to agentCleanupTimeout (30 s) for the
+// agent to come back. An error
 // reply needs no thaw (the agent thaws what it froze before it fails), and
 // must get none: a frozen agent refuses a second freeze, and a thaw then
 // would undo the first caller's.

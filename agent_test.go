@@ -835,10 +835,45 @@ func TestGuestAgentPortClosedFailsCallsUnderWay(t *testing.T) {
 		t.Errorf("a ping after the port closed: %v", err)
 	}
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	if len(a.underway) != 0 {
-		t.Errorf("%d calls left registered", len(a.underway))
+	left := len(a.underway)
+	a.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d calls left registered", left)
 	}
+	a.Close()
+	checkWatchEnded(t)
+}
+
+// The port's watch ends with the agent's session, also with one that had
+// ended before the watch began.
+func TestGuestAgentPortWatchEnds(t *testing.T) {
+	c := connect(t, "10.0.2", nil)
+	ours, theirs, err := socketPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	theirs.Close()
+	conn, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newGuestAgent(conn, GuestAgentConfig{})
+	<-a.Done()
+	a.useQMP(c.q, "qga0")
+	checkWatchEnded(t)
+}
+
+// checkWatchEnded fails the test if a GuestAgent's port watch is left.
+func checkWatchEnded(t *testing.T) {
+	t.Helper()
+	for i := 0; i < 100; i++ {
+		if !strings.Contains(sessionGoroutines(), "(*GuestAgent).watchPort") {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Errorf("the port's watch is left:\n%s", sessionGoroutines())
 }
 
 func TestGuestAgentParams(t *testing.T) {

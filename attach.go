@@ -35,15 +35,17 @@ func AttachInstance(ctx context.Context, pidFile, qmpSocket string, opts Instanc
 	if err != nil {
 		// A failed QMPStart leaves EventCh open.
 		abandonEvents(opts, nil)
-	} else if err = q.ExecuteQMPCapabilities(ctx); err != nil {
-		q.Shutdown() // which closes EventCh
+	} else {
+		inst.watchShutdown(q) // before the first event can come
+		if err = q.ExecuteQMPCapabilities(ctx); err != nil {
+			q.Shutdown() // which closes EventCh
+		}
 	}
 	if err != nil {
 		syscall.Close(inst.pidfd)
 		return nil, fmt.Errorf("qemu: attach to pid %d: %w", inst.pid, err)
 	}
 	inst.qmp, inst.version = q, *version
-	inst.watchShutdown(q)
 	go inst.watchExit()
 	return inst, nil
 }

@@ -137,9 +137,19 @@ func DeviceUnplugFilter(id string) EventFilter {
 
 // router hands every event to the subscriptions whose filter selects it.
 type router struct {
-	mu   sync.Mutex // guards the fields below, and is taken before a Subscription's
-	subs []*Subscription
-	err  error // why the session ended, once it has
+	mu       sync.Mutex // guards the fields below, and is taken before a Subscription's
+	subs     []*Subscription
+	err      error             // why the session ended, once it has
+	observer func(ev QMPEvent) // sees each event before any subscription does; nil for none
+}
+
+// observe makes f see each event before any subscription is offered it,
+// so that what f records is there before anyone can act on the event. f
+// runs on the session's reader with the router locked: it must be quick.
+func (r *router) observe(f func(QMPEvent)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.observer = f
 }
 
 // subscribe adds a subscription with a copy of f.
@@ -161,6 +171,9 @@ func (r *router) subscribe(f EventFilter) *Subscription {
 func (r *router) publish(ev QMPEvent) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.observer != nil {
+		r.observer(ev)
+	}
 	for _, s := range r.subs {
 		if s.filter.matches(ev) {
 			s.add(ev)

@@ -119,13 +119,17 @@ func TestStartInstanceRefusesBadInput(t *testing.T) {
 // unless $POWERBUTTON is "ignore". After SHUTDOWN, $AFTER "stay" makes it
 // send STOP and stay, as -no-shutdown does, and "linger" makes it take a
 // second to exit and save in $DIR/after-shutdown a command sent meanwhile
-// (qmp_linger, which checkQuietAfterShutdown reads).
+// (qmp_linger, which checkQuietAfterShutdown reads); "stopfirst" is linger
+// with a STOP and a RESUME before the SHUTDOWN.
 // With $RUNNING set, query-status answers that the guest's running is
 // $RUNNING.
 const qmpStandIn = `
 QMP=${QMP:-3}
 qmp_greet() {
 	printf '%s\n' '{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}' >&$QMP
+}
+qmp_event() {
+	printf '{"event": "%s", "timestamp": {"seconds": 1, "microseconds": 2}}\n' "$1" >&$QMP
 }
 qmp_linger() {
 	sleep 0.5
@@ -147,11 +151,14 @@ qmp_serve() {
 		*system_powerdown*)
 			touch "$DIR/powerdown"
 			[ "$POWERBUTTON" = ignore ] && continue
-			printf '%s\n' '{"event": "SHUTDOWN", "data": {"guest": true}, "timestamp": {"seconds": 1, "microseconds": 2}}' >&$QMP
+			if [ "$AFTER" = stopfirst ]; then
+				qmp_event STOP
+				qmp_event RESUME
+			fi
+			qmp_event SHUTDOWN
 			case $AFTER in
-			stay)
-				printf '%s\n' '{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 3}}' >&$QMP;;
-			linger) qmp_linger;;
+			stay) qmp_event STOP;;
+			linger|stopfirst) qmp_linger;;
 			*) exit 0;;
 			esac;;
 		esac
@@ -254,7 +261,7 @@ func checkQuietAfterShutdown(t *testing.T, dir string) {
 // nothing to one that is exiting, since a command during QEMU's cleanup can
 // crash it.
 func TestInstanceStandInAfterShutdown(t *testing.T) {
-	for _, after := range []string{"stay", "linger"} {
+	for _, after := range []string{"stay", "linger", "stopfirst"} {
 		t.Run(after, func(t *testing.T) {
 			path, dir := standIn(t, "qemu", "AFTER="+after+"\n"+qmpStandIn+`
 qmp_greet
@@ -277,7 +284,8 @@ qmp_serve`)
 }
 
 // TestInstanceStandInShutDownByItself: a guest that shut down by itself
-// leaves a QEMU that is exiting, and Stop sends it nothing.
+// leaves a QEMU that is exiting, and Stop sends it nothing; unless STOP
+// follows, as under -no-shutdown, and then Stop goes on at once.
 func TestInstanceStandInShutDownByItself(t *testing.T) {
 	path, dir := standIn(t, "qemu", qmpStandIn+`
 qmp_greet
@@ -299,6 +307,35 @@ qmp_linger`)
 		t.Errorf("Stop: %v, %v; want exited", r, err)
 	}
 	checkQuietAfterShutdown(t, dir)
+
+	t.Run("no-shutdown", func(t *testing.T) {
+		// STOP a moment after the SHUTDOWN, and then QEMU stays, paused,
+		// until quit. A Stop that waited for an exit would wait out its
+		// context: its QuitTimeout is longer.
+		path, _ := standIn(t, "qemu", "RUNNING=false\n"+qmpStandIn+`
+qmp_greet
+read -r line <&$QMP
+printf '{"return": {}}\n' >&$QMP
+qmp_event SHUTDOWN
+sleep 0.3
+qmp_event STOP
+qmp_serve`)
+		events := make(chan QMPEvent, 4)
+		inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{EventCh: events, QuitTimeout: time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer inst.Close()
+		if ev := <-events; ev.Name != "SHUTDOWN" {
+			t.Fatalf("event %+v, want SHUTDOWN", ev)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		r, err := inst.StopWithReport(ctx)
+		if err != nil || r.Step != StopQuit {
+			t.Errorf("Stop: %v, %v; want quit", r, err)
+		}
+	})
 }
 
 // countingWriter counts what is written to it, optionally blocking each

@@ -93,7 +93,8 @@ func (r *StopReport) record(step StopStep, start time.Time, outcome string) {
 // QEMU said, with STOP, that it stays (-no-shutdown); the step is still
 // StopPowerdown. When the guest has shut down by itself (SHUTDOWN, and no
 // STOP) and QEMU is exiting, Stop sends nothing and waits up to
-// QuitTimeout for the exit, then goes on at SIGTERM. When
+// QuitTimeout for the exit (StopExited) or a STOP (and goes on), then
+// goes on at SIGTERM. When
 // query-status says the guest is not running (paused, started with -S,
 // suspended, shut down), it cannot act on the power button, and Stop starts
 // at quit; so it does with InstanceOptions.NoPowerdown. When the QMP
@@ -156,15 +157,8 @@ func (inst *Instance) stop(ctx context.Context, r *StopReport) (StopStep, error)
 // runLadder runs Stop's graceful steps and returns the one that ended
 // QEMU, or StopKill when none did.
 func (inst *Instance) runLadder(ctx context.Context, r *StopReport) StopStep {
-	if inst.exiting.Load() {
-		// The guest shut down by itself and QEMU is on its way out: a
-		// command now could crash it (see leaveAfterShutdown).
-		qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
-		exited := inst.waitExited(qctx)
-		cancel()
-		if exited {
-			return StopExited
-		}
+	if inst.leavingByItself(ctx) {
+		return StopExited
 	}
 	if !isClosed(inst.qmp.Done()) && !inst.exiting.Load() {
 		guestDown := false
@@ -180,8 +174,14 @@ func (inst *Instance) runLadder(ctx context.Context, r *StopReport) StopStep {
 		}
 		// A guest that shut down but whose QEMU stays (-no-shutdown) was
 		// sent quit by powerdown already.
-		if !guestDown && ctx.Err() == nil && inst.quit(ctx, r) {
-			return StopQuit
+		if !guestDown && ctx.Err() == nil {
+			// A SHUTDOWN may have come since the powerdown's wait.
+			if inst.leavingByItself(ctx) {
+				return StopExited
+			}
+			if !inst.exiting.Load() && inst.quit(ctx, r) {
+				return StopQuit
+			}
 		}
 	}
 	if inst.hasExited() {
@@ -248,14 +248,14 @@ func (inst *Instance) powerdown(ctx context.Context, r *StopReport) (exited, gue
 	// A QEMU that stays after SHUTDOWN (-no-shutdown, or the shutdown
 	// action "pause") sends STOP right after it; one that exits sends
 	// none. Subscribed before the command, so that STOP is not missed.
-	paused := inst.qmp.Subscribe(EventFilter{Names: []string{"STOP"}})
-	defer paused.Close()
+	after := inst.qmp.Subscribe(EventFilter{Names: []string{"SHUTDOWN", "STOP"}})
+	defer after.Close()
 	// The call returns on SHUTDOWN (also when QEMU then closes the
 	// connection), on QEMU closing the connection without it, on an error
 	// or when pctx ends.
 	err := inst.qmp.ExecuteSystemPowerdown(pctx)
 	if err == nil {
-		inst.leaveAfterShutdown(ctx, paused)
+		inst.leaveAfterShutdown(ctx, after)
 		r.record(StopPowerdown, start, "the guest shut down")
 		return inst.hasExited(), true
 	}
@@ -274,29 +274,73 @@ func (inst *Instance) powerdown(ctx context.Context, r *StopReport) (exited, gue
 	return inst.hasExited(), false
 }
 
-// watchShutdown keeps inst.exiting up to date with q's events. Its filter
-// selects nothing, so nothing is queued: Match only looks at each event,
-// on the session's reader.
+// watchShutdown keeps inst.exiting up to date with q's events, before
+// anyone else sees them: a caller handed SHUTDOWN who calls Stop at once
+// finds it set. QEMU sends no event before qmp_capabilities, so it is
+// called before them.
 func (inst *Instance) watchShutdown(q *QMP) {
-	q.Subscribe(EventFilter{Names: []string{"SHUTDOWN", "STOP", "RESUME"}, Match: func(ev QMPEvent) bool {
-		inst.exiting.Store(ev.Name == "SHUTDOWN")
-		return false
-	}})
+	q.router.observe(func(ev QMPEvent) {
+		switch ev.Name {
+		case "SHUTDOWN":
+			inst.exiting.Store(true)
+		case "STOP", "RESUME":
+			inst.exiting.Store(false)
+		}
+	})
 }
 
-// leaveAfterShutdown waits, up to QuitTimeout, for QEMU to exit after the
-// guest shut down, sending quit only when paused says QEMU stays. A
-// command that reaches a QEMU already exiting can crash it: QEMU 10.0.2
-// segfaulted (a NULL coroutine in aio_co_wake, from the monitor) when
-// quit came during its cleanup after SHUTDOWN.
-func (inst *Instance) leaveAfterShutdown(ctx context.Context, paused *Subscription) {
+// leavingByItself reports whether QEMU exited after a SHUTDOWN that Stop
+// did not wait for (the guest shut down by itself, say). It sends nothing
+// to a QEMU that is exiting (see leaveAfterShutdown): it waits up to
+// QuitTimeout for the exit, or for a STOP that says QEMU stays
+// (-no-shutdown), and returns false then.
+func (inst *Instance) leavingByItself(ctx context.Context) bool {
+	stops := inst.qmp.Subscribe(EventFilter{Names: []string{"STOP"}})
+	defer stops.Close()
+	if !inst.exiting.Load() {
+		return false
+	}
 	qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
 	defer cancel()
 	// Receive ends with an error when QEMU exits, since the session ends.
-	if _, err := paused.Receive(qctx); err == nil && !inst.hasExited() {
+	if _, err := stops.Receive(qctx); err == nil {
+		return false
+	}
+	return inst.waitExited(qctx)
+}
+
+// leaveAfterShutdown waits, up to QuitTimeout, for QEMU to exit after the
+// guest shut down, sending quit only when events (SHUTDOWN and STOP) has a
+// STOP after the SHUTDOWN: QEMU stays. A command that reaches a QEMU
+// already exiting can crash it: QEMU 10.0.2 segfaulted (a NULL coroutine
+// in aio_co_wake, from the monitor) when quit came during its cleanup
+// after SHUTDOWN.
+func (inst *Instance) leaveAfterShutdown(ctx context.Context, events *Subscription) {
+	qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+	defer cancel()
+	if stoppedAfterShutdown(qctx, events) && !inst.hasExited() {
 		inst.qmp.ExecuteQuit(qctx)
 	}
 	inst.waitExited(qctx)
+}
+
+// stoppedAfterShutdown reports whether events has a STOP after a SHUTDOWN
+// before ctx ends. A STOP before it (a stop, then cont, then the power
+// button) says nothing; Receive ends with an error when QEMU exits, since
+// the session ends.
+func stoppedAfterShutdown(ctx context.Context, events *Subscription) bool {
+	shutdown := false
+	for {
+		ev, err := events.Receive(ctx)
+		if err != nil {
+			return false
+		}
+		if ev.Name == "SHUTDOWN" {
+			shutdown = true
+		} else if shutdown {
+			return true
+		}
+	}
 }
 
 // quit is Stop's second step.
