@@ -308,6 +308,28 @@ qmp_linger`)
 	}
 	checkQuietAfterShutdown(t, dir)
 
+	t.Run("with the reply", func(t *testing.T) {
+		// The SHUTDOWN just before the reply to Stop's query-status:
+		// no system_powerdown follows.
+		path, dir := standIn(t, "qemu", qmpStandIn+`
+qmp_greet
+read -r line <&$QMP
+printf '{"return": {}}\n' >&$QMP
+read -r line <&$QMP
+qmp_event SHUTDOWN
+printf '{"return": {"status": "running", "running": true}}\n' >&$QMP
+qmp_linger`)
+		inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer inst.Close()
+		r, err := inst.StopWithReport(testCtx(t))
+		if err != nil || r.Step != StopExited {
+			t.Errorf("Stop: %v, %v; want exited", r, err)
+		}
+		checkQuietAfterShutdown(t, dir)
+	})
 	t.Run("no-shutdown", func(t *testing.T) {
 		// STOP a moment after the SHUTDOWN, and then QEMU stays, paused,
 		// until quit. A Stop that waited for an exit would wait out its

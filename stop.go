@@ -93,8 +93,10 @@ func (r *StopReport) record(step StopStep, start time.Time, outcome string) {
 // QEMU said, with STOP, that it stays (-no-shutdown); the step is still
 // StopPowerdown. When the guest has shut down by itself (SHUTDOWN, and no
 // STOP) and QEMU is exiting, Stop sends nothing and waits up to
-// QuitTimeout for the exit (StopExited) or a STOP (and goes on), then
-// goes on at SIGTERM. When
+// QuitTimeout: an exit then is StopExited; a STOP means QEMU stays, and
+// Stop goes on as for a guest that is not running; with neither, it goes
+// on at SIGTERM. A SHUTDOWN that comes just after the powerdown's wait is
+// treated the same way, and an exit then is StopExited too. When
 // query-status says the guest is not running (paused, started with -S,
 // suspended, shut down), it cannot act on the power button, and Stop starts
 // at quit; so it does with InstanceOptions.NoPowerdown. When the QMP
@@ -250,6 +252,10 @@ func (inst *Instance) powerdown(ctx context.Context, r *StopReport) (exited, gue
 	// none. Subscribed before the command, so that STOP is not missed.
 	after := inst.qmp.Subscribe(EventFilter{Names: []string{"SHUTDOWN", "STOP"}})
 	defer after.Close()
+	if inst.exiting.Load() {
+		// A SHUTDOWN came with query-status's reply: the ladder waits.
+		return inst.hasExited(), false
+	}
 	// The call returns on SHUTDOWN (also when QEMU then closes the
 	// connection), on QEMU closing the connection without it, on an error
 	// or when pctx ends.
