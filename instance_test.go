@@ -256,6 +256,18 @@ func checkQuietAfterShutdown(t *testing.T, dir string) {
 	}
 }
 
+// startStandIn starts the stand-in at path as QEMU, closed when the test
+// ends.
+func startStandIn(t *testing.T, path string, opts InstanceOptions) *Instance {
+	t.Helper()
+	inst, err := StartCustomInstance(context.Background(), path, nil, nil, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { inst.Close() })
+	return inst
+}
+
 // TestInstanceStandInAfterShutdown checks what Stop sends once the guest
 // has shut down: quit to a QEMU that said with STOP that it stays, and
 // nothing to one that is exiting, since a command during QEMU's cleanup can
@@ -266,11 +278,7 @@ func TestInstanceStandInAfterShutdown(t *testing.T) {
 			path, dir := standIn(t, "qemu", "AFTER="+after+"\n"+qmpStandIn+`
 qmp_greet
 qmp_serve`)
-			inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer inst.Close()
+			inst := startStandIn(t, path, InstanceOptions{})
 			r, err := inst.StopWithReport(testCtx(t))
 			if err != nil || r.Step != StopPowerdown || len(r.Steps) != 1 {
 				t.Errorf("Stop: %v, %v; want powerdown alone", r, err)
@@ -294,11 +302,7 @@ printf '{"return": {}}\n' >&$QMP
 printf '%s\n' '{"event": "SHUTDOWN", "data": {"guest": true}, "timestamp": {"seconds": 1, "microseconds": 2}}' >&$QMP
 qmp_linger`)
 	events := make(chan QMPEvent, 4)
-	inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{EventCh: events})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer inst.Close()
+	inst := startStandIn(t, path, InstanceOptions{EventCh: events})
 	if ev := <-events; ev.Name != "SHUTDOWN" {
 		t.Fatalf("event %+v, want SHUTDOWN", ev)
 	}
@@ -319,11 +323,7 @@ read -r line <&$QMP
 qmp_event SHUTDOWN
 printf '{"return": {"status": "running", "running": true}}\n' >&$QMP
 qmp_linger`)
-		inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer inst.Close()
+		inst := startStandIn(t, path, InstanceOptions{})
 		r, err := inst.StopWithReport(testCtx(t))
 		if err != nil || r.Step != StopExited {
 			t.Errorf("Stop: %v, %v; want exited", r, err)
@@ -343,11 +343,7 @@ sleep 0.3
 qmp_event STOP
 qmp_serve`)
 		events := make(chan QMPEvent, 4)
-		inst, err := StartCustomInstance(context.Background(), path, nil, nil, InstanceOptions{EventCh: events, QuitTimeout: time.Minute})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer inst.Close()
+		inst := startStandIn(t, path, InstanceOptions{EventCh: events, QuitTimeout: time.Minute})
 		if ev := <-events; ev.Name != "SHUTDOWN" {
 			t.Fatalf("event %+v, want SHUTDOWN", ev)
 		}
@@ -871,30 +867,24 @@ func TestInstanceRealQEMUStopSteps(t *testing.T) {
 		}
 		return r
 	}
-	t.Run("powerdown", func(t *testing.T) {
-		inst := startGuestInstance(t, "", InstanceOptions{})
-		r := report(t, inst)
-		if r.Step != StopPowerdown {
-			t.Errorf("Stop ended at %v, want powerdown", r.Step)
-		}
-		steps(t, r, "powerdown: the guest shut down")
-		if state, err := inst.Wait(context.Background()); err != nil || !state.Success() {
-			t.Errorf("Wait = %v, %v", state, err)
-		}
-		checkReaped(t, inst.Pid())
-	})
-	t.Run("no-shutdown", func(t *testing.T) {
-		// QEMU stays after SHUTDOWN, paused, until quit.
-		inst := startGuestInstance(t, "", InstanceOptions{}, "-no-shutdown")
-		r := report(t, inst)
-		if r.Step != StopPowerdown {
-			t.Errorf("Stop ended at %v, want powerdown", r.Step)
-		}
-		steps(t, r, "powerdown: the guest shut down")
-		if state, err := inst.Wait(context.Background()); err != nil || !state.Success() {
-			t.Errorf("Wait = %v, %v", state, err)
-		}
-	})
+	// With -no-shutdown, QEMU stays after SHUTDOWN, paused, until quit.
+	for _, tc := range []struct {
+		name  string
+		extra []string
+	}{{"powerdown", nil}, {"no-shutdown", []string{"-no-shutdown"}}} {
+		t.Run(tc.name, func(t *testing.T) {
+			inst := startGuestInstance(t, "", InstanceOptions{}, tc.extra...)
+			r := report(t, inst)
+			if r.Step != StopPowerdown {
+				t.Errorf("Stop ended at %v, want powerdown", r.Step)
+			}
+			steps(t, r, "powerdown: the guest shut down")
+			if state, err := inst.Wait(context.Background()); err != nil || !state.Success() {
+				t.Errorf("Wait = %v, %v", state, err)
+			}
+			checkReaped(t, inst.Pid())
+		})
+	}
 	t.Run("quit", func(t *testing.T) {
 		inst := startGuestInstance(t, "testguest.powerbutton=ignore", short)
 		r := report(t, inst)
