@@ -187,18 +187,6 @@ func (a *GuestAgent) guard(ctx context.Context) (_ context.Context, release func
 	}
 }
 
-// portError is err, from a call on a guarded ctx, with ErrAgentPortClosed
-// in place of the context's error when the port's closing ended the call.
-func portError(ctx context.Context, err error) error {
-	if err == nil || !errors.Is(context.Cause(ctx), ErrAgentPortClosed) || !errors.Is(err, context.Canceled) {
-		return err
-	}
-	if unanswered(err) {
-		return &unansweredError{ErrAgentPortClosed}
-	}
-	return ErrAgentPortClosed
-}
-
 // agentSync returns a guest-sync-delimited with a fresh id, preceded by the
 // 0xFF that makes the agent drop any half-read command, and taking only the
 // delimited reply that carries the id. (qemu-ga 7.2 answers the 0xFF
@@ -287,7 +275,7 @@ func (a *GuestAgent) run(ctx context.Context, name, about string, args, result i
 func (a *GuestAgent) execute(ctx context.Context, name string, args, result interface{}) error {
 	gctx, release := a.guard(ctx)
 	defer release()
-	return portError(gctx, a.s.execute(gctx, name, args, result, nil))
+	return a.s.execute(gctx, name, args, result, nil)
 }
 
 // call is run for a typed command, which the agent must offer. A command

@@ -94,7 +94,7 @@ func (a *GuestAgent) Exec(ctx context.Context, cmd GuestCommand) (GuestExecResul
 		select {
 		case <-wait.C:
 		case <-ctx.Done():
-			return GuestExecResult{}, fmt.Errorf("qga: exec %s (pid %d): %w", cmd.Path, pid, portError(ctx, ctx.Err()))
+			return GuestExecResult{}, fmt.Errorf("qga: exec %s (pid %d): %w", cmd.Path, pid, context.Cause(ctx))
 		}
 		st, err := a.ExecStatus(ctx, pid)
 		if err != nil {

@@ -628,6 +628,24 @@ func TestQMPLateReplyDoesNotReachNextCaller(t *testing.T) {
 	}
 }
 
+// A context cancelled with a cause ends a command with that cause, as
+// context.Cause gives it, whether the command was written or waited for
+// its turn.
+func TestQMPContextCause(t *testing.T) {
+	s := connect(t, "7.2.22", nil)
+	cause := errors.New("the orchestrator gave up")
+	ctx, cancel := context.WithCancelCause(context.Background())
+	written := pendingCall(func() error { return s.q.ExecuteCommand(ctx, "slow", nil, nil) })
+	s.p.recv()
+	waiting := pendingCall(func() error { return s.q.ExecuteCont(ctx) })
+	cancel(cause)
+	for _, ch := range []<-chan error{written, waiting} {
+		if err := returnsWithin(t, time.Second, func() error { return <-ch }); !errors.Is(err, cause) {
+			t.Errorf("%v, want the cause", err)
+		}
+	}
+}
+
 func TestQMPCancelWhileWaitingForTurn(t *testing.T) {
 	s := connect(t, "7.2.22", nil)
 	first := pendingCall(func() error { return s.q.ExecuteStop(ctxTimeout(t, 5*time.Second)) })

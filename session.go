@@ -388,14 +388,14 @@ func (s *session) do(ctx context.Context, req request) (json.RawMessage, error) 
 func (s *session) takeTurn(ctx context.Context) error {
 	// The state first: a done context or an ended session gives the
 	// same answer every time.
-	if err := ctx.Err(); err != nil {
-		return err
+	if ctx.Err() != nil {
+		return context.Cause(ctx)
 	}
 	select {
 	case s.turn <- struct{}{}:
 		return nil
 	case <-ctx.Done():
-		return ctx.Err()
+		return context.Cause(ctx)
 	case <-s.done:
 		return s.ended()
 	}
@@ -427,7 +427,7 @@ func (s *session) exchange(ctx context.Context, req request) (json.RawMessage, e
 		if s.proto.resync != nil {
 			s.withdraw(p, true)
 		}
-		return nil, &unansweredError{ctx.Err()}
+		return nil, &unansweredError{context.Cause(ctx)}
 	}
 }
 
@@ -460,7 +460,7 @@ func (s *session) send(ctx context.Context, req request) (*pending, error) {
 		return p, nil
 	}
 	if ctx.Err() != nil && errors.Is(err, os.ErrDeadlineExceeded) {
-		err = ctx.Err()
+		err = context.Cause(ctx)
 	}
 	err = fmt.Errorf("write: %w", err)
 	if n > 0 && s.proto.resync != nil {
