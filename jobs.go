@@ -337,7 +337,7 @@ func (j *jobRun) wait(ctx context.Context) (JobInfo, error) {
 		case "concluded":
 			// Over: its entry is read and it is dismissed whatever ctx
 			// says, or the job would stay, its id taken.
-			return j.conclude(context.WithoutCancel(ctx))
+			return j.conclude(context.WithoutCancel(ctx), j.cause)
 		}
 	}
 }
@@ -374,7 +374,7 @@ func (j *jobRun) ready(ctx context.Context) error {
 // that bounds the cancel, which ctx no longer does.
 func (j *jobRun) startGrace(ctx context.Context, cause error) {
 	j.cause = cause
-	j.grace, j.stopGrace = context.WithTimeout(context.WithoutCancel(ctx), cancelGrace(j.opts.CancelGrace))
+	j.grace, j.stopGrace = graceContext(ctx, j.opts.CancelGrace)
 }
 
 func (j *jobRun) endGrace() {
@@ -395,8 +395,7 @@ func (j *jobRun) cancel() (info JobInfo, done bool, err error) {
 		return JobInfo{}, true, j.pending()
 	}
 	if info, qerr := j.query(j.grace); qerr == nil && info.Status == "concluded" {
-		j.cause = nil
-		info, err := j.conclude(j.grace)
+		info, err := j.conclude(j.grace, nil) // it ended by itself
 		return info, true, err
 	}
 	return JobInfo{}, true, j.error(fmt.Errorf("%w; and job-cancel failed: %w", j.cause, err))
@@ -404,11 +403,12 @@ func (j *jobRun) cancel() (info JobInfo, done bool, err error) {
 
 // pending is the error of a cancel QEMU had not carried out in the grace.
 func (j *jobRun) pending() error {
-	return j.error(fmt.Errorf("%w; cancelled, but not concluded %v later: %w", j.cause, cancelGrace(j.opts.CancelGrace), ErrCancelPending))
+	return j.error(fmt.Errorf("%w; cancelled, but not concluded %v later: %w", j.cause, orDefault(j.opts.CancelGrace, DefaultCancelGrace), ErrCancelPending))
 }
 
-// conclude reads the concluded job's entry and dismisses it.
-func (j *jobRun) conclude(ctx context.Context) (JobInfo, error) {
+// conclude reads the concluded job's entry and dismisses it. A cancelled
+// job's error wraps cancelled, why it was cancelled.
+func (j *jobRun) conclude(ctx context.Context, cancelled error) (JobInfo, error) {
 	info, qerr := j.query(ctx)
 	if derr := j.q.execute(ctx, "job-dismiss", idArgs{j.id}, nil); derr != nil && qerr == nil {
 		qerr = fmt.Errorf("job-dismiss: %w", derr)
@@ -417,8 +417,8 @@ func (j *jobRun) conclude(ctx context.Context) (JobInfo, error) {
 		j.opts.Progress(info)
 	}
 	switch {
-	case j.cause != nil:
-		return info, j.error(fmt.Errorf("cancelled: %w", j.cause))
+	case cancelled != nil:
+		return info, j.error(fmt.Errorf("cancelled: %w", cancelled))
 	case info.Error != "":
 		return info, j.error(&JobError{ID: j.id, Type: info.Type, Desc: info.Error, Event: j.lastErr})
 	case qerr != nil:

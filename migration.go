@@ -244,11 +244,10 @@ type MigrateOptions struct {
 	CancelGrace time.Duration
 }
 
-func cancelGrace(d time.Duration) time.Duration {
-	if d <= 0 {
-		return DefaultCancelGrace
-	}
-	return d
+// graceContext bounds what Migrate and the block job methods do after ctx
+// ended: a context of its own, d long (DefaultCancelGrace when zero).
+func graceContext(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	return withTimeout(context.WithoutCancel(ctx), d, DefaultCancelGrace)
 }
 
 // ErrMigrationFailed is wrapped by the error of a migration that QEMU
@@ -295,15 +294,15 @@ func (q *QMP) Migrate(ctx context.Context, uri string, opts MigrateOptions) (Mig
 	// migration (7.2 and 10.0), and refuses one while another runs without
 	// it: once another command has had the turn, which comes after that
 	// reply, the subscription holds the answer.
-	gctx, stop := context.WithTimeout(context.WithoutCancel(ctx), cancelGrace(opts.CancelGrace))
-	defer stop()
+	gctx, cancel := graceContext(ctx, opts.CancelGrace)
+	defer cancel()
 	if _, qerr := m.query(gctx); qerr != nil {
 		return MigrationInfo{}, m.error(fmt.Errorf("%w; and whether it started is unknown: %w", ctx.Err(), qerr))
 	}
 	if !slices.ContainsFunc(m.w.hold(), func(ev QMPEvent) bool { return ev.Data["status"] == "setup" }) {
 		return MigrationInfo{}, err
 	}
-	return m.stop(ctx)
+	return m.stop(ctx, gctx)
 }
 
 // migration is one run of Migrate.
@@ -331,7 +330,9 @@ func (m *migration) wait(ctx context.Context) (MigrationInfo, error) {
 			}
 			// The poll saw the end before its event.
 		case err != nil && ctx.Err() != nil:
-			return m.stop(ctx)
+			gctx, cancel := graceContext(ctx, m.opts.CancelGrace)
+			defer cancel()
+			return m.stop(ctx, gctx)
 		case err != nil:
 			return MigrationInfo{}, m.error(fmt.Errorf("waiting for its end: %w", err))
 		default:
@@ -411,9 +412,9 @@ func (m *migration) ended(ctx context.Context, info MigrationInfo, cause error) 
 
 // stop ends the wait for a migration that started, after ctx ended: it
 // cancels it, unless it is in postcopy, and waits for it to be over,
-// bounded by the grace. QEMU ends a cancelled migration promptly unless
-// it waits on its peer, and the source VM runs on only once it has.
-func (m *migration) stop(ctx context.Context) (MigrationInfo, error) {
+// bounded by gctx, the grace. QEMU ends a cancelled migration promptly
+// unless it waits on its peer, and the source VM runs on only once it has.
+func (m *migration) stop(ctx, gctx context.Context) (MigrationInfo, error) {
 	cause := ctx.Err()
 	for _, ev := range m.w.hold() {
 		status, _ := ev.Data["status"].(string)
@@ -424,9 +425,6 @@ func (m *migration) stop(ctx context.Context) (MigrationInfo, error) {
 	if m.postcopy {
 		return MigrationInfo{}, m.error(fmt.Errorf("%w; %w", cause, ErrMigrationInPostcopy))
 	}
-	grace := cancelGrace(m.opts.CancelGrace)
-	gctx, stop := context.WithTimeout(context.WithoutCancel(ctx), grace)
-	defer stop()
 	var info MigrationInfo
 	err := m.q.execute(gctx, "migrate_cancel", nil, nil)
 	if err != nil && gctx.Err() == nil {
@@ -442,7 +440,7 @@ func (m *migration) stop(ctx context.Context) (MigrationInfo, error) {
 		_, err = m.w.sub.Receive(gctx)
 	}
 	if gctx.Err() != nil {
-		return info, m.error(fmt.Errorf("%w; cancelled, but not over %v later (%q): %w", cause, grace, info.Status, ErrCancelPending))
+		return info, m.error(fmt.Errorf("%w; cancelled, but not over %v later (%q): %w", cause, orDefault(m.opts.CancelGrace, DefaultCancelGrace), info.Status, ErrCancelPending))
 	}
 	return info, m.error(fmt.Errorf("%w; cancelled, but its end is unknown: %w", cause, err))
 }
@@ -495,11 +493,7 @@ func (w *waiter) next(ctx context.Context) (QMPEvent, error) {
 	if !w.poll {
 		return w.sub.Receive(ctx)
 	}
-	d := w.interval
-	if d <= 0 {
-		d = DefaultProgressInterval
-	}
-	tctx, cancel := context.WithTimeout(ctx, d)
+	tctx, cancel := withTimeout(ctx, w.interval, DefaultProgressInterval)
 	defer cancel()
 	ev, err := w.sub.Receive(tctx)
 	if err != nil && ctx.Err() == nil && tctx.Err() != nil {
