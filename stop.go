@@ -247,11 +247,6 @@ func (inst *Instance) powerdown(ctx context.Context, r *StopReport) (exited, gue
 	start := time.Now()
 	pctx, cancel := withTimeout(ctx, inst.opts.PowerdownTimeout, DefaultPowerdownTimeout)
 	defer cancel()
-	// A QEMU that stays after SHUTDOWN (-no-shutdown, or the shutdown
-	// action "pause") sends STOP right after it; one that exits sends
-	// none. Subscribed before the command, so that STOP is not missed.
-	after := inst.qmp.Subscribe(EventFilter{Names: []string{"SHUTDOWN", "STOP"}})
-	defer after.Close()
 	if inst.exiting.Load() {
 		// A SHUTDOWN came with query-status's reply: the ladder waits.
 		return inst.hasExited(), false
@@ -261,7 +256,7 @@ func (inst *Instance) powerdown(ctx context.Context, r *StopReport) (exited, gue
 	// or when pctx ends.
 	err := inst.qmp.ExecuteSystemPowerdown(pctx)
 	if err == nil {
-		inst.leaveAfterShutdown(ctx, after)
+		inst.leaveAfterShutdown(ctx)
 		r.record(StopPowerdown, start, "the guest shut down")
 		return inst.hasExited(), true
 	}
@@ -295,11 +290,11 @@ func (inst *Instance) watchShutdown(q *QMP) {
 	})
 }
 
-// leavingByItself reports whether QEMU exited after a SHUTDOWN that Stop
-// did not wait for (the guest shut down by itself, say). It sends nothing
-// to a QEMU that is exiting (see leaveAfterShutdown): it waits up to
-// QuitTimeout for the exit, or for a STOP that says QEMU stays
-// (-no-shutdown), and returns false then.
+// leavingByItself reports whether QEMU, which sent SHUTDOWN and no STOP
+// since, then exited. It sends nothing to a QEMU that is exiting (see
+// leaveAfterShutdown): it waits up to QuitTimeout for the exit, or for a
+// STOP that says QEMU stays (-no-shutdown), and returns false then, as it
+// does at once when there was no such SHUTDOWN.
 func (inst *Instance) leavingByItself(ctx context.Context) bool {
 	stops := inst.qmp.Subscribe(EventFilter{Names: []string{"STOP"}})
 	defer stops.Close()
@@ -315,38 +310,21 @@ func (inst *Instance) leavingByItself(ctx context.Context) bool {
 	return inst.waitExited(qctx)
 }
 
-// leaveAfterShutdown waits, up to QuitTimeout, for QEMU to exit after the
-// guest shut down, sending quit only when events (SHUTDOWN and STOP) has a
-// STOP after the SHUTDOWN: QEMU stays. A command that reaches a QEMU
-// already exiting can crash it: QEMU 10.0.2 segfaulted (a NULL coroutine
-// in aio_co_wake, from the monitor) when quit came during its cleanup
-// after SHUTDOWN.
-func (inst *Instance) leaveAfterShutdown(ctx context.Context, events *Subscription) {
+// leaveAfterShutdown makes sure that QEMU exits after the guest shut
+// down: it sends quit only once QEMU has said, with a STOP after the
+// SHUTDOWN, that it stays (-no-shutdown, or the shutdown action "pause");
+// watchShutdown has noted both before anyone is handed them. A command
+// that reaches a QEMU already exiting can crash it: QEMU 10.0.2 segfaulted
+// (a NULL coroutine in aio_co_wake, from the monitor) when quit came
+// during its cleanup after SHUTDOWN.
+func (inst *Instance) leaveAfterShutdown(ctx context.Context) {
+	if inst.leavingByItself(ctx) || inst.exiting.Load() || inst.hasExited() {
+		return
+	}
 	qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
 	defer cancel()
-	if stoppedAfterShutdown(qctx, events) && !inst.hasExited() {
-		inst.qmp.ExecuteQuit(qctx)
-	}
+	inst.qmp.ExecuteQuit(qctx)
 	inst.waitExited(qctx)
-}
-
-// stoppedAfterShutdown reports whether events has a STOP after a SHUTDOWN
-// before ctx ends. A STOP before it (a stop, then cont, then the power
-// button) says nothing; Receive ends with an error when QEMU exits, since
-// the session ends.
-func stoppedAfterShutdown(ctx context.Context, events *Subscription) bool {
-	shutdown := false
-	for {
-		ev, err := events.Receive(ctx)
-		if err != nil {
-			return false
-		}
-		if ev.Name == "SHUTDOWN" {
-			shutdown = true
-		} else if shutdown {
-			return true
-		}
-	}
 }
 
 // quit is Stop's second step.
