@@ -81,7 +81,6 @@ type GuestAgent struct {
 	mu       sync.Mutex             // guards the fields below
 	version  string                 // the agent's, from guest-info
 	commands map[string]bool        // from guest-info: enabled, by name; nil until asked
-	ended    bool                   // the session has ended
 	portSub  *Subscription          // the port's closing, while watchPort watches it
 	underway map[*underwayCall]bool // the calls the port's closing fails; nil unless watched
 }
@@ -130,10 +129,11 @@ func (a *GuestAgent) useQMP(q *QMP, port string) {
 	sub := q.Subscribe(EventFilter{Names: []string{"VSERPORT_CHANGE"}, Data: map[string]string{"id": port, "open": "false"}})
 	a.mu.Lock()
 	a.underway = map[*underwayCall]bool{}
-	ended := a.ended
 	a.portSub = sub
 	a.mu.Unlock()
-	if ended {
+	// The session's error is set before sessionEnded runs: of the two,
+	// the later sees the other's part and closes sub.
+	if a.s.ended() != nil {
 		sub.Close()
 	}
 	go a.watchPort(sub)
@@ -157,7 +157,6 @@ func (a *GuestAgent) watchPort(sub *Subscription) {
 // sessionEnded is the session's end: watchPort has nothing left to do.
 func (a *GuestAgent) sessionEnded(error) {
 	a.mu.Lock()
-	a.ended = true
 	sub := a.portSub
 	a.mu.Unlock()
 	if sub != nil {

@@ -375,10 +375,6 @@ func (s *session) do(ctx context.Context, req request) (json.RawMessage, error) 
 		sync := s.proto.resync()
 		sync.synchronises = true
 		if _, err := s.exchange(ctx, sync); err != nil {
-			// Unanswered or not, the command itself was never sent.
-			if u, ok := err.(*unansweredError); ok {
-				err = u.err
-			}
 			return nil, fmt.Errorf("resynchronise: %w", err)
 		}
 	}
@@ -426,6 +422,10 @@ func (s *session) exchange(ctx context.Context, req request) (json.RawMessage, e
 		}
 		if s.proto.resync != nil {
 			s.withdraw(p, true)
+		}
+		if req.synchronises {
+			// The caller's own command was never sent.
+			return nil, context.Cause(ctx)
 		}
 		return nil, &unansweredError{context.Cause(ctx)}
 	}
