@@ -518,7 +518,7 @@ func (a *GuestAgent) FSFreeze(ctx context.Context, mountpoints ...string) (int, 
 	if err == nil || !unanswered(err) {
 		return n, err
 	}
-	tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), agentCleanupTimeout)
+	tctx, cancel := graceContext(ctx, agentCleanupTimeout)
 	defer cancel()
 	if _, terr := a.FSThaw(tctx); terr != nil {
 		return 0, fmt.Errorf("%w; and the thaw after it: %w", err, terr)

@@ -190,7 +190,7 @@ func (f *GuestFile) Close() error {
 	ctx := f.ctx
 	if ctx.Err() != nil {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), agentCleanupTimeout)
+		ctx, cancel = graceContext(ctx, agentCleanupTimeout)
 		defer cancel()
 	}
 	f.closed = true

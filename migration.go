@@ -244,8 +244,10 @@ type MigrateOptions struct {
 	CancelGrace time.Duration
 }
 
-// graceContext bounds what Migrate and the block job methods do after ctx
-// ended: a context of its own, d long (DefaultCancelGrace when zero).
+// graceContext bounds what is done to undo or end something after ctx
+// ended (Migrate's and the block jobs' cancels, the guest agent's thaw and
+// file close): a context of its own, d long (DefaultCancelGrace when
+// zero), with ctx's values.
 func graceContext(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
 	return withTimeout(context.WithoutCancel(ctx), d, DefaultCancelGrace)
 }
