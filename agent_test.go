@@ -477,6 +477,25 @@ func syncLine(line string) string {
 	return ""
 }
 
+// answerAgent is a fake agent on c: it answers a guest-sync-delimited with its id after 0xFF, and
+// anything else with an empty return.
+func answerAgent(c io.ReadWriter) {
+	r := bufio.NewReader(c)
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return
+		}
+		reply := `{"return": {}}` + "\n"
+		if id := syncLine(strings.TrimSuffix(line, "\n")); id != "" {
+			reply = "\xff{\"return\": " + id + "}\n"
+		}
+		if _, err := io.WriteString(c, reply); err != nil {
+			return
+		}
+	}
+}
+
 // syncID returns the id of a guest-sync-delimited line, or fails the test
 // (from any goroutine: it panics there, which ends the test binary).
 func syncID(t *testing.T, line string) string {
@@ -915,19 +934,7 @@ func FuzzGuestAgentOutput(f *testing.F) {
 		defer a.Close()
 		agent := func() {
 			theirs.Write(out)
-			r := bufio.NewReader(theirs)
-			for {
-				line, err := r.ReadString('\n')
-				if err != nil {
-					return
-				}
-				line = strings.TrimSuffix(line, "\n")
-				if id := syncLine(line); id != "" {
-					theirs.Write([]byte("\xff{\"return\": " + id + "}\n"))
-				} else if line == `{"execute":"guest-ping"}` {
-					theirs.Write([]byte(`{"return": {}}` + "\n"))
-				}
-			}
+			answerAgent(theirs)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 		defer cancel()

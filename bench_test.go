@@ -17,7 +17,6 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -1393,7 +1392,7 @@ func BenchmarkGuestAgentCall(b *testing.B) {
 			if watched {
 				cfg.QMP, cfg.Port = benchIdleQMP(b), "qga0"
 			}
-			a := newGuestAgent(benchConn(b, answerAgent), cfg)
+			a := newGuestAgent(benchConn(b, func(c net.Conn) { answerAgent(c) }), cfg)
 			defer a.Close()
 			ctx := context.Background()
 			if err := a.Ping(ctx); err != nil { // the first, with its sync
@@ -1427,25 +1426,6 @@ func benchConn(b *testing.B, serve func(net.Conn)) net.Conn {
 	b.Cleanup(func() { conns[1].Close() })
 	go serve(conns[1])
 	return conns[0]
-}
-
-// answerAgent answers a guest-sync-delimited with its id after 0xFF, and
-// anything else with an empty return.
-func answerAgent(c net.Conn) {
-	r := bufio.NewReader(c)
-	for {
-		line, err := r.ReadString('\n')
-		if err != nil {
-			return
-		}
-		reply := `{"return": {}}` + "\n"
-		if id := syncLine(strings.TrimSuffix(line, "\n")); id != "" {
-			reply = "\xff{\"return\": " + id + "}\n"
-		}
-		if _, err := io.WriteString(c, reply); err != nil {
-			return
-		}
-	}
 }
 
 // benchIdleQMP is a QMP session that greets and then sends nothing.

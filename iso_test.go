@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"testing/iotest"
 	"time"
 	"unicode/utf16"
 )
@@ -286,7 +287,7 @@ func TestISOImageBadContent(t *testing.T) {
 		// An empty file is opened and read too.
 		{"empty, open fails", 0, func() (io.ReadCloser, error) { return nil, fs.ErrPermission }, "permission denied"},
 		{"empty, has bytes", 0, func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader("x")), nil }, "more than the 0 bytes"},
-		{"empty, read fails", 0, func() (io.ReadCloser, error) { return io.NopCloser(iotestErrReader{}), nil }, "disk on fire"},
+		{"empty, read fails", 0, func() (io.ReadCloser, error) { return io.NopCloser(iotest.ErrReader(errors.New("disk on fire"))), nil }, "disk on fire"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -309,11 +310,6 @@ func TestISOImageBadContent(t *testing.T) {
 		})
 	}
 }
-
-// iotestErrReader fails its first read.
-type iotestErrReader struct{}
-
-func (iotestErrReader) Read([]byte) (int, error) { return 0, errors.New("disk on fire") }
 
 type failingReader struct{ n int }
 

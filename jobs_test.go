@@ -42,17 +42,16 @@ func TestMirrorRunsToItsEnd(t *testing.T) {
 	s := connect(t, "10.0.2", nil)
 	ready := make(chan struct{})
 	var progress []JobInfo
-	ch := make(chan error, 1)
 	var final JobInfo
-	go func() {
+	ch := pendingCall(func() error {
 		var err error
 		final, err = s.q.Mirror(ctxTimeout(t, 10*time.Second), BlockdevMirror{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{
 			ProgressInterval: time.Millisecond,
 			Ready:            func(context.Context) error { close(ready); return nil },
 			Progress:         func(j JobInfo) { progress = append(progress, j) },
 		})
-		ch <- err
-	}()
+		return err
+	})
 	s.p.expect(t, wireMirrorJob0)
 	s.p.send(jobEvent("job0", "created"), jobEvent("other", "ready"), jobEvent("job0", "running"), okReply)
 	// Polls until the job is ready, each answered; another job's ready
@@ -250,11 +249,10 @@ func TestJobCancelPending(t *testing.T) {
 				}
 				return []string{okReply}
 			})
-			ch := make(chan error, 1)
-			go func() {
+			ch := pendingCall(func() error {
 				_, err := s.q.Mirror(ctx, BlockdevMirror{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{CancelGrace: 50 * time.Millisecond})
-				ch <- err
-			}()
+				return err
+			})
 			stillPending(t, ch, "Mirror")
 			cancel()
 			err := returnsWithin(t, 5*time.Second, func() error { return <-ch })
@@ -309,12 +307,11 @@ func TestJobCancelled(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			refused := errors.New("the guest is still writing")
-			ch := make(chan error, 1)
-			go func() {
+			ch := pendingCall(func() error {
 				_, err := s.q.Mirror(ctx, BlockdevMirror{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{
 					Ready: func(context.Context) error { return refused }})
-				ch <- err
-			}()
+				return err
+			})
 			s.p.expect(t, wireMirrorJob0)
 			s.p.send(okReply, jobEvent("job0", "running"))
 			if how == "context" {
@@ -349,8 +346,10 @@ func TestJobConcludedBeforeCancel(t *testing.T) {
 	s := connect(t, "7.2.22", nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	ch := make(chan error, 1)
-	go func() { _, err := s.q.Stream(ctx, BlockStream{JobID: "job0", Device: "top"}, JobOptions{}); ch <- err }()
+	ch := pendingCall(func() error {
+		_, err := s.q.Stream(ctx, BlockStream{JobID: "job0", Device: "top"}, JobOptions{})
+		return err
+	})
 	s.p.expect(t, `{"execute":"block-stream","arguments":{"auto-dismiss":false,"job-id":"job0","device":"top"}}`)
 	s.p.send(okReply)
 	stillPending(t, ch, "Stream")
@@ -372,11 +371,10 @@ func TestJobConcludedBeforeCancel(t *testing.T) {
 // start fails at once; a job needs an id.
 func TestJobQEMUDiesAndRefusals(t *testing.T) {
 	s := connect(t, "10.0.2", nil)
-	ch := make(chan error, 1)
-	go func() {
+	ch := pendingCall(func() error {
 		_, err := s.q.Commit(ctxTimeout(t, 10*time.Second), BlockCommit{JobID: "job0", Device: "top"}, JobOptions{})
-		ch <- err
-	}()
+		return err
+	})
 	s.p.recv()
 	s.p.send(okReply, jobEvent("job0", "running"))
 	s.p.conn.Close()

@@ -43,8 +43,7 @@ const (
 // first command, which turns the events capability on.
 func migrateOnFake(t *testing.T, s *client, ctx context.Context, uri string, opts MigrateOptions) <-chan error {
 	t.Helper()
-	ch := make(chan error, 1)
-	go func() { _, err := s.q.Migrate(ctx, uri, opts); ch <- err }()
+	ch := pendingCall(func() error { _, err := s.q.Migrate(ctx, uri, opts); return err })
 	s.p.expect(t, wireEventsOn)
 	s.p.send(okReply)
 	return ch
@@ -60,16 +59,15 @@ func migrateReply(status string, transferred, remaining int64) string {
 func TestMigrateProgressAndEnd(t *testing.T) {
 	s := connect(t, "10.0.2", nil)
 	var seen []float64
-	ch := make(chan error, 1)
 	var final MigrationInfo
-	go func() {
+	ch := pendingCall(func() error {
 		var err error
 		final, err = s.q.Migrate(ctxTimeout(t, 10*time.Second), "unix:/tmp/m.sock", MigrateOptions{
 			ProgressInterval: time.Millisecond,
 			Progress:         func(m MigrationInfo) { seen = append(seen, m.Progress()) },
 		})
-		ch <- err
-	}()
+		return err
+	})
 	s.p.expect(t, wireEventsOn)
 	s.p.send(okReply)
 	s.p.expect(t, `{"execute":"migrate","arguments":{"uri":"unix:/tmp/m.sock"}}`)
@@ -268,8 +266,7 @@ func TestMigratePostcopyNotCancelled(t *testing.T) {
 		}
 		return []string{okReply}
 	})
-	ch := make(chan error, 1)
-	go func() { _, err := s.q.Migrate(ctx, "unix:/tmp/m.sock", MigrateOptions{}); ch <- err }()
+	ch := pendingCall(func() error { _, err := s.q.Migrate(ctx, "unix:/tmp/m.sock", MigrateOptions{}); return err })
 	if _, err := postcopy.Receive(ctxTimeout(t, 5*time.Second)); err != nil {
 		t.Fatal(err)
 	}
@@ -374,11 +371,10 @@ func TestMigrateCancelPending(t *testing.T) {
 		}
 		return []string{okReply}
 	})
-	ch := make(chan error, 1)
-	go func() {
+	ch := pendingCall(func() error {
 		_, err := s.q.Migrate(ctx, "tcp:192.0.2.1:4444", MigrateOptions{CancelGrace: 50 * time.Millisecond})
-		ch <- err
-	}()
+		return err
+	})
 	stillPending(t, ch, "Migrate")
 	cancel()
 	err := returnsWithin(t, 5*time.Second, func() error { return <-ch })
