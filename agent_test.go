@@ -886,13 +886,10 @@ func TestGuestAgentPortWatchEnds(t *testing.T) {
 // checkWatchEnded fails the test if a GuestAgent's port watch is left.
 func checkWatchEnded(t *testing.T) {
 	t.Helper()
-	for i := 0; i < 100; i++ {
-		if !strings.Contains(sessionGoroutines(), "(*GuestAgent).watchPort") {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
+	watching := func(gs string) bool { return strings.Contains(gs, "(*GuestAgent).watchPort") }
+	if gs := lingering(watching); watching(gs) {
+		t.Errorf("the port's watch is left:\n%s", gs)
 	}
-	t.Errorf("the port's watch is left:\n%s", sessionGoroutines())
 }
 
 func TestGuestAgentParams(t *testing.T) {

@@ -171,8 +171,14 @@ func zombie(stat []byte) bool {
 // lingeringSessionGoroutines is sessionGoroutines after a short grace: a
 // goroutine that has signalled its end may not have returned yet.
 func lingeringSessionGoroutines() string {
+	return lingering(func(gs string) bool { return gs != "" })
+}
+
+// lingering returns sessionGoroutines once left says nothing is left, or
+// after a second of asking.
+func lingering(left func(gs string) bool) string {
 	gs := sessionGoroutines()
-	for i := 0; i < 100 && gs != ""; i++ {
+	for i := 0; i < 100 && left(gs); i++ {
 		time.Sleep(10 * time.Millisecond)
 		gs = sessionGoroutines()
 	}
