@@ -860,7 +860,7 @@ func TestGuestAgentPortClosedFailsCallsUnderWay(t *testing.T) {
 		t.Errorf("%d calls left registered", left)
 	}
 	a.Close()
-	checkWatchEnded(t)
+	checkWatchEnded(t, a)
 }
 
 // The port's watch ends with the agent's session, also with one that had
@@ -880,12 +880,22 @@ func TestGuestAgentPortWatchEnds(t *testing.T) {
 	a := newGuestAgent(conn, GuestAgentConfig{})
 	<-a.Done()
 	a.useQMP(c.q, "qga0")
-	checkWatchEnded(t)
+	checkWatchEnded(t, a)
 }
 
-// checkWatchEnded fails the test if a GuestAgent's port watch is left.
-func checkWatchEnded(t *testing.T) {
+// checkWatchEnded fails the test unless a's port watch has ended: its
+// subscription closed (which a closed ctx shows at once, since Receive
+// looks at the subscription first), and no watch goroutine left.
+func checkWatchEnded(t *testing.T, a *GuestAgent) {
 	t.Helper()
+	a.mu.Lock()
+	sub := a.portSub
+	a.mu.Unlock()
+	done, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := sub.Receive(done); !errors.Is(err, ErrSubscriptionClosed) {
+		t.Errorf("the port's subscription: %v, want it closed", err)
+	}
 	watching := func(gs string) bool { return strings.Contains(gs, "(*GuestAgent).watchPort") }
 	if gs := lingering(watching); watching(gs) {
 		t.Errorf("the port's watch is left:\n%s", gs)
