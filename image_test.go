@@ -114,19 +114,7 @@ func TestSeedBuilders(t *testing.T) {
 // util-linux's blkid, which is how cloud-init finds its seed (blkid -t
 // LABEL=...): it merges the Joliet label with the primary one.
 func TestSeedLabelsBlkid(t *testing.T) {
-	blkid, err := exec.LookPath("blkid")
-	if err != nil {
-		// Outside root's PATH, it is still in sbin.
-		for _, p := range []string{"/usr/sbin/blkid", "/sbin/blkid"} {
-			if _, serr := os.Stat(p); serr == nil {
-				blkid, err = p, nil
-				break
-			}
-		}
-	}
-	if err != nil {
-		blkid = requireTool(t, "blkid", "util-linux")
-	}
+	blkid := requireTool(t, "blkid", "util-linux")
 	ctx := context.Background()
 	dir := t.TempDir()
 	for _, tc := range []struct {

@@ -470,11 +470,18 @@ func writeTree(t testing.TB, dir string, files map[string][]byte, dirs []string)
 	}
 }
 
-// requireTool returns the path of an independent reader the test needs.
+// requireTool returns the path of an independent reader the test needs,
+// from PATH or from sbin.
 func requireTool(t *testing.T, tool, pkg string) string {
 	t.Helper()
 	bin, err := exec.LookPath(tool)
 	if err != nil {
+		// Outside root's PATH, a tool may still be in sbin.
+		for _, p := range []string{"/usr/sbin/" + tool, "/sbin/" + tool} {
+			if _, serr := os.Stat(p); serr == nil {
+				return p
+			}
+		}
 		if realVM.require {
 			t.Fatalf("%s not installed (Debian package %s; make deps installs it): %v", tool, pkg, err)
 		}

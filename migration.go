@@ -418,12 +418,11 @@ func (m *migration) ended(ctx context.Context, info MigrationInfo, cause error) 
 // unless it waits on its peer, and the source VM runs on only once it has.
 func (m *migration) stop(ctx, gctx context.Context) (MigrationInfo, error) {
 	cause := ctx.Err()
-	for _, ev := range m.w.hold() {
+	// The events are only a reason to ask again from here on.
+	for _, ev := range m.w.drop() {
 		status, _ := ev.Data["status"].(string)
 		m.note(status)
 	}
-	// The events are only a reason to ask again from here on.
-	m.w.held = nil
 	if m.postcopy {
 		return MigrationInfo{}, m.error(fmt.Errorf("%w; %w", cause, ErrMigrationInPostcopy))
 	}
@@ -482,6 +481,14 @@ func (w *waiter) hold() []QMPEvent {
 		}
 		w.held = append(w.held, ev)
 	}
+}
+
+// drop takes the events queued now, as hold does, and returns them with
+// those held before: next returns none of them.
+func (w *waiter) drop() []QMPEvent {
+	held := w.hold()
+	w.held = nil
+	return held
 }
 
 // next returns the next event, or errPoll when interval has passed
