@@ -100,7 +100,7 @@ func (q *QMP) runWithFile(ctx context.Context, name, about string, args, result 
 	if f == nil {
 		return commandError(name, about, errors.New("the file is nil"))
 	}
-	if err := q.executeWithFiles(ctx, name, args, result, []*os.File{f}); err != nil {
+	if err := q.s.execute(ctx, name, args, result, []*os.File{f}); err != nil {
 		return commandError(name, about, err)
 	}
 	return nil

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"reflect"
 	"time"
 )
@@ -403,13 +402,7 @@ func (q *QMP) Err() error { return q.s.endedErr() }
 // must encode to a JSON object; result, when not nil, must be a pointer.
 // Both are checked before anything is sent.
 func (q *QMP) execute(ctx context.Context, name string, args, result interface{}) error {
-	return q.executeWithFiles(ctx, name, args, result, nil)
-}
-
-// executeWithFiles is execute with files sent beside the command, as
-// SCM_RIGHTS ancillary data on its write.
-func (q *QMP) executeWithFiles(ctx context.Context, name string, args, result interface{}, files []*os.File) error {
-	return q.s.execute(ctx, name, args, result, files)
+	return q.s.execute(ctx, name, args, result, nil)
 }
 
 // encodeArgs encodes a command's arguments, which must be a JSON object.

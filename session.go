@@ -329,13 +329,6 @@ func (s *session) endedErr() error {
 	}
 }
 
-// call writes one command, with files sent beside it, and returns its
-// reply's value. The context bounds the wait for the turn, the write and
-// the wait for the reply.
-func (s *session) call(ctx context.Context, name string, argsJSON []byte, files []*os.File) (json.RawMessage, error) {
-	return s.do(ctx, request{name: name, args: argsJSON, files: files})
-}
-
 // execute sends one command, waits for its reply and decodes the reply's
 // value into result, unless result is nil. args, when not nil, must encode
 // to a JSON object; result, when not nil, must be a pointer; files must be
@@ -351,7 +344,9 @@ func (s *session) execute(ctx context.Context, name string, args, result interfa
 	if err := checkSendable(s.conn, files); err != nil {
 		return err
 	}
-	ret, err := s.call(ctx, name, argsJSON, files)
+	// ctx bounds the wait for the turn, the write and the wait for the
+	// reply; the files go beside the command, as SCM_RIGHTS on its write.
+	ret, err := s.do(ctx, request{name: name, args: argsJSON, files: files})
 	if err != nil || result == nil {
 		return err
 	}

@@ -174,7 +174,7 @@ func TestSessionSendsFilesWithTheCommand(t *testing.T) {
 		got <- r
 		s.p.send(okReply)
 	}()
-	if err := s.q.executeWithFiles(ctxTimeout(t, 5*time.Second), "getfd", map[string]string{"fdname": "x"}, nil, files); err != nil {
+	if err := s.q.s.execute(ctxTimeout(t, 5*time.Second), "getfd", map[string]string{"fdname": "x"}, nil, files); err != nil {
 		t.Fatal(err)
 	}
 	r := <-got
@@ -199,7 +199,7 @@ func TestSessionSendsFilesWithTheCommand(t *testing.T) {
 	closed.Close()
 	done := s.p.serve(func(string) []string { return []string{okReply} })
 	for _, bad := range [][]*os.File{{nil}, {files[0], closed}} {
-		if err := s.q.executeWithFiles(ctxTimeout(t, 5*time.Second), "getfd", nil, nil, bad); err == nil {
+		if err := s.q.s.execute(ctxTimeout(t, 5*time.Second), "getfd", nil, nil, bad); err == nil {
 			t.Errorf("files %v accepted", bad)
 		}
 	}
@@ -222,7 +222,7 @@ func TestSessionFilesNeedUnixSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer q.Shutdown()
-	err = q.executeWithFiles(context.Background(), "getfd", nil, nil, []*os.File{os.Stdin})
+	err = q.s.execute(context.Background(), "getfd", nil, nil, []*os.File{os.Stdin})
 	if err == nil || !strings.Contains(err.Error(), "not on a unix socket") {
 		t.Errorf("files over a pipe: %v", err)
 	}
@@ -291,7 +291,7 @@ func TestSessionLateDeadlineAfterReplyDoesNotReachNextWrite(t *testing.T) {
 	pr := bufio.NewReader(peer)
 	ctx1, cancel1 := context.WithCancel(context.Background())
 	aDone := make(chan error, 1)
-	go func() { _, err := s.call(ctx1, "stop", nil, nil); aDone <- err }()
+	go func() { _, err := s.do(ctx1, request{name: "stop"}); aDone <- err }()
 	<-hc.sent
 	pr.ReadString('\n')
 	peer.Write([]byte(okReply + "\r\n")) // the reply gives the turn back
@@ -300,7 +300,7 @@ func TestSessionLateDeadlineAfterReplyDoesNotReachNextWrite(t *testing.T) {
 	time.Sleep(50 * time.Millisecond)
 	go func() { pr.ReadString('\n'); peer.Write([]byte(okReply + "\r\n")) }()
 	bDone := make(chan error, 1)
-	go func() { _, err := s.call(context.Background(), "cont", nil, nil); bDone <- err }()
+	go func() { _, err := s.do(context.Background(), request{name: "cont"}); bDone <- err }()
 	time.Sleep(50 * time.Millisecond) // B waits for A's write to be over
 	close(hc.release)
 	if err := <-aDone; err != nil {
@@ -318,7 +318,7 @@ func TestSessionNextCommandWaitsForPreviousWrite(t *testing.T) {
 	s, hc, peer := heldWritePair(t, 1) // the '\n' is still pending
 	pr := bufio.NewReader(peer)
 	aDone := make(chan error, 1)
-	go func() { _, err := s.call(context.Background(), "stop", nil, nil); aDone <- err }()
+	go func() { _, err := s.do(context.Background(), request{name: "stop"}); aDone <- err }()
 	<-hc.sent
 	want := `{"execute":"stop"}`
 	got := make([]byte, len(want))
@@ -327,7 +327,7 @@ func TestSessionNextCommandWaitsForPreviousWrite(t *testing.T) {
 	}
 	peer.Write([]byte(okReply + "\r\n"))
 	bDone := make(chan error, 1)
-	go func() { _, err := s.call(context.Background(), "query-status", nil, nil); bDone <- err }()
+	go func() { _, err := s.do(context.Background(), request{name: "query-status"}); bDone <- err }()
 	time.Sleep(100 * time.Millisecond) // B has built its command in wbuf
 	close(hc.release)
 	b, _ := pr.ReadByte()
