@@ -259,14 +259,14 @@ func (a *GuestAgent) Err() error { return a.s.endedErr() }
 // the call for the commands that reply on success; for one that does not
 // (guest-suspend-*), it returns when ctx ends.
 func (a *GuestAgent) Execute(ctx context.Context, name string, args, result interface{}) error {
-	return a.run(ctx, name, "", args, result)
+	return a.run(ctx, name, args, result)
 }
 
 // run sends one command and decodes its reply into result, wrapping any
-// error with the command's name and what it is about.
-func (a *GuestAgent) run(ctx context.Context, name, about string, args, result interface{}) error {
+// error with the command's name.
+func (a *GuestAgent) run(ctx context.Context, name string, args, result interface{}) error {
 	if err := a.execute(ctx, name, args, result); err != nil {
-		return labelError("qga", name, about, err)
+		return labelError("qga", name, "", err)
 	}
 	return nil
 }
@@ -350,7 +350,7 @@ type GuestAgentCommandInfo struct {
 
 // Ping runs guest-ping: a nil error says the agent answers.
 func (a *GuestAgent) Ping(ctx context.Context) error {
-	return a.run(ctx, "guest-ping", "", nil, nil)
+	return a.run(ctx, "guest-ping", nil, nil)
 }
 
 // Info runs guest-info: the agent's version and the commands it knows,
