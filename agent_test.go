@@ -640,28 +640,19 @@ func TestGuestAgentWriteBoundedByContext(t *testing.T) {
 // freeze already there.
 func TestGuestAgentFreezeThawsOnlyWhatItBegan(t *testing.T) {
 	a, p := agentPeer(t)
-	var sent []string
 	answers := make(chan string)
-	go func() {
-		for {
-			cmd := p.recv()
-			if cmd == "" {
-				close(answers)
-				return
-			}
-			sent = append(sent, cmd)
-			switch {
-			case syncLine(cmd) != "":
-				p.send("\xff{\"return\": " + syncLine(cmd) + "}")
-			case cmd == `{"execute":"guest-info"}`:
-				p.send(`{"return": {"version": "7.2.0", "supported_commands": [` +
-					`{"name": "guest-fsfreeze-freeze", "enabled": true, "success-response": true}, ` +
-					`{"name": "guest-fsfreeze-thaw", "enabled": true, "success-response": true}]}}`)
-			default:
-				answers <- cmd
-			}
+	done := p.serve(func(cmd string) []string {
+		switch {
+		case syncLine(cmd) != "":
+			return []string{"\xff{\"return\": " + syncLine(cmd) + "}"}
+		case cmd == `{"execute":"guest-info"}`:
+			return []string{`{"return": {"version": "7.2.0", "supported_commands": [` +
+				`{"name": "guest-fsfreeze-freeze", "enabled": true, "success-response": true}, ` +
+				`{"name": "guest-fsfreeze-thaw", "enabled": true, "success-response": true}]}}`}
 		}
-	}()
+		answers <- cmd
+		return nil
+	})
 	ctx := ctxTimeout(t, 5*time.Second)
 	errc := make(chan error, 1)
 	go func() { _, err := a.FSFreeze(ctx); errc <- err }()
@@ -683,8 +674,7 @@ func TestGuestAgentFreezeThawsOnlyWhatItBegan(t *testing.T) {
 		t.Errorf("freeze given up on: %v", err)
 	}
 	a.Close()
-	for range answers {
-	}
+	sent := <-done
 	thaws := 0
 	for _, cmd := range sent {
 		if strings.Contains(cmd, "thaw") {
