@@ -25,14 +25,6 @@ import (
 	"time"
 )
 
-// expect reads the next command and fails the test unless it is want.
-func (p *peer) expect(t *testing.T, want string) {
-	t.Helper()
-	if got := p.recv(); got != want {
-		t.Fatalf("got command %q, want %q", got, want)
-	}
-}
-
 const (
 	wireEventsOn     = `{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"events","state":true}]}}`
 	wireQueryMigrate = `{"execute":"query-migrate"}`

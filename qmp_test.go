@@ -63,6 +63,14 @@ func (p *peer) send(lines ...string) {
 	}
 }
 
+// expect reads the next command and fails the test unless it is want.
+func (p *peer) expect(t *testing.T, want string) {
+	t.Helper()
+	if got := p.recv(); got != want {
+		t.Fatalf("got command %q, want %q", got, want)
+	}
+}
+
 // recv reads one command line; "" when the client has gone.
 func (p *peer) recv() string {
 	line, err := p.r.ReadString('\n')
