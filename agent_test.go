@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -798,6 +799,19 @@ func TestGuestAgentPortClosedFailsCallsUnderWay(t *testing.T) {
 	p.send(`{"return": {}}`)
 	if err := <-errc; err != nil {
 		t.Fatalf("a ping while other ports changed: %v", err)
+	}
+	// The ping's reply may have come before the watch would have acted:
+	// the watch's filter itself takes only this port's closing.
+	for data, want := range map[string]bool{`{"id": "other", "open": false}`: false,
+		`{"id": "qga0", "open": true}`: false, `{"id": "qga0", "open": false}`: true} {
+		var ev QMPEvent
+		ev.Name = "VSERPORT_CHANGE"
+		if err := json.Unmarshal([]byte(data), &ev.Data); err != nil {
+			t.Fatal(err)
+		}
+		if got := a.portSub.filter.matches(ev); got != want {
+			t.Errorf("the watch takes VSERPORT_CHANGE %s: %v, want %v", data, got, want)
+		}
 	}
 
 	go ping()
