@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // ErrSubscriptionClosed is what Subscription.Receive returns once the
@@ -136,11 +137,25 @@ func DeviceUnplugFilter(id string) EventFilter {
 }
 
 // router hands every event to the subscriptions whose filter selects it.
+//
+// Delivery is atomic for readers: an event is queued on every subscription
+// that selects it before any of them can hand it out. Each event gets a
+// sequence number; a subscription hands out only events numbered up to
+// published, which publish raises once the event is queued everywhere. So
+// whoever has received an event knows that every other subscription
+// selecting it holds it too (Migrate relies on that when a caller ends its
+// context on seeing postcopy-active).
 type router struct {
 	mu       sync.Mutex // guards the fields below, and is taken before a Subscription's
 	subs     []*Subscription
 	err      error             // why the session ended, once it has
 	observer func(ev QMPEvent) // sees each event before any subscription does; nil for none
+	seq      uint64            // the number of the last event published
+	matched  []*Subscription   // publish's scratch: the subscriptions to wake
+
+	// published is the number of the last event queued on every
+	// subscription that selects it; Receive reads it without the lock.
+	published atomic.Uint64
 }
 
 // observe makes f see each event before any subscription is offered it,
@@ -167,18 +182,27 @@ func (r *router) subscribe(f EventFilter) *Subscription {
 	return s
 }
 
-// publish queues ev for every subscription that selects it.
+// publish queues ev on every subscription that selects it, then makes it
+// visible to all of them at once, then wakes them.
 func (r *router) publish(ev QMPEvent) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.observer != nil {
 		r.observer(ev)
 	}
+	r.seq++
 	for _, s := range r.subs {
 		if s.filter.matches(ev) {
-			s.add(ev)
+			s.add(ev, r.seq)
+			r.matched = append(r.matched, s)
 		}
 	}
+	r.published.Store(r.seq)
+	for i, s := range r.matched {
+		s.wake()
+		r.matched[i] = nil
+	}
+	r.matched = r.matched[:0]
 }
 
 // end tells every subscription that no more events will come, and why.
@@ -230,7 +254,7 @@ type Subscription struct {
 func (s *Subscription) Receive(ctx context.Context) (QMPEvent, error) {
 	for {
 		s.mu.Lock()
-		ev, ok := s.queue.pop()
+		ev, ok := s.queue.pop(s.router.published.Load())
 		more := s.queue.len() > 0
 		err := s.err
 		s.mu.Unlock()
@@ -247,7 +271,7 @@ func (s *Subscription) Receive(ctx context.Context) (QMPEvent, error) {
 		select {
 		case <-s.ready:
 		case <-ctx.Done():
-			return QMPEvent{}, ctx.Err()
+			return QMPEvent{}, contextError(ctx)
 		}
 	}
 }
@@ -263,14 +287,14 @@ func (s *Subscription) Close() {
 	s.wake()
 }
 
-// add queues ev; the router calls it with its mutex held.
-func (s *Subscription) add(ev QMPEvent) {
+// add queues ev, numbered seq; the router calls it with its mutex held,
+// and wakes the subscription once ev is published.
+func (s *Subscription) add(ev QMPEvent, seq uint64) {
 	s.mu.Lock()
 	if s.err == nil {
-		s.queue.push(ev)
+		s.queue.push(ev, seq)
 	}
 	s.mu.Unlock()
-	s.wake()
 }
 
 // finish records that no more events will come, and why.
@@ -290,15 +314,21 @@ func (s *Subscription) wake() {
 	}
 }
 
-// eventQueue is a FIFO of events that gives its memory back once empty.
+// eventQueue is a FIFO of numbered events that gives its memory back once
+// empty.
 type eventQueue struct {
-	buf  []QMPEvent
+	buf  []queuedEvent
 	head int // buf[:head] has been read
+}
+
+type queuedEvent struct {
+	ev  QMPEvent
+	seq uint64
 }
 
 func (q *eventQueue) len() int { return len(q.buf) - q.head }
 
-func (q *eventQueue) push(ev QMPEvent) {
+func (q *eventQueue) push(ev QMPEvent, seq uint64) {
 	if len(q.buf) == cap(q.buf) && q.head > 0 && q.head >= len(q.buf)/2 {
 		// Reuse the room of the events read rather than grow; at least
 		// half of it, so each event is moved a bounded number of times.
@@ -306,15 +336,16 @@ func (q *eventQueue) push(ev QMPEvent) {
 		clear(q.buf[n:])
 		q.buf, q.head = q.buf[:n], 0
 	}
-	q.buf = append(q.buf, ev)
+	q.buf = append(q.buf, queuedEvent{ev, seq})
 }
 
-func (q *eventQueue) pop() (QMPEvent, bool) {
-	if q.head == len(q.buf) {
+// pop takes the first event, if it is numbered published or less.
+func (q *eventQueue) pop(published uint64) (QMPEvent, bool) {
+	if q.head == len(q.buf) || q.buf[q.head].seq > published {
 		return QMPEvent{}, false
 	}
-	ev := q.buf[q.head]
-	q.buf[q.head] = QMPEvent{}
+	ev := q.buf[q.head].ev
+	q.buf[q.head] = queuedEvent{}
 	q.head++
 	if q.head == len(q.buf) {
 		q.head = 0

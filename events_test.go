@@ -510,11 +510,11 @@ func TestEventQueueModel(t *testing.T) {
 		next := 0
 		for i := 0; i < 5000; i++ {
 			if r.Intn(3) != 0 {
-				q.push(QMPEvent{Name: strconv.Itoa(next)})
+				q.push(QMPEvent{Name: strconv.Itoa(next)}, 0)
 				model = append(model, strconv.Itoa(next))
 				next++
 			} else {
-				ev, ok := q.pop()
+				ev, ok := q.pop(0)
 				if ok != (len(model) > 0) || ok && ev.Name != model[0] {
 					t.Fatalf("pop %v %v, model %v", ev.Name, ok, model[:min(3, len(model))])
 				}
@@ -525,6 +525,40 @@ func TestEventQueueModel(t *testing.T) {
 			if q.len() != len(model) {
 				t.Fatal("len")
 			}
+		}
+	}
+}
+
+// Delivery is atomic for readers: whoever has received an event from one
+// subscription finds it queued on every other subscription that selects
+// it, so "I saw X, so you hold X" holds (Migrate depends on it).
+func TestDeliveryAtomicForReaders(t *testing.T) {
+	var r router
+	first := r.subscribe(EventFilter{})
+	defer first.Close()
+	others := make([]*Subscription, 8)
+	for i := range others {
+		others[i] = r.subscribe(EventFilter{})
+		defer others[i].Close()
+	}
+	const events = 20000
+	go func() {
+		for i := range events {
+			r.publish(QMPEvent{Name: strconv.Itoa(i)})
+		}
+	}()
+	done, cancel := context.WithCancel(context.Background())
+	cancel()
+	ctx := ctxTimeout(t, time.Minute)
+	for i := range events {
+		ev, err := first.Receive(ctx)
+		if err != nil {
+			t.Fatalf("event %d: %v", i, err)
+		}
+		// The last subscription is the one published to last.
+		last := others[len(others)-1]
+		if got, err := last.Receive(done); err != nil || got.Name != ev.Name {
+			t.Fatalf("event %s received from one subscription, but another holds %q, %v", ev.Name, got.Name, err)
 		}
 	}
 }
