@@ -96,6 +96,9 @@ func OpenGuestAgent(ctx context.Context, socket string, cfg GuestAgentConfig) (*
 	}
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", socket)
+	if err != nil && ctx.Err() != nil {
+		err = contextError(ctx)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("qga: connect to %s: %w", socket, err)
 	}
@@ -274,7 +277,22 @@ func (a *GuestAgent) run(ctx context.Context, name string, args, result interfac
 func (a *GuestAgent) execute(ctx context.Context, name string, args, result interface{}) error {
 	gctx, release := a.guard(ctx)
 	defer release()
-	return a.s.execute(gctx, name, args, result, nil)
+	err := a.s.execute(gctx, name, args, result, nil)
+	if portClosed(ctx, gctx) {
+		// The caller's context did not end: the error is the port's
+		// closing alone, still saying whether the command was written.
+		if unanswered(err) {
+			return &unansweredError{ErrAgentPortClosed}
+		}
+		return ErrAgentPortClosed
+	}
+	return err
+}
+
+// portClosed reports whether gctx, made by guard from ctx, ended because
+// the guest closed the agent's port rather than because ctx ended.
+func portClosed(ctx, gctx context.Context) bool {
+	return ctx.Err() == nil && gctx.Err() != nil
 }
 
 // call is run for a typed command, which the agent must offer. A command
@@ -583,7 +601,7 @@ func (a *GuestAgent) Shutdown(ctx context.Context, mode string) error {
 	case err == nil, lostToPeer(err):
 		return nil
 	case ctx.Err() != nil:
-		return fmt.Errorf("qga: guest-shutdown: no shutdown seen: %w", ctx.Err())
+		return fmt.Errorf("qga: guest-shutdown: no shutdown seen: %w", contextError(ctx))
 	}
 	return fmt.Errorf("qga: guest-shutdown: %w", err)
 }

@@ -18,9 +18,12 @@ type GuestCommand struct {
 	Input []byte
 }
 
-// GuestExecResult is how a guest command ended.
+// GuestExecResult is how a guest command ended: its exit status, or the
+// signal that killed it.
 type GuestExecResult struct {
-	// ExitCode is the command's exit status, when Signal is 0.
+	// ExitCode is the command's exit status, or -1 when a signal killed
+	// it (as os.ProcessState.ExitCode says), so that 0 always means
+	// success.
 	ExitCode int
 	// Signal is the signal that killed the command, or 0.
 	Signal int
@@ -82,21 +85,33 @@ const (
 func (a *GuestAgent) Exec(ctx context.Context, cmd GuestCommand) (GuestExecResult, error) {
 	// The whole run, waits included: a port closed between two status
 	// calls ends it too.
-	ctx, release := a.guard(ctx)
+	gctx, release := a.guard(ctx)
 	defer release()
-	pid, err := a.ExecStart(ctx, cmd)
+	pid, err := a.ExecStart(gctx, cmd)
+	if portClosed(ctx, gctx) {
+		return GuestExecResult{}, fmt.Errorf("qga: exec %s: %w", cmd.Path, ErrAgentPortClosed)
+	}
 	if err != nil {
 		return GuestExecResult{}, err
+	}
+	ended := func(err error) (GuestExecResult, error) {
+		if portClosed(ctx, gctx) {
+			err = ErrAgentPortClosed
+		}
+		return GuestExecResult{}, fmt.Errorf("qga: exec %s (pid %d): %w", cmd.Path, pid, err)
 	}
 	wait := time.NewTimer(execPollFirst)
 	defer wait.Stop()
 	for interval := execPollFirst; ; interval = min(2*interval, execPollMax) {
 		select {
 		case <-wait.C:
-		case <-ctx.Done():
-			return GuestExecResult{}, fmt.Errorf("qga: exec %s (pid %d): %w", cmd.Path, pid, context.Cause(ctx))
+		case <-gctx.Done():
+			return ended(contextError(gctx))
 		}
-		st, err := a.ExecStatus(ctx, pid)
+		st, err := a.ExecStatus(gctx, pid)
+		if portClosed(ctx, gctx) {
+			return ended(err)
+		}
 		if err != nil {
 			return GuestExecResult{}, err
 		}
@@ -104,7 +119,7 @@ func (a *GuestAgent) Exec(ctx context.Context, cmd GuestCommand) (GuestExecResul
 			r := GuestExecResult{Stdout: st.Stdout, Stderr: st.Stderr,
 				StdoutTruncated: st.StdoutTruncated, StderrTruncated: st.StderrTruncated}
 			if st.Signal != nil {
-				r.Signal = *st.Signal
+				r.Signal, r.ExitCode = *st.Signal, -1
 			} else if st.ExitCode != nil {
 				r.ExitCode = *st.ExitCode
 			}

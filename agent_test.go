@@ -186,7 +186,7 @@ func testGuestExec(t *testing.T, ctx context.Context, a *GuestAgent) {
 		{"input", GuestCommand{Path: "/bin/cat", Input: []byte("fed to cat\x00\xff")}, GuestExecResult{Stdout: []byte("fed to cat\x00\xff")}},
 		{"env", GuestCommand{Path: "/bin/sh", Args: []string{"-c", "echo $GREETING"}, Env: []string{"GREETING=hi there"}},
 			GuestExecResult{Stdout: []byte("hi there\n")}},
-		{"signal", GuestCommand{Path: "/bin/sh", Args: []string{"-c", "kill -9 $$"}}, GuestExecResult{Signal: 9}},
+		{"signal", GuestCommand{Path: "/bin/sh", Args: []string{"-c", "kill -9 $$"}}, GuestExecResult{ExitCode: -1, Signal: 9}},
 	} {
 		r, err := a.Exec(ctx, c.cmd)
 		if err != nil {

@@ -101,7 +101,7 @@ func (q *QMP) RemoveCPU(ctx context.Context, id string) error {
 		case err == nil && ev.Name == "DEVICE_UNPLUG_GUEST_ERROR" && ev.Data["device"] == id:
 			return commandError("device_del", id, ErrUnplugRefused)
 		case ctx.Err() != nil:
-			return commandError("device_del", id, fmt.Errorf("waiting for the vCPU's slot to empty: %w", ctx.Err()))
+			return commandError("device_del", id, fmt.Errorf("waiting for the vCPU's slot to empty: %w", contextError(ctx)))
 		case err != nil && wctx.Err() == nil:
 			return commandError("device_del", id, err) // the session ended
 		}

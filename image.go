@@ -63,8 +63,8 @@ func CreateCloudInitISO(ctx context.Context, scratchDir, isoPath string, userDat
 	if err := checkISOPaths(scratchDir, isoPath); err != nil {
 		return err
 	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("qemu: cloud-init iso %s: %w", isoPath, err)
+	if ctx.Err() != nil {
+		return fmt.Errorf("qemu: cloud-init iso %s: %w", isoPath, contextError(ctx))
 	}
 	im, err := ConfigDriveSeed{UserData: userData, MetaData: metaData}.ISO()
 	if err != nil {
@@ -176,8 +176,8 @@ func CreateNoCloudISO(ctx context.Context, isoPath string, seed NoCloudSeed) err
 // writeSeed writes a seed image atomically, stamped with the current
 // second.
 func writeSeed(ctx context.Context, what, isoPath string, im *ISOImage) error {
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("qemu: %s %s: %w", what, isoPath, err)
+	if ctx.Err() != nil {
+		return fmt.Errorf("qemu: %s %s: %w", what, isoPath, contextError(ctx))
 	}
 	im.ModTime = time.Now().Truncate(time.Second)
 	err := writeFileAtomic(isoPath, func(f *os.File) error { return im.write(ctx, f) })

@@ -245,8 +245,8 @@ func checkStart(ctx context.Context, path string, params []string, fds []*os.Fil
 			return fmt.Errorf("qemu: start %s: %s in params, but an Instance runs QEMU in the foreground", path, p)
 		}
 	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("qemu: start %s: %w", path, err)
+	if ctx.Err() != nil {
+		return fmt.Errorf("qemu: start %s: %w", path, contextError(ctx))
 	}
 	return nil
 }
@@ -474,8 +474,8 @@ func (inst *Instance) failStart(ctx context.Context, cause error) error {
 		return inst.exitedAtStart()
 	}
 	inst.kill(context.Background())
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("qemu: start %s: QMP not ready: %w (QEMU killed)", path, err)
+	if ctx.Err() != nil {
+		return fmt.Errorf("qemu: start %s: QMP not ready: %w (QEMU killed)", path, contextError(ctx))
 	}
 	msg := lastLines(inst.Stderr(), 5)
 	if msg != "" {
@@ -702,7 +702,7 @@ func (inst *Instance) Wait(ctx context.Context) (*os.ProcessState, error) {
 		select {
 		case <-inst.drained:
 		case <-ctx.Done():
-			return nil, fmt.Errorf("qemu: wait for pid %d: %w", inst.Pid(), ctx.Err())
+			return nil, fmt.Errorf("qemu: wait for pid %d: %w", inst.Pid(), contextError(ctx))
 		}
 	}
 	if s := inst.sink; s != nil && !isClosed(s.done) && !isClosed(s.abandoned) {
@@ -710,7 +710,7 @@ func (inst *Instance) Wait(ctx context.Context) (*os.ProcessState, error) {
 		case <-s.done:
 		case <-s.abandoned:
 		case <-ctx.Done():
-			return nil, fmt.Errorf("qemu: wait for pid %d: copying stderr: %w", inst.Pid(), ctx.Err())
+			return nil, fmt.Errorf("qemu: wait for pid %d: copying stderr: %w", inst.Pid(), contextError(ctx))
 		}
 	}
 	if inst.cmd == nil {

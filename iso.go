@@ -319,8 +319,8 @@ func (im *ISOImage) write(ctx context.Context, w io.Writer) error {
 	if err := checkISOLabel(im.Label); err != nil {
 		return err
 	}
-	if err := ctx.Err(); err != nil {
-		return err
+	if ctx.Err() != nil {
+		return contextError(ctx)
 	}
 	t := im.ModTime
 	if t.IsZero() {
@@ -840,8 +840,8 @@ func writeISOBlocks(w *bufio.Writer, b []byte) {
 // copyISOFile copies one file's content, checking its size and ctx.
 func copyISOFile(ctx context.Context, w *bufio.Writer, f *isoEntry, buf []byte) error {
 	name := isoEntryPath(f)
-	if err := ctx.Err(); err != nil {
-		return err
+	if ctx.Err() != nil {
+		return contextError(ctx)
 	}
 	// An empty file is opened too: a failing opener, or a reader with
 	// bytes for a file added as empty, fails the write as for any other.
@@ -852,8 +852,8 @@ func copyISOFile(ctx context.Context, w *bufio.Writer, f *isoEntry, buf []byte) 
 	defer rc.Close()
 	var n int64
 	for {
-		if err := ctx.Err(); err != nil {
-			return err
+		if ctx.Err() != nil {
+			return contextError(ctx)
 		}
 		m, rerr := rc.Read(buf)
 		if n+int64(m) > int64(f.size) {

@@ -235,7 +235,8 @@ func (q *QMP) Backup(ctx context.Context, b BlockdevBackup, opts JobOptions) (Jo
 // It is bounded by ctx: when ctx ends first, the job is cancelled
 // (job-cancel), and runJob waits for it to conclude (QEMU ends a
 // cancelled job once its requests in flight have drained), dismisses it
-// and returns an error that wraps ctx.Err(). That wait is bounded by
+// and returns an error that wraps ctx's error and its cause
+// (context.Cause). That wait is bounded by
 // opts.CancelGrace; past it the error wraps ErrCancelPending too, and the
 // job is left to QEMU. A start whose reply ctx cut short is cancelled only
 // if QEMU made the job (its "created" came), never when the start was not
@@ -263,7 +264,7 @@ func (q *QMP) runJob(ctx context.Context, name, id string, args interface{}, opt
 	// Once another command has had the turn, which comes after the
 	// start's reply, the subscription holds the "created" QEMU sends
 	// before it when it made the job.
-	j.startGrace(ctx, ctx.Err())
+	j.startGrace(ctx, contextError(ctx))
 	if _, qerr := j.query(j.grace); qerr != nil {
 		return JobInfo{}, j.error(fmt.Errorf("%w; and whether QEMU made the job is unknown: %w", j.cause, qerr))
 	}
@@ -308,7 +309,7 @@ func (j *jobRun) wait(ctx context.Context) (JobInfo, error) {
 		case err != nil && j.cause != nil && j.grace.Err() != nil:
 			return JobInfo{}, j.pending()
 		case err != nil && j.cause == nil && ctx.Err() != nil:
-			j.startGrace(ctx, ctx.Err())
+			j.startGrace(ctx, contextError(ctx))
 			if info, done, err := j.cancel(); done {
 				return info, err
 			}
@@ -353,8 +354,8 @@ func jobFilter(id string) EventFilter {
 
 // ready calls opts.Ready and completes the job.
 func (j *jobRun) ready(ctx context.Context) error {
-	if err := ctx.Err(); err != nil {
-		return err
+	if ctx.Err() != nil {
+		return contextError(ctx)
 	}
 	if j.opts.Ready != nil {
 		if err := j.opts.Ready(ctx); err != nil {
@@ -363,7 +364,7 @@ func (j *jobRun) ready(ctx context.Context) error {
 	}
 	if err := j.q.execute(ctx, "job-complete", idArgs{j.id}, nil); err != nil {
 		if ctx.Err() != nil {
-			return ctx.Err()
+			return contextError(ctx)
 		}
 		return fmt.Errorf("job-complete: %w", err)
 	}
@@ -383,10 +384,24 @@ func (j *jobRun) endGrace() {
 	}
 }
 
-// cancel sends job-cancel. done says that the run is over, with info and
-// err: the cancel failed, or QEMU had concluded the job first, which is
-// then reported as it ended.
+// cancel sends job-cancel, once query-jobs has said the job still runs:
+// the decision is QEMU's state, asked now, not the events held. done says
+// that the run is over, with info and err: the job had concluded (and is
+// reported as it ended), its status could not be read, or the cancel
+// failed.
 func (j *jobRun) cancel() (info JobInfo, done bool, err error) {
+	info, err = j.query(j.grace)
+	switch {
+	case err != nil && j.grace.Err() != nil:
+		return JobInfo{}, true, j.pending()
+	case err != nil:
+		return JobInfo{}, true, j.error(fmt.Errorf("%w; and its status is unknown, so it was not cancelled: %w", j.cause, err))
+	case info.Status == "concluded":
+		info, err := j.conclude(j.grace, nil) // it ended by itself
+		return info, true, err
+	case info.Status == "aborting":
+		return JobInfo{}, false, nil // on its way to concluded already
+	}
 	err = j.q.execute(j.grace, "job-cancel", idArgs{j.id}, nil)
 	switch {
 	case err == nil:
@@ -395,7 +410,7 @@ func (j *jobRun) cancel() (info JobInfo, done bool, err error) {
 		return JobInfo{}, true, j.pending()
 	}
 	if info, qerr := j.query(j.grace); qerr == nil && info.Status == "concluded" {
-		info, err := j.conclude(j.grace, nil) // it ended by itself
+		info, err := j.conclude(j.grace, nil) // it ended in between
 		return info, true, err
 	}
 	return JobInfo{}, true, j.error(fmt.Errorf("%w; and job-cancel failed: %w", j.cause, err))

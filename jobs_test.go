@@ -181,6 +181,7 @@ func TestJobCancelsOnlyWhatItStarted(t *testing.T) {
 			s := connect(t, "10.0.2", nil)
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
+			cancelSent := false
 			done := s.p.serve(func(cmd string) []string {
 				switch {
 				case strings.Contains(cmd, `"blockdev-mirror"`):
@@ -193,8 +194,9 @@ func TestJobCancelsOnlyWhatItStarted(t *testing.T) {
 					return []string{jobEvent("job0", "paused"), jobEvent("job0", "running"),
 						`{"error": {"class": "GenericError", "desc": "Job ID 'job0' already in use"}}`}
 				case strings.Contains(cmd, `"job-cancel"`):
+					cancelSent = true
 					return []string{okReply, jobEvent("job0", "aborting"), jobEvent("job0", "concluded")}
-				case cmd == wireQueryJobs && made:
+				case cmd == wireQueryJobs && made && cancelSent:
 					return []string{jobsReply("job0", "concluded", "Operation canceled", 5, 10)}
 				case cmd == wireQueryJobs:
 					return []string{jobsReply("job0", "running", "", 5, 10)}
@@ -242,6 +244,8 @@ func TestJobCancelPending(t *testing.T) {
 				switch {
 				case strings.Contains(cmd, `"blockdev-mirror"`):
 					return []string{jobEvent("job0", "created"), okReply}
+				case cmd == wireQueryJobs:
+					return []string{jobsReply("job0", "running", "", 5, 10)}
 				case strings.Contains(cmd, `"job-cancel"`) && answered:
 					return []string{okReply, jobEvent("job0", "aborting")}
 				case strings.Contains(cmd, `"job-cancel"`):
@@ -320,6 +324,8 @@ func TestJobCancelled(t *testing.T) {
 			} else {
 				s.p.send(jobEvent("job0", "ready"))
 			}
+			s.p.expect(t, wireQueryJobs)
+			s.p.send(jobsReply("job0", "running", "", 1, 10))
 			s.p.expect(t, `{"execute":"job-cancel","arguments":{"id":"job0"}}`)
 			s.p.send(okReply, jobEvent("job0", "aborting"))
 			stillPending(t, ch, "Mirror while aborting")
@@ -340,30 +346,40 @@ func TestJobCancelled(t *testing.T) {
 	}
 }
 
-// A job that concluded before the cancel reached it is reported as it
-// ended.
+// A job that concluded before the cancel, or before the cancel reached it,
+// is reported as it ended: whether to cancel is asked of QEMU first.
 func TestJobConcludedBeforeCancel(t *testing.T) {
-	s := connect(t, "7.2.22", nil)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	ch := pendingCall(func() error {
-		_, err := s.q.Stream(ctx, BlockStream{JobID: "job0", Device: "top"}, JobOptions{})
-		return err
-	})
-	s.p.expect(t, `{"execute":"block-stream","arguments":{"auto-dismiss":false,"job-id":"job0","device":"top"}}`)
-	s.p.send(okReply)
-	stillPending(t, ch, "Stream")
-	cancel()
-	s.p.expect(t, `{"execute":"job-cancel","arguments":{"id":"job0"}}`)
-	s.p.send(jobEvent("job0", "concluded"), `{"error": {"class": "GenericError", "desc": "Job 'job0' in state 'concluded' cannot accept command verb 'cancel'"}}`)
-	s.p.expect(t, wireQueryJobs)
-	s.p.send(jobsReply("job0", "concluded", "", 10, 10))
-	s.p.expect(t, wireQueryJobs)
-	s.p.send(jobsReply("job0", "concluded", "", 10, 10))
-	s.p.expect(t, `{"execute":"job-dismiss","arguments":{"id":"job0"}}`)
-	s.p.send(okReply)
-	if err := <-ch; err != nil {
-		t.Errorf("error %v", err)
+	for _, when := range []string{"before the query", "before the cancel"} {
+		t.Run(when, func(t *testing.T) {
+			s := connect(t, "7.2.22", nil)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			ch := pendingCall(func() error {
+				_, err := s.q.Stream(ctx, BlockStream{JobID: "job0", Device: "top"}, JobOptions{})
+				return err
+			})
+			s.p.expect(t, `{"execute":"block-stream","arguments":{"auto-dismiss":false,"job-id":"job0","device":"top"}}`)
+			s.p.send(okReply)
+			stillPending(t, ch, "Stream")
+			cancel()
+			s.p.expect(t, wireQueryJobs)
+			if when == "before the query" {
+				s.p.send(jobEvent("job0", "concluded"), jobsReply("job0", "concluded", "", 10, 10))
+			} else {
+				s.p.send(jobsReply("job0", "running", "", 9, 10))
+				s.p.expect(t, `{"execute":"job-cancel","arguments":{"id":"job0"}}`)
+				s.p.send(jobEvent("job0", "concluded"), `{"error": {"class": "GenericError", "desc": "Job 'job0' in state 'concluded' cannot accept command verb 'cancel'"}}`)
+				s.p.expect(t, wireQueryJobs)
+				s.p.send(jobsReply("job0", "concluded", "", 10, 10))
+			}
+			s.p.expect(t, wireQueryJobs)
+			s.p.send(jobsReply("job0", "concluded", "", 10, 10))
+			s.p.expect(t, `{"execute":"job-dismiss","arguments":{"id":"job0"}}`)
+			s.p.send(okReply)
+			if err := <-ch; err != nil {
+				t.Errorf("error %v", err)
+			}
+		})
 	}
 }
 

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
 	"time"
 )
 
@@ -265,16 +264,25 @@ var ErrMigrationFailed = errors.New("migration failed")
 //
 // Migrate turns the events capability on first, so that it learns of the
 // end from the MIGRATION event at once rather than by polling. It is
-// bounded by ctx: when ctx ends first, Migrate cancels the migration
-// (migrate_cancel), waits for QEMU to say it is over, which is the moment
-// the source runs on, and returns an error that wraps ctx.Err(); should
-// the migration have completed all the same, it returns success, since
-// the VM has moved. That wait is bounded by opts.CancelGrace; past it the
-// error wraps ErrCancelPending too. A migration that has switched to
-// postcopy is not cancelled: the error wraps ErrMigrationInPostcopy, and
-// the migration goes on. A migrate whose reply ctx cut short is cancelled
-// only if QEMU started a migration for it. If the session ends (QEMU
-// died), the error wraps ErrDisconnected.
+// bounded by ctx: when ctx ends first, Migrate asks QEMU for the
+// migration's status and cancels it (migrate_cancel) unless it is in
+// postcopy or ending already, waits for QEMU to say it is over, which is
+// the moment the source runs on, and returns an error that wraps ctx's
+// error and its cause (context.Cause); should the migration have completed
+// all the same, it returns success, since the VM has moved. That wait is
+// bounded by opts.CancelGrace; past it the error wraps ErrCancelPending
+// too. A migration in postcopy (postcopy-active, or paused or recovering
+// from it) is not cancelled: the guest runs on the destination, the error
+// wraps ErrMigrationInPostcopy, and the migration goes on. A migrate whose
+// reply ctx cut short is cancelled only if QEMU started a migration for
+// it. If the session ends (QEMU died), the error wraps ErrDisconnected.
+//
+// Did the VM move? Only a nil error says yes. With an error, the
+// returned MigrationInfo's Status is QEMU's last word on the migration:
+// "cancelled", "failed" or "none" (the source runs, whoever cancelled),
+// a postcopy status (the guest runs on the destination, and the
+// migration goes on), "cancelling" (ErrCancelPending: not over yet), or
+// empty when Migrate started no migration or lost QEMU before it knew.
 func (q *QMP) Migrate(ctx context.Context, uri string, opts MigrateOptions) (MigrationInfo, error) {
 	if err := q.ExecuteMigrateSetCapabilities(ctx, map[MigrationCapability]bool{MigrationEvents: true}); err != nil {
 		return MigrationInfo{}, err
@@ -299,7 +307,7 @@ func (q *QMP) Migrate(ctx context.Context, uri string, opts MigrateOptions) (Mig
 	gctx, cancel := graceContext(ctx, opts.CancelGrace)
 	defer cancel()
 	if _, qerr := m.query(gctx); qerr != nil {
-		return MigrationInfo{}, m.error(fmt.Errorf("%w; and whether it started is unknown: %w", ctx.Err(), qerr))
+		return MigrationInfo{}, m.error(fmt.Errorf("%w; and whether it started is unknown: %w", contextError(ctx), qerr))
 	}
 	if !slices.ContainsFunc(m.w.hold(), func(ev QMPEvent) bool { return ev.Data["status"] == "setup" }) {
 		return MigrationInfo{}, err
@@ -354,7 +362,7 @@ func (m *migration) wait(ctx context.Context) (MigrationInfo, error) {
 
 // note records a status the migration reported.
 func (m *migration) note(status string) {
-	if strings.HasPrefix(status, "postcopy") {
+	if inPostcopy(status) {
 		m.postcopy = true
 	}
 }
@@ -363,6 +371,24 @@ func (m *migration) note(status string) {
 var migrationEnds = []string{"completed", "failed", "cancelled"}
 
 func isMigrationEnd(status string) bool { return slices.Contains(migrationEnds, status) }
+
+// inPostcopy reports whether a migration in status runs the guest on the
+// destination already, so that cancelling it would lose the guest:
+// postcopy-active and the statuses of its recovery. QEMU 10.2's
+// postcopy-device is not one of them: a migration that fails then is
+// resumed on the source.
+func inPostcopy(status string) bool {
+	switch status {
+	case "postcopy-active", "postcopy-paused", "postcopy-recover-setup", "postcopy-recover":
+		return true
+	}
+	return false
+}
+
+// isMigrationEnding reports whether a migration in status is on its way to
+// an end already, with nothing for a cancel to do: "cancelling", and QEMU
+// 11.1's "failing", which precedes "failed".
+func isMigrationEnding(status string) bool { return status == "cancelling" || status == "failing" }
 
 // ended reports a migration's end, as info says it; cause is why Migrate
 // cancelled it, if it did. A completed migration is over on the source
@@ -416,34 +442,55 @@ func (m *migration) ended(ctx context.Context, info MigrationInfo, cause error) 
 // cancels it, unless it is in postcopy, and waits for it to be over,
 // bounded by gctx, the grace. QEMU ends a cancelled migration promptly
 // unless it waits on its peer, and the source VM runs on only once it has.
+//
+// Each step is decided from query-migrate, asked then, and not from the
+// events held: another subscriber may have seen postcopy-active, and ended
+// ctx because of it, before this one was handed the event. A migration in
+// QEMU 10.2's postcopy-device, which QEMU will not cancel but which the
+// source takes back if it fails, is waited for until it goes one way or
+// the other.
 func (m *migration) stop(ctx, gctx context.Context) (MigrationInfo, error) {
-	cause := ctx.Err()
-	// The events are only a reason to ask again from here on.
+	cause := contextError(ctx)
 	for _, ev := range m.w.drop() {
 		status, _ := ev.Data["status"].(string)
 		m.note(status)
 	}
-	if m.postcopy {
-		return MigrationInfo{}, m.error(fmt.Errorf("%w; %w", cause, ErrMigrationInPostcopy))
-	}
-	var info MigrationInfo
-	err := m.q.execute(gctx, "migrate_cancel", nil, nil)
-	if err != nil && gctx.Err() == nil {
-		return info, m.error(fmt.Errorf("%w; and migrate_cancel failed: %w", cause, err))
-	}
-	for err == nil {
-		if info, err = m.query(gctx); err != nil {
-			break
+	cancelled := false
+	for {
+		info, err := m.query(gctx)
+		if err != nil {
+			return m.stopFailed(gctx, info, cause, cancelled, err)
 		}
-		if isMigrationEnd(info.Status) || info.Status == "none" {
+		m.note(info.Status)
+		switch {
+		case isMigrationEnd(info.Status) || info.Status == "none":
 			return m.ended(gctx, info, cause)
+		case m.postcopy:
+			return info, m.error(fmt.Errorf("%w; %w", cause, ErrMigrationInPostcopy))
+		case !cancelled && info.Status != "postcopy-device" && !isMigrationEnding(info.Status):
+			if err := m.q.execute(gctx, "migrate_cancel", nil, nil); err != nil {
+				return m.stopFailed(gctx, info, cause, cancelled, fmt.Errorf("migrate_cancel: %w", err))
+			}
+			cancelled = true
+			continue
 		}
-		_, err = m.w.sub.Receive(gctx)
+		if _, err := m.w.sub.Receive(gctx); err != nil {
+			return m.stopFailed(gctx, info, cause, cancelled, err)
+		}
+	}
+}
+
+// stopFailed is stop's error when it could not see the migration to its
+// end: the grace ran out, or a command or the session failed.
+func (m *migration) stopFailed(gctx context.Context, info MigrationInfo, cause error, cancelled bool, err error) (MigrationInfo, error) {
+	what := "not cancelled"
+	if cancelled {
+		what = "cancelled"
 	}
 	if gctx.Err() != nil {
-		return info, m.error(fmt.Errorf("%w; cancelled, but not over %v later (%q): %w", cause, orDefault(m.opts.CancelGrace, DefaultCancelGrace), info.Status, ErrCancelPending))
+		return info, m.error(fmt.Errorf("%w; %s, but not over %v later (%q): %w", cause, what, orDefault(m.opts.CancelGrace, DefaultCancelGrace), info.Status, ErrCancelPending))
 	}
-	return info, m.error(fmt.Errorf("%w; cancelled, but its end is unknown: %w", cause, err))
+	return info, m.error(fmt.Errorf("%w; %s, and its end is unknown: %w", cause, what, err))
 }
 
 // query is ExecuteQueryMigrate with the error named for Migrate's.

@@ -142,6 +142,8 @@ func TestMigrateContextEnds(t *testing.T) {
 	s.p.send(okReply, event("MIGRATION", `{"status": "active"}`, 1, 0))
 	stillPending(t, ch, "Migrate")
 	cancel()
+	s.p.expect(t, wireQueryMigrate)
+	s.p.send(migrateReply("active", 10, 90))
 	s.p.expect(t, `{"execute":"migrate_cancel"}`)
 	s.p.send(okReply)
 	s.p.expect(t, wireQueryMigrate)
@@ -163,13 +165,19 @@ func TestMigrateCompletesAsContextEnds(t *testing.T) {
 	s := connect(t, "7.2.22", nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	cancelSent := false
 	done := s.p.serve(func(cmd string) []string {
 		switch {
 		case strings.Contains(cmd, `"execute":"migrate"`):
 			cancel()
 			time.Sleep(10 * time.Millisecond)
 			return []string{event("MIGRATION", `{"status": "setup"}`, 1, 0), okReply}
+		case cmd == `{"execute":"migrate_cancel"}`:
+			cancelSent = true
+		case cmd == wireQueryMigrate && !cancelSent:
+			return []string{migrateReply("active", 90, 10)}
 		case cmd == wireQueryMigrate:
+			// It completed all the same.
 			return []string{migrateReply("completed", 100, 0)}
 		case cmd == wireQueryStat:
 			return []string{`{"return": {"status": "postmigrate", "running": false}}`}
@@ -197,6 +205,7 @@ func TestMigrateCancelsOnlyWhatItStarted(t *testing.T) {
 			s := connect(t, "10.0.2", nil)
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
+			cancelSent := false
 			done := s.p.serve(func(cmd string) []string {
 				switch {
 				case strings.Contains(cmd, `"execute":"migrate"`):
@@ -207,7 +216,10 @@ func TestMigrateCancelsOnlyWhatItStarted(t *testing.T) {
 					}
 					return []string{`{"error": {"class": "GenericError", "desc": "There's a migration process in progress"}}`}
 				case cmd == `{"execute":"migrate_cancel"}`:
+					cancelSent = true
 					return []string{event("MIGRATION", `{"status": "cancelling"}`, 2, 0), okReply, event("MIGRATION", `{"status": "cancelled"}`, 3, 0)}
+				case cmd == wireQueryMigrate && started && !cancelSent:
+					return []string{migrateReply("setup", 0, 100)}
 				case cmd == wireQueryMigrate && started:
 					return []string{`{"return": {"status": "cancelled"}}`}
 				case cmd == wireQueryMigrate:
@@ -252,9 +264,12 @@ func TestMigratePostcopyNotCancelled(t *testing.T) {
 	postcopy := s.q.Subscribe(MigrationFilter("postcopy-active"))
 	defer postcopy.Close()
 	done := s.p.serve(func(cmd string) []string {
-		if strings.Contains(cmd, `"execute":"migrate"`) {
+		switch {
+		case strings.Contains(cmd, `"execute":"migrate"`):
 			return []string{okReply, event("MIGRATION", `{"status": "setup"}`, 1, 0),
 				event("MIGRATION", `{"status": "active"}`, 2, 0), event("MIGRATION", `{"status": "postcopy-active"}`, 3, 0)}
+		case cmd == wireQueryMigrate:
+			return []string{migrateReply("postcopy-active", 50, 50)}
 		}
 		return []string{okReply}
 	})
@@ -974,5 +989,65 @@ func TestMigrationQEMU72To100(t *testing.T) {
 	migrateTo(t, src, dst, "unix:"+sock)
 	if got := guestAsk(t, dst, "echo ans=alive"); got != "alive" {
 		t.Errorf("the guest on QEMU 10.0 answers %q", got)
+	}
+}
+
+// Whether Migrate cancels, once its context has ended, is decided from
+// query-migrate asked then, not from the events it holds: a migration
+// QEMU reports in postcopy is never cancelled even when no event said so,
+// one that is failing already needs no cancel, and one in QEMU 10.2's
+// postcopy-device (which QEMU refuses to cancel, and which the source
+// takes back if it fails) is waited for until it goes one way or the
+// other.
+func TestMigrateDecidesFromQEMUsState(t *testing.T) {
+	for _, tc := range []struct {
+		first  string // the status query-migrate gives when ctx has ended
+		cancel bool   // whether migrate_cancel is to be sent
+		next   string // the status after the next event, if any
+		want   error
+	}{
+		{"postcopy-active", false, "", ErrMigrationInPostcopy},
+		{"postcopy-paused", false, "", ErrMigrationInPostcopy},
+		{"postcopy-recover", false, "", ErrMigrationInPostcopy},
+		{"failing", false, "failed", ErrMigrationFailed},
+		{"postcopy-device", false, "postcopy-active", ErrMigrationInPostcopy},
+		{"postcopy-device", false, "failed", ErrMigrationFailed},
+		{"active", true, "cancelled", context.Canceled},
+	} {
+		t.Run(tc.first+"-"+tc.next, func(t *testing.T) {
+			s := connect(t, "11.1.3", nil)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var info MigrationInfo
+			ch := pendingCall(func() (err error) { info, err = s.q.Migrate(ctx, "fd:mig", MigrateOptions{}); return err })
+			s.p.expect(t, wireEventsOn)
+			s.p.send(okReply)
+			s.p.expect(t, `{"execute":"migrate","arguments":{"uri":"fd:mig"}}`)
+			s.p.send(okReply, event("MIGRATION", `{"status": "active"}`, 1, 0))
+			stillPending(t, ch, "Migrate")
+			cancel()
+			s.p.expect(t, wireQueryMigrate)
+			s.p.send(migrateReply(tc.first, 50, 50))
+			if tc.cancel {
+				s.p.expect(t, `{"execute":"migrate_cancel"}`)
+				s.p.send(okReply)
+				s.p.expect(t, wireQueryMigrate)
+				s.p.send(migrateReply("cancelling", 50, 50))
+			}
+			want := tc.first
+			if tc.next != "" {
+				want = tc.next
+				s.p.send(event("MIGRATION", fmt.Sprintf(`{"status": %q}`, tc.next), 2, 0))
+				s.p.expect(t, wireQueryMigrate)
+				s.p.send(fmt.Sprintf(`{"return": {"status": %q, "error-desc": "by the test"}}`, tc.next))
+			}
+			err := returnsWithin(t, 5*time.Second, func() error { return <-ch })
+			if info.Status != want {
+				t.Errorf("returned status %q, want %q", info.Status, want)
+			}
+			if !errors.Is(err, context.Canceled) || !errors.Is(err, tc.want) {
+				t.Errorf("error %v, want one wrapping the context's and %v", err, tc.want)
+			}
+		})
 	}
 }

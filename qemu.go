@@ -1321,9 +1321,9 @@ func launch(ctx context.Context, path string, params []string, fds []*os.File, e
 		return "", nil
 	case ctx.Err() != nil && errors.Is(err, ctx.Err()):
 		// The context was done before QEMU started.
-		return output, fmt.Errorf("qemu: launch %s: %w", path, err)
+		return output, fmt.Errorf("qemu: launch %s: %w", path, contextError(ctx))
 	case ctx.Err() != nil:
-		return output, fmt.Errorf("qemu: launch %s: stopped: %w (%w)", path, ctx.Err(), err)
+		return output, fmt.Errorf("qemu: launch %s: stopped: %w (%w)", path, contextError(ctx), err)
 	case errors.Is(err, exec.ErrNotFound) && path == defaultQEMU:
 		return output, fmt.Errorf("qemu: launch: %w (Debian and Ubuntu ship it in qemu-system-x86)", err)
 	case cmd.ProcessState == nil:

@@ -379,8 +379,8 @@ func (q QemuImg) run(ctx context.Context, c qemuImgCall) ([]byte, int, error) {
 			return nil, -1, fmt.Errorf("qemu-img not found, install it (Debian and Ubuntu package qemu-utils, Fedora qemu-img): %w", err)
 		}
 	}
-	if err := ctx.Err(); err != nil {
-		return nil, -1, err
+	if ctx.Err() != nil {
+		return nil, -1, contextError(ctx)
 	}
 	cmd := exec.CommandContext(ctx, bin, c.args...)
 	var stdout, stderr bytes.Buffer
@@ -394,8 +394,8 @@ func (q QemuImg) run(ctx context.Context, c qemuImgCall) ([]byte, int, error) {
 	if err == nil {
 		return stdout.Bytes(), 0, nil
 	}
-	if ctxErr := ctx.Err(); ctxErr != nil {
-		return nil, -1, fmt.Errorf("qemu-img stopped: %w", ctxErr)
+	if ctx.Err() != nil {
+		return nil, -1, fmt.Errorf("qemu-img stopped: %w", contextError(ctx))
 	}
 	code := -1
 	var exit *exec.ExitError

@@ -156,6 +156,9 @@ func QMPStart(ctx context.Context, socket string, cfg QMPConfig, disconnectedCh 
 	}
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", socket)
+	if err != nil && ctx.Err() != nil {
+		err = contextError(ctx)
+	}
 	if err != nil {
 		closeIfSet(disconnectedCh)
 		return nil, nil, fmt.Errorf("qmp: connect to %s: %w", socket, err)
@@ -240,15 +243,15 @@ type greetingLine struct {
 // readGreeting reads lines until QEMU's greeting. ctx is honoured by moving
 // the read deadline when it ends, which needs no goroutine of its own.
 func readGreeting(ctx context.Context, conn net.Conn, r *bufio.Reader, log QMPLog) (*QMPVersion, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("qmp: waiting for greeting: %w", err)
+	if ctx.Err() != nil {
+		return nil, fmt.Errorf("qmp: waiting for greeting: %w", contextError(ctx))
 	}
 	expire := context.AfterFunc(ctx, func() {
 		conn.SetReadDeadline(time.Unix(1, 0))
 	})
 	version, err := scanGreeting(r, log)
 	if !expire() {
-		return nil, fmt.Errorf("qmp: waiting for greeting: %w", ctx.Err())
+		return nil, fmt.Errorf("qmp: waiting for greeting: %w", contextError(ctx))
 	}
 	return version, err
 }

@@ -43,6 +43,18 @@ type unansweredError struct{ err error }
 func (e *unansweredError) Error() string { return "gave up waiting for the reply: " + e.err.Error() }
 func (e *unansweredError) Unwrap() error { return e.err }
 
+// contextError is the error of something cut short by ctx's end: ctx.Err(),
+// and the cause ctx was cancelled with when it has one, so that errors.Is
+// finds either ("context canceled: the operator gave up"). Every method
+// that ends on its context reports it this way.
+func contextError(ctx context.Context) error {
+	err := ctx.Err()
+	if cause := context.Cause(ctx); cause != nil && cause != err {
+		return fmt.Errorf("%w: %w", err, cause)
+	}
+	return err
+}
+
 // unanswered reports whether err says that the command was written and its
 // caller stopped waiting for the reply, so that what it asked for may
 // still happen (and may need undoing), as opposed to a command never sent.
@@ -380,13 +392,13 @@ func (s *session) takeTurn(ctx context.Context) error {
 	// The state first: a done context or an ended session gives the
 	// same answer every time.
 	if ctx.Err() != nil {
-		return context.Cause(ctx)
+		return contextError(ctx)
 	}
 	select {
 	case s.turn <- struct{}{}:
 		return nil
 	case <-ctx.Done():
-		return context.Cause(ctx)
+		return contextError(ctx)
 	case <-s.done:
 		return s.ended()
 	}
@@ -420,9 +432,9 @@ func (s *session) exchange(ctx context.Context, req request) (json.RawMessage, e
 		}
 		if req.synchronises {
 			// The caller's own command was never sent.
-			return nil, context.Cause(ctx)
+			return nil, contextError(ctx)
 		}
-		return nil, &unansweredError{context.Cause(ctx)}
+		return nil, &unansweredError{contextError(ctx)}
 	}
 }
 
@@ -455,7 +467,7 @@ func (s *session) send(ctx context.Context, req request) (*pending, error) {
 		return p, nil
 	}
 	if ctx.Err() != nil && errors.Is(err, os.ErrDeadlineExceeded) {
-		err = context.Cause(ctx)
+		err = contextError(ctx)
 	}
 	err = fmt.Errorf("write: %w", err)
 	if n > 0 && s.proto.resync != nil {

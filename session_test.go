@@ -336,3 +336,210 @@ func TestSessionNextCommandWaitsForPreviousWrite(t *testing.T) {
 	}
 	<-aDone
 }
+
+// Every method that ends on its context reports the context's error and
+// its cause (context.Cause), so that errors.Is finds either: the
+// engine's commands and each long operation alike.
+func TestContextCauseReached(t *testing.T) {
+	cause := errors.New("the operator pulled the plug")
+	// run starts op with a context that is cancelled with cause once
+	// started says so (or at once, when started is nil), and returns
+	// op's error.
+	run := func(t *testing.T, op func(ctx context.Context) error, started <-chan struct{}) error {
+		t.Helper()
+		ctx, cancel := context.WithCancelCause(context.Background())
+		defer cancel(nil)
+		ch := pendingCall(func() error { return op(ctx) })
+		if started != nil {
+			select {
+			case <-started:
+			case err := <-ch:
+				t.Fatalf("ended before it was under way: %v", err)
+			}
+		}
+		cancel(cause)
+		return returnsWithin(t, 10*time.Second, func() error { return <-ch })
+	}
+	check := func(t *testing.T, err error) {
+		t.Helper()
+		if !errors.Is(err, cause) || !errors.Is(err, context.Canceled) {
+			t.Errorf("error %v, want one wrapping the cause and context.Canceled", err)
+		}
+	}
+	// serveUntil answers with answer, closing started at the first
+	// command for which answer says so.
+	serveUntil := func(s *client, answer func(cmd string) (lines []string, underway bool)) <-chan struct{} {
+		started := make(chan struct{})
+		var once sync.Once
+		s.p.serve(func(cmd string) []string {
+			lines, underway := answer(cmd)
+			if underway {
+				once.Do(func() { close(started) })
+			}
+			return lines
+		})
+		return started
+	}
+
+	t.Run("command", func(t *testing.T) {
+		s := connect(t, "10.0.2", nil)
+		started := serveUntil(s, func(string) ([]string, bool) { return nil, true })
+		check(t, run(t, func(ctx context.Context) error { return s.q.ExecuteCont(ctx) }, started))
+	})
+	t.Run("ExecuteCommandAndWait", func(t *testing.T) {
+		s := connect(t, "10.0.2", nil)
+		started := serveUntil(s, func(string) ([]string, bool) { return []string{okReply}, true })
+		check(t, run(t, func(ctx context.Context) error {
+			_, err := s.q.ExecuteCommandAndWait(ctx, "x", nil, nil, EventFilter{Names: []string{"NEVER"}})
+			return err
+		}, started))
+	})
+	t.Run("Subscription.Receive", func(t *testing.T) {
+		s := connect(t, "10.0.2", nil)
+		sub := s.q.Subscribe(EventFilter{})
+		defer sub.Close()
+		check(t, run(t, func(ctx context.Context) error { _, err := sub.Receive(ctx); return err }, nil))
+	})
+	t.Run("Migrate", func(t *testing.T) {
+		s := connect(t, "10.0.2", nil)
+		cancelled := false
+		started := serveUntil(s, func(cmd string) ([]string, bool) {
+			switch {
+			case strings.Contains(cmd, `"execute":"migrate"`):
+				return []string{okReply, event("MIGRATION", `{"status": "active"}`, 1, 0)}, true
+			case cmd == `{"execute":"migrate_cancel"}`:
+				cancelled = true
+				return []string{okReply, event("MIGRATION", `{"status": "cancelled"}`, 2, 0)}, false
+			case cmd == wireQueryMigrate && cancelled:
+				return []string{migrateReply("cancelled", 1, 99)}, false
+			case cmd == wireQueryMigrate:
+				return []string{migrateReply("active", 1, 99)}, false
+			}
+			return []string{okReply}, false
+		})
+		check(t, run(t, func(ctx context.Context) error { _, err := s.q.Migrate(ctx, "unix:/x", MigrateOptions{}); return err }, started))
+	})
+	t.Run("Mirror", func(t *testing.T) {
+		s := connect(t, "10.0.2", nil)
+		cancelled := false
+		started := serveUntil(s, func(cmd string) ([]string, bool) {
+			switch {
+			case strings.Contains(cmd, `"blockdev-mirror"`):
+				return []string{jobEvent("job0", "created"), jobEvent("job0", "running"), okReply}, true
+			case strings.Contains(cmd, `"job-cancel"`):
+				cancelled = true
+				return []string{okReply, jobEvent("job0", "aborting"), jobEvent("job0", "concluded")}, false
+			case cmd == wireQueryJobs && cancelled:
+				return []string{jobsReply("job0", "concluded", "Operation canceled", 1, 10)}, false
+			case cmd == wireQueryJobs:
+				return []string{jobsReply("job0", "running", "", 1, 10)}, false
+			}
+			return []string{okReply}, false
+		})
+		check(t, run(t, func(ctx context.Context) error {
+			_, err := s.q.Mirror(ctx, BlockdevMirror{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{})
+			return err
+		}, started))
+	})
+	t.Run("RemoveCPU", func(t *testing.T) {
+		s := connect(t, "10.0.2", nil)
+		started := serveUntil(s, func(cmd string) ([]string, bool) {
+			if strings.Contains(cmd, "query-hotpluggable-cpus") {
+				return []string{`{"return": [{"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "props": {"core-id": 1}, "qom-path": "/machine/peripheral/cpu1"}]}`}, true
+			}
+			return []string{okReply}, false
+		})
+		check(t, run(t, func(ctx context.Context) error { return s.q.RemoveCPU(ctx, "cpu1") }, started))
+	})
+	t.Run("QMPStart", func(t *testing.T) {
+		srv := newFakeServer(t)
+		accepted := make(chan struct{})
+		go func() { srv.accept(); close(accepted) }() // and say nothing
+		check(t, run(t, func(ctx context.Context) error { _, _, err := QMPStart(ctx, srv.path, QMPConfig{}, nil); return err }, accepted))
+	})
+	t.Run("SerialConsole.WaitFor", func(t *testing.T) {
+		c, _ := fakeConsole(t, 0, nil)
+		check(t, run(t, func(ctx context.Context) error { _, err := c.WaitFor(ctx, "never"); return err }, nil))
+	})
+	t.Run("GuestAgent.Exec", func(t *testing.T) {
+		a, p := agentPeer(t)
+		started := make(chan struct{})
+		go func() {
+			for {
+				line := p.recv()
+				switch {
+				case line == "":
+					return
+				case syncLine(line) != "":
+					p.send("\xff{\"return\": " + syncLine(line) + "}")
+				case strings.Contains(line, "guest-info"):
+					p.send(`{"return": {"version": "7.2", "supported_commands": [{"name": "guest-exec", "enabled": true}, {"name": "guest-exec-status", "enabled": true}]}}`)
+				case strings.Contains(line, `"guest-exec"`):
+					p.send(`{"return": {"pid": 7}}`)
+				default:
+					p.send(`{"return": {"exited": false}}`)
+					select {
+					case <-started:
+					default:
+						close(started)
+					}
+				}
+			}
+		}()
+		check(t, run(t, func(ctx context.Context) error { _, err := a.Exec(ctx, GuestCommand{Path: "sleep"}); return err }, started))
+	})
+	t.Run("GuestAgent.Shutdown", func(t *testing.T) {
+		a, p := agentPeer(t)
+		started := make(chan struct{})
+		go func() {
+			for {
+				line := p.recv()
+				switch {
+				case line == "":
+					return
+				case syncLine(line) != "":
+					p.send("\xff{\"return\": " + syncLine(line) + "}")
+				case strings.Contains(line, "guest-info"):
+					p.send(`{"return": {"version": "7.2", "supported_commands": [{"name": "guest-shutdown", "enabled": true}]}}`)
+				default:
+					close(started) // and never answer, as a guest still going down
+				}
+			}
+		}()
+		check(t, run(t, func(ctx context.Context) error { return a.Shutdown(ctx, "") }, started))
+	})
+	t.Run("Instance", func(t *testing.T) {
+		path, _ := standIn(t, "qemu", qmpStandIn+`
+qmp_greet
+qmp_serve`)
+		inst := startStandIn(t, path, InstanceOptions{})
+		check(t, run(t, func(ctx context.Context) error { _, err := inst.Wait(ctx); return err }, nil))
+		check(t, run(t, func(ctx context.Context) error { _, err := inst.Stop(ctx); return err }, nil))
+	})
+	t.Run("StartCustomInstance", func(t *testing.T) {
+		path, _ := standIn(t, "qemu", `exec sleep 60`)
+		check(t, run(t, func(ctx context.Context) error {
+			_, err := StartCustomInstance(ctx, path, nil, nil, InstanceOptions{})
+			return err
+		}, nil))
+	})
+	t.Run("LaunchCustomQemu", func(t *testing.T) {
+		path, _ := standIn(t, "qemu", `exec sleep 60`)
+		check(t, run(t, func(ctx context.Context) error {
+			_, err := LaunchCustomQemu(ctx, path, nil, nil, nil)
+			return err
+		}, nil))
+	})
+	t.Run("QemuImg", func(t *testing.T) {
+		img := fakeQemuImg(t, "exec /bin/sleep 60\n")
+		check(t, run(t, func(ctx context.Context) error {
+			_, err := img.Info(ctx, filepath.Join(t.TempDir(), "x.qcow2"), InfoImageOptions{Format: "qcow2"})
+			return err
+		}, nil))
+	})
+	t.Run("ISOImage.WriteFile", func(t *testing.T) {
+		im := &ISOImage{Label: "x"}
+		im.AddFile("a", []byte("a"))
+		check(t, run(t, func(ctx context.Context) error { return im.WriteFile(ctx, filepath.Join(t.TempDir(), "x.iso")) }, nil))
+	})
+}

@@ -430,12 +430,12 @@ func (inst *Instance) kill(ctx context.Context) (sent bool, err error) {
 			err = fmt.Errorf("qemu: stop pid %d: exited but not reaped within %v (traced?)", inst.Pid(), d)
 		}
 		if ctx.Err() != nil {
-			err = fmt.Errorf("%w: %w", err, ctx.Err())
+			err = fmt.Errorf("%w: %w", err, contextError(ctx))
 		}
 		return sent, err
 	}
-	if err := ctx.Err(); err != nil && sent {
-		return sent, fmt.Errorf("qemu: stop pid %d: %w (QEMU killed)", inst.Pid(), err)
+	if ctx.Err() != nil && sent {
+		return sent, fmt.Errorf("qemu: stop pid %d: %w (QEMU killed)", inst.Pid(), contextError(ctx))
 	}
 	return sent, nil
 }
