@@ -73,9 +73,10 @@ type InstanceOptions struct {
 	QMPSocket string
 
 	// Console, if set, connects the guest's console to a socket pair that
-	// QEMU inherits (after the QMP channel), so that nothing the guest
-	// writes is lost: ConsoleSerial (ttyS0) or ConsoleVirtio (hvc0).
-	// Instance.Console returns it.
+	// QEMU inherits (after the QMP channel), read from QEMU's start:
+	// ConsoleSerial (ttyS0), where nothing the guest writes is lost, or
+	// ConsoleVirtio (hvc0), where QEMU drops what this process does not
+	// read in time (see ConsoleVirtio). Instance.Console returns it.
 	Console ConsolePort
 
 	// GuestAgent, if set, adds a channel for the QEMU guest agent: a
@@ -300,7 +301,7 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 	var conOurs *os.File
 	if opts.Console != "" {
 		var conTheirs *os.File
-		if conOurs, conTheirs, err = socketPair(); err != nil {
+		if conOurs, conTheirs, err = consoleChannel(); err != nil {
 			return fail("console channel", err, ours, theirs)
 		}
 		extra = append(extra, conTheirs)
