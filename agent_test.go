@@ -45,14 +45,16 @@ func TestGuestAgentRealGuest(t *testing.T) {
 	inst, a := startAgentGuest(t, "",
 		"-drive", "file="+disk+",if=virtio,format=raw",
 		"-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56")
-	ctx := ctxTimeout(t, 2*time.Minute)
-
+	// Each part has a budget of its own, so that one that runs long on a
+	// loaded machine fails alone, not every part after it.
 	t.Run("ping", func(t *testing.T) {
+		ctx := ctxTimeout(t, time.Minute)
 		if err := a.Ping(ctx); err != nil {
 			t.Fatalf("%v; console:\n%s", err, inst.Console().History())
 		}
 	})
 	t.Run("info", func(t *testing.T) {
+		ctx := ctxTimeout(t, time.Minute)
 		info, err := a.Info(ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -74,6 +76,7 @@ func TestGuestAgentRealGuest(t *testing.T) {
 		}
 	})
 	t.Run("osinfo", func(t *testing.T) {
+		ctx := ctxTimeout(t, time.Minute)
 		osi, err := a.OSInfo(ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -85,11 +88,13 @@ func TestGuestAgentRealGuest(t *testing.T) {
 		}
 	})
 	t.Run("host name", func(t *testing.T) {
+		ctx := ctxTimeout(t, time.Minute)
 		if name, err := a.HostName(ctx); err != nil || name != "testguest" {
 			t.Errorf("host name %q, %v; want testguest", name, err)
 		}
 	})
 	t.Run("interfaces", func(t *testing.T) {
+		ctx := ctxTimeout(t, time.Minute)
 		guestAsk(t, inst, "ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && echo ans=up")
 		ifaces, err := a.NetworkInterfaces(ctx)
 		if err != nil {
@@ -107,6 +112,7 @@ func TestGuestAgentRealGuest(t *testing.T) {
 		}
 	})
 	t.Run("time", func(t *testing.T) {
+		ctx := ctxTimeout(t, time.Minute)
 		gt, err := a.Time(ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -129,9 +135,11 @@ func TestGuestAgentRealGuest(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	t.Run("exec", func(t *testing.T) { testGuestExec(t, ctx, a) })
-	t.Run("files", func(t *testing.T) { testGuestFiles(t, ctx, a) })
+	t.Run("exec", func(t *testing.T) { testGuestExec(t, ctxTimeout(t, time.Minute), a) })
+	// 64 MiB each way: about a minute under -race on a quiet machine.
+	t.Run("files", func(t *testing.T) { testGuestFiles(t, ctxTimeout(t, 5*time.Minute), a) })
 	t.Run("ssh keys", func(t *testing.T) {
+		ctx := ctxTimeout(t, time.Minute)
 		key := "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOu0Ju3KMEpSCCqItrw9PTLUCmhrsBB5zL5V6mKPT2dT test@host"
 		if err := a.AddAuthorizedKeys(ctx, "root", []string{key}, false); err != nil {
 			t.Fatal(err)
@@ -156,8 +164,9 @@ func TestGuestAgentRealGuest(t *testing.T) {
 			t.Error("keys added for a user the guest does not have")
 		}
 	})
-	t.Run("fsfreeze", func(t *testing.T) { testGuestFreeze(t, ctx, inst, a) })
+	t.Run("fsfreeze", func(t *testing.T) { testGuestFreeze(t, ctxTimeout(t, time.Minute), inst, a) })
 	t.Run("unavailable command", func(t *testing.T) {
+		ctx := ctxTimeout(t, time.Minute)
 		// guest-get-devices is listed, but disabled: Windows only.
 		err := a.call(ctx, "guest-get-devices", "", nil, nil)
 		if !errors.Is(err, ErrAgentCommandUnavailable) || !strings.Contains(err.Error(), "disabled") {

@@ -79,10 +79,19 @@ func TestRealQEMUVirtserialportHotplug(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(time.Minute))
-	// The guest finds its port by name, writes a line into it, and
-	// prints the line the test writes back.
-	fmt.Fprintln(inst.Console(), `p=$(grep -l org.test.port0 /sys/class/virtio-ports/*/name); d=/dev/$(basename $(dirname $p)); `+
+	// The guest's driver makes the port a moment after device_add has
+	// returned: the guest reports it first (waiting at most 30 s), then
+	// finds it by name, writes a line into it, and prints the line the
+	// test writes back.
+	port := guestAsk(t, inst, `i=0; until p=$(grep -l org.test.port0 /sys/class/virtio-ports/*/name 2>/dev/null); `+
+		`do [ $i -ge 600 ] && break; i=$((i+1)); sleep 0.05; done; echo ans=$p`)
+	if port == "" {
+		t.Fatalf("the guest has no port named org.test.port0; console:\n%s", inst.Console().History())
+	}
+	if deadline, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(deadline)
+	}
+	fmt.Fprintln(inst.Console(), `d=/dev/$(basename $(dirname `+port+`)); `+
 		`exec 3<>$d; echo guest-to-host >&3; read -r l <&3; echo ans=$l; exec 3>&-`)
 	line, err := bufio.NewReader(conn).ReadString('\n')
 	if err != nil || line != "guest-to-host\n" {
