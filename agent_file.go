@@ -15,10 +15,12 @@ const agentChunk = 1 << 20
 
 // GuestFile is a file open in the guest through the agent's guest-file-*
 // commands. Read, Write and Seek work as io.ReadWriteSeeker's, each call
-// bounded by the context given to OpenFile (as a net.Conn's deadline
-// bounds its calls); ReadFrom and WriteTo make io.Copy move 1 MiB a
-// command. A GuestFile is not safe for concurrent use: the agent keeps one
-// position per handle.
+// bounded by the file's context (as a net.Conn's deadline bounds its
+// calls): the one given to OpenFile, until SetContext gives another, so a
+// long copy can have a budget of its own. ReadFrom and WriteTo make
+// io.Copy move 1 MiB a command. The agent has no stat: Size seeks. A
+// GuestFile is not safe for concurrent use: the agent keeps one position
+// per handle.
 type GuestFile struct {
 	a      *GuestAgent
 	ctx    context.Context
@@ -172,6 +174,27 @@ func (f *GuestFile) Seek(offset int64, whence int) (int64, error) {
 	}{f.args(), offset, name}
 	err := f.run("guest-file-seek", args, &r)
 	return r.Position, err
+}
+
+// SetContext makes ctx bound the file's calls from now on, in place of
+// the context given to OpenFile or to the previous SetContext.
+func (f *GuestFile) SetContext(ctx context.Context) { f.ctx = ctx }
+
+// Size returns the file's size: it seeks to the end and back to where the
+// file's position was (three guest-file-seek commands).
+func (f *GuestFile) Size() (int64, error) {
+	pos, err := f.Seek(0, io.SeekCurrent)
+	if err != nil {
+		return 0, err
+	}
+	size, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return 0, err
+	}
+	if _, err := f.Seek(pos, io.SeekStart); err != nil {
+		return 0, err
+	}
+	return size, nil
 }
 
 // Flush runs guest-file-flush: what the agent buffered goes to the guest's

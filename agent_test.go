@@ -280,6 +280,13 @@ func testGuestFiles(t *testing.T, ctx context.Context, a *GuestAgent) {
 	if !bytes.Equal(buf, head[10:]) {
 		t.Errorf("bytes 10-14: %x, want %x", buf, head[10:])
 	}
+	// Size seeks to the end and back to where the file was.
+	if n, err := f.Size(); err != nil || n != size {
+		t.Errorf("Size() = %d, %v; want %d", n, err, size)
+	}
+	if pos, err := f.Seek(0, io.SeekCurrent); err != nil || pos != 15 {
+		t.Errorf("position after Size: %d, %v; want 15", pos, err)
+	}
 	if pos, err := f.Seek(0, io.SeekEnd); err != nil || pos != size {
 		t.Errorf("seek to the end: %d, %v", pos, err)
 	}
@@ -294,6 +301,24 @@ func testGuestFiles(t *testing.T, ctx context.Context, a *GuestAgent) {
 	}
 	if _, err := a.OpenFile(ctx, "/no/such/dir/file", "r"); err == nil {
 		t.Error("opening a missing file succeeded")
+	}
+	// A file's calls are bounded by OpenFile's context until SetContext
+	// gives another.
+	octx, cancel := context.WithCancel(ctx)
+	g, err := a.OpenFile(octx, path, "r")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	if _, err := g.Read(buf); !errors.Is(err, context.Canceled) {
+		t.Errorf("read after OpenFile's context ended: %v, want context.Canceled", err)
+	}
+	g.SetContext(ctx)
+	if _, err := io.ReadFull(g, buf); err != nil || !bytes.Equal(buf, head[:5]) {
+		t.Errorf("read with SetContext's context: %x, %v; want %x", buf, err, head[:5])
+	}
+	if err := g.Close(); err != nil {
+		t.Error(err)
 	}
 	a.Exec(ctx, GuestCommand{Path: "/bin/rm", Args: []string{path}})
 }
