@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"strings"
 )
 
 // Typed block commands: a node graph built with blockdev-add, format layer
@@ -184,4 +185,20 @@ type BlockInfo struct {
 // ExecuteQueryBlock lists the block backends (query-block).
 func (q *QMP) ExecuteQueryBlock(ctx context.Context) ([]BlockInfo, error) {
 	return runFor[[]BlockInfo](ctx, q, "query-block", "", nil)
+}
+
+// FindBlockDevice returns the backend of the device with id devID among
+// blocks (ExecuteQueryBlock), or nil: its Inserted.NodeName is the node the
+// device reads and writes, after a mirror's pivot too. A device given a
+// node (-device ...,drive=NODE, device_add) has an empty Device; QEMU
+// names it in QDev, by its id or by its QOM path (virtio devices:
+// /machine/peripheral/ID/virtio-backend).
+func FindBlockDevice(blocks []BlockInfo, devID string) *BlockInfo {
+	path := "/machine/peripheral/" + devID
+	for i, b := range blocks {
+		if b.QDev == devID || b.QDev == path || strings.HasPrefix(b.QDev, path+"/") {
+			return &blocks[i]
+		}
+	}
+	return nil
 }

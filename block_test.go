@@ -11,6 +11,28 @@ import (
 	"time"
 )
 
+// FindBlockDevice finds a device's backend by the names QEMU gives it in
+// query-block: its id, or its QOM path (and a virtio device's backend
+// below it), never another device whose id only starts the same.
+func TestFindBlockDevice(t *testing.T) {
+	blocks := []BlockInfo{
+		{Device: "ide0-cd0", QDev: "/machine/unattached/device[23]"},
+		{QDev: "/machine/peripheral/vd10/virtio-backend", Inserted: &BlockNodeInfo{NodeName: "n10"}},
+		{QDev: "/machine/peripheral/vd1/virtio-backend", Inserted: &BlockNodeInfo{NodeName: "n1"}},
+		{QDev: "cd0", Inserted: &BlockNodeInfo{NodeName: "seed"}},
+		{QDev: "/machine/peripheral/sd0", Inserted: &BlockNodeInfo{NodeName: "n2"}},
+	}
+	for id, want := range map[string]string{"vd1": "n1", "vd10": "n10", "cd0": "seed", "sd0": "n2", "vd": "", "ide0-cd0": ""} {
+		got := ""
+		if b := FindBlockDevice(blocks, id); b != nil {
+			got = b.Inserted.NodeName
+		}
+		if got != want {
+			t.Errorf("FindBlockDevice(%q) is on %q, want %q", id, got, want)
+		}
+	}
+}
+
 func TestBlockdevNodeArgs(t *testing.T) {
 	for _, bad := range []BlockdevNode{
 		{Driver: "raw", File: BlockdevFile{Filename: "/x"}},
@@ -87,11 +109,7 @@ func TestRealQEMUQcow2OverlayHotplug(t *testing.T) {
 	if blocks, err = q.ExecuteQueryBlock(ctx); err != nil {
 		t.Fatal(err)
 	}
-	found := false
-	for _, b := range blocks {
-		found = found || b.Inserted != nil && b.Inserted.NodeName == "ov0" && strings.Contains(b.QDev, "vd0")
-	}
-	if !found {
+	if b := FindBlockDevice(blocks, "vd0"); b == nil || b.Inserted == nil || b.Inserted.NodeName != "ov0" {
 		t.Errorf("query-block has no backend of vd0 on ov0: %+v", blocks)
 	}
 	if err := q.ExecuteDeviceDel(ctx, "vd0"); err != nil {

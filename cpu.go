@@ -1,9 +1,11 @@
 package qemu
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 )
 
@@ -44,29 +46,49 @@ func (q *QMP) ExecuteQueryCPUsFast(ctx context.Context) ([]CPUInfo, error) {
 	return runFor[[]CPUInfo](ctx, q, "query-cpus-fast", "", nil)
 }
 
-// AddCPU plugs a vCPU with the given id into the first free slot of
-// query-hotpluggable-cpus, and returns the slot. The guest then brings it
-// online (or not: Linux without udev leaves a hot-added CPU offline until
-// something writes 1 to its online file).
+// AddCPU plugs a vCPU with the given id into the free slot of
+// query-hotpluggable-cpus with the lowest place in the topology (socket,
+// then die, cluster, core and thread; QEMU lists the slots highest first),
+// and returns the slot. The guest then brings it online (or not: Linux
+// without udev leaves a hot-added CPU offline until something writes 1 to
+// its online file).
 func (q *QMP) AddCPU(ctx context.Context, id string) (HotpluggableCPU, error) {
 	slots, err := q.ExecuteQueryHotpluggableCPUs(ctx)
 	if err != nil {
 		return HotpluggableCPU{}, err
 	}
+	var free []HotpluggableCPU
 	for _, slot := range slots {
-		if slot.QOMPath != "" {
-			continue
+		if slot.QOMPath == "" {
+			free = append(free, slot)
 		}
-		args := map[string]interface{}{"driver": slot.Type, "id": id}
-		for k, v := range slot.Props {
-			args[k] = v
-		}
-		if err := q.run(ctx, "device_add", id, args, nil); err != nil {
-			return HotpluggableCPU{}, err
-		}
-		return slot, nil
 	}
-	return HotpluggableCPU{}, commandError("device_add", id, errors.New("no free vCPU slot (is -smp maxcpus above cpus?)"))
+	if len(free) == 0 {
+		return HotpluggableCPU{}, commandError("device_add", id, errors.New("no free vCPU slot (is -smp maxcpus above cpus?)"))
+	}
+	slot := slices.MinFunc(free, func(a, b HotpluggableCPU) int { return a.Props.compare(b.Props) })
+	args := map[string]interface{}{"driver": slot.Type, "id": id}
+	for k, v := range slot.Props {
+		args[k] = v
+	}
+	if err := q.run(ctx, "device_add", id, args, nil); err != nil {
+		return HotpluggableCPU{}, err
+	}
+	return slot, nil
+}
+
+// cpuTopology lists the topology ids from the widest to the narrowest, as
+// QEMU's machines have them (each has a subset).
+var cpuTopology = []string{"node-id", "drawer-id", "book-id", "socket-id", "die-id", "cluster-id", "module-id", "core-id", "thread-id"}
+
+// compare orders places in the topology: by socket, then die, and so on.
+func (p CPUProperties) compare(o CPUProperties) int {
+	for _, k := range cpuTopology {
+		if c := cmp.Compare(p[k], o[k]); c != 0 {
+			return c
+		}
+	}
+	return 0
 }
 
 // cpuUnplugPoll is how often RemoveCPU looks at the slots between events.

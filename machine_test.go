@@ -107,3 +107,28 @@ func testCPUHotplug(t *testing.T, machine []string) {
 	t.Logf("vCPU removed in %v", time.Since(start).Round(time.Millisecond))
 	online("1")
 }
+
+// AddCPU takes the free slot lowest in the topology, though QEMU lists
+// the slots highest first.
+func TestAddCPULowestFreeSlot(t *testing.T) {
+	s := connect(t, "10.0.2", nil)
+	done := s.p.serve(func(cmd string) []string {
+		if strings.Contains(cmd, "query-hotpluggable-cpus") {
+			return []string{`{"return": [` +
+				`{"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "props": {"socket-id": 1, "core-id": 1, "thread-id": 0}},` +
+				`{"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "props": {"socket-id": 1, "core-id": 0, "thread-id": 0}},` +
+				`{"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "props": {"socket-id": 0, "core-id": 1, "thread-id": 0}},` +
+				`{"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "props": {"socket-id": 0, "core-id": 0, "thread-id": 0}, "qom-path": "/machine/unattached/device[0]"}]}`}
+		}
+		return []string{okReply}
+	})
+	slot, err := s.q.AddCPU(ctxTimeout(t, 5*time.Second), "cpu1")
+	s.q.Shutdown()
+	lines := <-done
+	if err != nil || slot.Props["socket-id"] != 0 || slot.Props["core-id"] != 1 {
+		t.Errorf("AddCPU = %+v, %v; want socket 0 core 1", slot, err)
+	}
+	if want := `{"execute":"device_add","arguments":{"core-id":1,"driver":"qemu64-x86_64-cpu","id":"cpu1","socket-id":0,"thread-id":0}}`; len(lines) != 2 || lines[1] != want {
+		t.Errorf("sent %q, want the query and %s", lines, want)
+	}
+}
