@@ -188,3 +188,116 @@ func (n UserNetwork) QemuParams(config *Config) []string {
 		"-netdev", options("user", kv...),
 	}
 }
+
+// DiskInterface is the controller through which a Disk reaches the guest.
+type DiskInterface string
+
+const (
+	// DiskVirtio is a virtio disk (virtio-blk-pci), the guest's vdX. It
+	// has no CD-ROM form.
+	DiskVirtio DiskInterface = "virtio"
+
+	// DiskIDE is a disk or CD-ROM (ide-hd, ide-cd) on the machine's IDE
+	// controller: PIIX on pc, the AHCI controller q35 has built in. The
+	// guest's sdX or srN.
+	DiskIDE DiskInterface = "ide"
+
+	// DiskSCSI is a disk or CD-ROM (scsi-hd, scsi-cd) on a SCSI
+	// controller the Config adds, such as virtio-scsi-pci, named by Bus.
+	DiskSCSI DiskInterface = "scsi"
+)
+
+// Disk is an image shown to the guest as a disk or a CD-ROM: a -drive with
+// no interface of its own and the -device that shows it, every value
+// escaped, so a path with a comma needs nothing of the caller:
+//
+//	-drive if=none,id=ID,file=FILE,format=raw,readonly=on,media=cdrom
+//	-device ide-cd,drive=ID,id=ID,bus=ide.1
+//
+// It is the form for a read-only disk and for a cloud-init seed
+// (CreateNoCloudISO, CreateCloudInitISO), which BlockDevice, the seed
+// package's virtio disk, cannot give: it has no read-only form, and its
+// config-wce is a virtio-only property. QEMU names the drive's backend ID
+// in query-block (BlockInfo.Device), and the device ID too.
+type Disk struct {
+	// ID names the drive and the device.
+	ID string
+
+	// File is the image.
+	File string
+
+	// Format is the image's format, "raw" when empty (QEMU would guess
+	// it otherwise, from bytes the guest may write).
+	Format BlockDeviceFormat
+
+	// Interface is the controller; empty means DiskVirtio.
+	Interface DiskInterface
+
+	// CDROM shows the image as a CD-ROM, always read-only; DiskVirtio
+	// has none.
+	CDROM bool
+
+	// ReadOnly opens the image read-only: the guest's writes fail.
+	ReadOnly bool
+
+	// Bus is the bus the device plugs into ("ide.1", "scsi0.0", a root
+	// port); empty lets QEMU choose a free one.
+	Bus string
+
+	// Serial is the disk's serial number, which the guest sees (Linux:
+	// /dev/disk/by-id); optional.
+	Serial string
+}
+
+// Valid reports whether the disk can be rendered: it has an ID and a File,
+// a known Interface, no CD-ROM on virtio, and no field holds a newline or
+// NUL.
+func (d Disk) Valid() bool { return d.problem() == "" }
+
+func (d Disk) problem() string {
+	if p := firstProblem(need("ID", d.ID), need("File", d.File)); p != "" {
+		return p
+	}
+	switch d.Interface {
+	case "", DiskVirtio:
+		if d.CDROM {
+			return "CDROM on DiskVirtio, which has no CD-ROM (use DiskIDE or DiskSCSI)"
+		}
+	case DiskIDE, DiskSCSI:
+	default:
+		return fmt.Sprintf("Interface is %q, not DiskVirtio, DiskIDE or DiskSCSI", d.Interface)
+	}
+	return cleanFields(d.ID, d.File, string(d.Format), d.Bus, d.Serial)
+}
+
+// driver is the device model that shows the disk.
+func (d Disk) driver() string {
+	switch {
+	case d.Interface == DiskIDE && d.CDROM:
+		return "ide-cd"
+	case d.Interface == DiskIDE:
+		return "ide-hd"
+	case d.Interface == DiskSCSI && d.CDROM:
+		return "scsi-cd"
+	case d.Interface == DiskSCSI:
+		return "scsi-hd"
+	}
+	return "virtio-blk-pci"
+}
+
+// QemuParams returns the -drive and -device arguments, or nil if the disk
+// is not Valid.
+func (d Disk) QemuParams(config *Config) []string {
+	if !d.Valid() {
+		return nil
+	}
+	format := string(d.Format)
+	if format == "" {
+		format = "raw"
+	}
+	return []string{
+		"-drive", options("", "if", "none", "id", d.ID, "file", d.File, "format", format,
+			"readonly", when(d.ReadOnly || d.CDROM, "on"), "media", when(d.CDROM, "cdrom")),
+		"-device", options(d.driver(), "drive", d.ID, "id", d.ID, "bus", d.Bus, "serial", d.Serial),
+	}
+}

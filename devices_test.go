@@ -30,6 +30,18 @@ func TestAddedDeviceParams(t *testing.T) {
 			"-device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56 -netdev user,id=n0,hostfwd=tcp::2222-:22,hostfwd=udp:127.0.0.1:5353-10.0.2.15:53"},
 		{"user network nic", UserNetwork{ID: "n1", Driver: "e1000", DeviceID: "nic1", Bus: "rp1"},
 			"-device e1000,netdev=n1,id=nic1,bus=rp1 -netdev user,id=n1"},
+		{"disk", Disk{ID: "d0", File: "/var/lib/vm,1.img"},
+			"-drive if=none,id=d0,file=/var/lib/vm,,1.img,format=raw -device virtio-blk-pci,drive=d0,id=d0"},
+		{"disk read-only qcow2", Disk{ID: "d1", File: "/i.qcow2", Format: QCOW2, ReadOnly: true, Serial: "s1", Bus: "rp1"},
+			"-drive if=none,id=d1,file=/i.qcow2,format=qcow2,readonly=on -device virtio-blk-pci,drive=d1,id=d1,bus=rp1,serial=s1"},
+		{"cd-rom", Disk{ID: "seed", File: "/seed.iso", Interface: DiskIDE, CDROM: true},
+			"-drive if=none,id=seed,file=/seed.iso,format=raw,readonly=on,media=cdrom -device ide-cd,drive=seed,id=seed"},
+		{"ide disk", Disk{ID: "hd", File: "/hd.img", Interface: DiskIDE, Bus: "ide.2"},
+			"-drive if=none,id=hd,file=/hd.img,format=raw -device ide-hd,drive=hd,id=hd,bus=ide.2"},
+		{"scsi cd-rom", Disk{ID: "cd", File: "/a.iso", Interface: DiskSCSI, CDROM: true, Bus: "scsi0.0"},
+			"-drive if=none,id=cd,file=/a.iso,format=raw,readonly=on,media=cdrom -device scsi-cd,drive=cd,id=cd,bus=scsi0.0"},
+		{"scsi disk", Disk{ID: "sd", File: "/s.img", Interface: DiskSCSI},
+			"-drive if=none,id=sd,file=/s.img,format=raw -device scsi-hd,drive=sd,id=sd"},
 	} {
 		if !c.dev.Valid() {
 			t.Errorf("%s: not valid", c.name)
@@ -51,6 +63,11 @@ func TestAddedDeviceParams(t *testing.T) {
 		{UserNetwork{ID: "n", HostForwards: []HostForward{{Protocol: "sctp", HostPort: 1, GuestPort: 1}}}, `HostForwards[0].Protocol is "sctp", not tcp or udp`},
 		{UserNetwork{ID: "n", HostForwards: []HostForward{{GuestPort: 22}}}, "HostForwards[0] has a port 0"},
 		{UserNetwork{ID: "n", HostForwards: []HostForward{{HostAddr: "::1", HostPort: 1, GuestPort: 1}}}, "HostForwards[0] has an address with ':' or '-'"},
+		{Disk{File: "/x"}, "ID is empty"},
+		{Disk{ID: "d"}, "File is empty"},
+		{Disk{ID: "d", File: "/x", CDROM: true}, "CDROM on DiskVirtio, which has no CD-ROM (use DiskIDE or DiskSCSI)"},
+		{Disk{ID: "d", File: "/x", Interface: "sata"}, `Interface is "sata", not DiskVirtio, DiskIDE or DiskSCSI`},
+		{Disk{ID: "d", File: "/x\n"}, "a field contains a newline or NUL"},
 	} {
 		if c.dev.Valid() {
 			t.Errorf("%+v: valid", c.dev)

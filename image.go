@@ -48,7 +48,8 @@ const (
 // second as its time; ConfigDriveSeed.ISO gives the same image to write
 // with a ModTime of the caller's choice, for the same bytes every time.
 //
-// A typical use attaches the result to a VM as a read-only disk:
+// A typical use attaches the result to a VM as a CD-ROM (or a read-only
+// disk) with a Disk, which escapes the path:
 //
 //	meta := []byte(`{"uuid": "4f7d0c52-1c2e-4b8a-9d53-0e6f2a7b9c10", "hostname": "vm-1"}`)
 //	user := []byte("#cloud-config\nssh_authorized_keys:\n  - ssh-ed25519 AAAA... admin\n")
@@ -56,9 +57,7 @@ const (
 //	if err := qemu.CreateCloudInitISO(ctx, os.TempDir(), iso, user, meta); err != nil {
 //		return err
 //	}
-//	params = append(params, "-drive", "file="+iso+",if=virtio,format=raw,readonly=on")
-//
-// (A path with a comma must have it doubled inside -drive.)
+//	config.Devices = append(config.Devices, qemu.Disk{ID: "seed", File: iso, Interface: qemu.DiskIDE, CDROM: true})
 func CreateCloudInitISO(ctx context.Context, scratchDir, isoPath string, userData, metaData []byte) error {
 	if err := checkISOPaths(scratchDir, isoPath); err != nil {
 		return err
@@ -149,7 +148,7 @@ func (s NoCloudSeed) ISO() (*ISOImage, error) {
 // an existing isoPath untouched. If ctx ends first, the error wraps
 // ctx.Err().
 //
-// Attach the result to the VM as a read-only disk or CD-ROM:
+// Attach the result to the VM as a CD-ROM or a read-only disk with a Disk:
 //
 //	seed := qemu.NoCloudSeed{
 //		MetaData: []byte("instance-id: vm-1\nlocal-hostname: vm-1\n"),
@@ -158,7 +157,7 @@ func (s NoCloudSeed) ISO() (*ISOImage, error) {
 //	if err := qemu.CreateNoCloudISO(ctx, "/var/lib/vms/vm-1-cidata.iso", seed); err != nil {
 //		return err
 //	}
-//	params = append(params, "-drive", "file=/var/lib/vms/vm-1-cidata.iso,if=virtio,format=raw,readonly=on")
+//	config.Devices = append(config.Devices, qemu.Disk{ID: "cidata", File: "/var/lib/vms/vm-1-cidata.iso", ReadOnly: true})
 func CreateNoCloudISO(ctx context.Context, isoPath string, seed NoCloudSeed) error {
 	if isoPath == "" {
 		return errors.New("qemu: nocloud iso: output path not given")

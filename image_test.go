@@ -408,14 +408,12 @@ func TestCloudInitISOInGuest(t *testing.T) {
 		if err := d.make(p); err != nil {
 			t.Fatal(err)
 		}
+		disk := Disk{ID: d.name, File: p, ReadOnly: true}
 		if d.cdrom {
-			id := fmt.Sprintf("cd%d", cds)
-			extra = append(extra, "-drive", "file="+qemuOptionValue(p)+",if=none,id="+id+",format=raw,readonly=on,media=cdrom",
-				"-device", fmt.Sprintf("ide-cd,drive=%s,bus=ide.%d", id, cds))
+			disk = Disk{ID: d.name, File: p, Interface: DiskIDE, CDROM: true, Bus: fmt.Sprintf("ide.%d", cds)}
 			cds++
-		} else {
-			extra = append(extra, "-drive", "file="+qemuOptionValue(p)+",if=virtio,format=raw,readonly=on")
 		}
+		extra = append(extra, disk.QemuParams(nil)...)
 	}
 	inst := startGuest(t, "", InstanceOptions{}, extra...)
 	wctx := ctxTimeout(t, 3*time.Minute)
@@ -506,10 +504,6 @@ func listingSummary(seen map[string]*guestListing) string {
 	return strings.Join(lines, "\n")
 }
 
-// qemuOptionValue doubles commas so a path can go inside a QEMU option list.
-func qemuOptionValue(s string) string {
-	return strings.ReplaceAll(s, ",", ",,")
-}
 
 // checkTree fails the test unless dir holds exactly the entries want
 // (slash-separated paths relative to dir, in any order).

@@ -560,7 +560,7 @@ func TestQemuImgInGuest(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	inst := startGuestInstance(t, "", InstanceOptions{}, "-drive", "file="+qemuOptionValue(overlay)+",if=virtio,format=qcow2")
+	inst := startGuestInstance(t, "", InstanceOptions{}, Disk{ID: "overlay", File: overlay, Format: QCOW2}.QemuParams(nil)...)
 	const offset, text = 1 << 20, "written by the guest through the overlay"
 	if ans := guestAsk(t, inst, "printf '"+text+"' | dd of=/dev/vda bs=512 seek="+strconv.Itoa(offset/512)+" conv=fsync 2>/dev/null; echo ans=$?"); ans != "0" {
 		t.Fatalf("dd in the guest: %s", ans)
