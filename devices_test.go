@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -254,4 +255,73 @@ func roundTripTCP(t *testing.T, addr, msg string) string {
 		time.Sleep(100 * time.Millisecond)
 	}
 	return string(buf[:n])
+}
+
+// StartInstance runs QEMU headless unless the Config asks for a display;
+// LaunchQemu renders the Config as the seed package did.
+func TestStartInstanceHeadless(t *testing.T) {
+	path, dir := standIn(t, "qemu", recordArgs+qmpStandIn+`
+qmp_greet
+qmp_serve`)
+	for _, tc := range []struct {
+		config   Config
+		headless bool
+	}{
+		{Config{}, true},
+		{Config{Knobs: Knobs{NoGraphic: true}}, false},
+		{Config{ExtraParams: []string{"-vnc", "unix:/run/vm.vnc"}}, false},
+		{Config{ExtraParams: []string{"--display", "gtk"}}, false},
+		{Config{VGA: "std"}, true},
+	} {
+		tc.config.Path = path
+		inst, err := StartInstance(ctxTimeout(t, 10*time.Second), tc.config, InstanceOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		inst.Close()
+		args := strings.Join(readArgs(t, dir), " ")
+		if got := strings.Contains(args, "-display none"); got != tc.headless {
+			t.Errorf("%+v: argv %q; -display none %v, want %v", tc.config, args, got, tc.headless)
+		}
+	}
+	lpath, ldir := standIn(t, "qemu", recordArgs)
+	if _, err := LaunchQemu(Config{Path: lpath, Name: "vm"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if args := strings.Join(readArgs(t, ldir), " "); args != "-name vm" {
+		t.Errorf("LaunchQemu argv %q, want the seed's rendering", args)
+	}
+}
+
+// A real QEMU started from a Config with no display option opens no VNC
+// server (7.2 opens one on 127.0.0.1:5900 without -display none).
+func TestStartInstanceRealQEMUHeadless(t *testing.T) {
+	bin, firmware := requireQEMU(t)
+	inst, err := StartInstance(ctxTimeout(t, 30*time.Second), Config{Path: bin, Machine: Machine{Type: "q35"},
+		Knobs: Knobs{NoDefaults: true, Paused: true}, VGA: "std", FirmwareDirs: firmwareDirsOf(firmware)}, InstanceOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Close()
+	var vnc struct {
+		Enabled bool `json:"enabled"`
+	}
+	if err := inst.QMP().ExecuteCommand(ctxTimeout(t, 10*time.Second), "query-vnc", nil, &vnc); err != nil {
+		var qerr *QMPError
+		if !errors.As(err, &qerr) || qerr.Class != "CommandNotFound" { // a QEMU built without VNC
+			t.Fatal(err)
+		}
+	}
+	if vnc.Enabled {
+		t.Error("QEMU serves VNC")
+	}
+}
+
+// firmwareDirsOf turns -L DIR arguments into Config.FirmwareDirs.
+func firmwareDirsOf(args []string) []string {
+	var dirs []string
+	for i := 1; i < len(args); i += 2 {
+		dirs = append(dirs, args[i])
+	}
+	return dirs
 }

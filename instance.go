@@ -162,6 +162,13 @@ type Instance struct {
 // negotiated (qmp_capabilities has been sent). QEMU is not daemonized:
 // config.Knobs.Daemonize is an error, and config.Ctx is not used.
 //
+// The VM is headless unless config asks for a display (Knobs.NoGraphic,
+// or -display, -vnc, -spice, -sdl or -curses in ExtraParams):
+// StartInstance adds -display none, since QEMU with no display option
+// opens one of its own, an unauthenticated VNC server on 127.0.0.1:5900
+// where there is no window system. LaunchQemu renders the Config as the
+// seed package did, without it.
+//
 // Unlike LaunchQemu, which leaves an invalid device out with a warning,
 // StartInstance refuses a Config with any invalid part, before QEMU
 // starts, with an error that names each one ("Devices[1] (BlockDevice):
@@ -187,8 +194,31 @@ func StartInstance(ctx context.Context, config Config, opts InstanceOptions) (*I
 		return nil, abandonEvents(opts, fmt.Errorf("qemu: start: invalid Config: %s", strings.Join(problems, "; ")))
 	}
 	params, fds := renderConfig(config, opts.Logger)
+	if !asksForDisplay(&config) {
+		params = append(params, "-display", "none")
+	}
 	opts.Env = append(config.Env[:len(config.Env):len(config.Env)], opts.Env...)
 	return StartCustomInstance(ctx, config.Path, params, fds, opts)
+}
+
+// asksForDisplay reports whether config chooses a display: Knobs.NoGraphic,
+// or one of QEMU's display options in ExtraParams.
+func asksForDisplay(config *Config) bool {
+	if config.Knobs.NoGraphic {
+		return true
+	}
+	for _, p := range config.ExtraParams {
+		name, isOption := strings.CutPrefix(p, "-")
+		if !isOption {
+			continue
+		}
+		// QEMU takes an option with one dash or two.
+		switch strings.TrimPrefix(name, "-") {
+		case "display", "nographic", "vnc", "spice", "sdl", "curses":
+			return true
+		}
+	}
+	return false
 }
 
 // StartCustomInstance starts the QEMU binary at path (qemu-system-x86_64

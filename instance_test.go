@@ -1074,3 +1074,32 @@ qmp_serve`)
 	}
 	checkReaped(t, inst.Pid())
 }
+
+// One Stop can choose its own bounds: skip the power button of a guest
+// that ignores it, or wait for it less than the Instance's bound, and the
+// report says what ran.
+func TestInstanceStopWithOptions(t *testing.T) {
+	path, _ := standIn(t, "qemu", qmpStandIn+`
+qmp_greet
+qmp_serve`)
+	for _, tc := range []struct {
+		opts  StopOptions
+		steps string
+	}{
+		{StopOptions{NoPowerdown: true}, "quit"},
+		{StopOptions{PowerdownTimeout: 100 * time.Millisecond}, "powerdown quit"},
+	} {
+		inst := startStandIn(t, path, InstanceOptions{Env: []string{"POWERBUTTON=ignore"}})
+		r, err := inst.StopWithOptions(ctxTimeout(t, 20*time.Second), tc.opts)
+		var steps []string
+		for _, a := range r.Steps {
+			steps = append(steps, a.Step.String())
+		}
+		if err != nil || r.Step != StopQuit || strings.Join(steps, " ") != tc.steps {
+			t.Errorf("%+v: %v, %v; want steps %s", tc.opts, r, err, tc.steps)
+		}
+		if tc.opts.PowerdownTimeout != 0 && (len(r.Steps) == 0 || !strings.Contains(r.Steps[0].Outcome, "within 100ms")) {
+			t.Errorf("%+v: the powerdown step %+v, want its own bound", tc.opts, r.Steps)
+		}
+	}
+}

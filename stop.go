@@ -115,19 +115,52 @@ func (inst *Instance) Stop(ctx context.Context) (StopStep, error) {
 
 // StopWithReport is Stop, returning the report of the steps that ran.
 func (inst *Instance) StopWithReport(ctx context.Context) (StopReport, error) {
-	var r StopReport
+	return inst.StopWithOptions(ctx, StopOptions{})
+}
+
+// StopOptions bound the steps of one Stop, for a caller that knows more
+// than when the Instance started: that the guest is still booting and
+// will ignore the power button (NoPowerdown), or that it needs longer to
+// shut down this time. A zero field means the InstanceOptions' value (and
+// its default).
+type StopOptions struct {
+	// NoPowerdown makes this Stop start at quit.
+	NoPowerdown bool
+
+	PowerdownTimeout time.Duration
+	QuitTimeout      time.Duration
+	TermTimeout      time.Duration
+}
+
+// StopWithOptions is StopWithReport with the steps bounded by opts.
+func (inst *Instance) StopWithOptions(ctx context.Context, opts StopOptions) (StopReport, error) {
+	s := &stopRun{inst: inst, opts: StopOptions{
+		NoPowerdown:      opts.NoPowerdown || inst.opts.NoPowerdown,
+		PowerdownTimeout: orDefault(opts.PowerdownTimeout, orDefault(inst.opts.PowerdownTimeout, DefaultPowerdownTimeout)),
+		QuitTimeout:      orDefault(opts.QuitTimeout, orDefault(inst.opts.QuitTimeout, DefaultQuitTimeout)),
+		TermTimeout:      orDefault(opts.TermTimeout, orDefault(inst.opts.TermTimeout, DefaultTermTimeout)),
+	}}
 	var err error
-	r.Step, err = inst.stop(orBackground(ctx), &r)
+	s.r.Step, err = s.stop(orBackground(ctx))
 	if inst.hasExited() {
 		// What QEMU wrote last is read soon after its exit (stderrGrace
 		// at most), so that Wait after Stop returns at once.
 		<-inst.drained
 	}
-	inst.log.Infof("qemu: stop pid %d: %v", inst.Pid(), r)
-	return r, err
+	inst.log.Infof("qemu: stop pid %d: %v", inst.Pid(), s.r)
+	return s.r, err
 }
 
-func (inst *Instance) stop(ctx context.Context, r *StopReport) (StopStep, error) {
+// stopRun is one Stop: the Instance, the bounds of its steps (every field
+// set), and the report of the steps that ran.
+type stopRun struct {
+	inst *Instance
+	opts StopOptions
+	r    StopReport
+}
+
+func (s *stopRun) stop(ctx context.Context) (StopStep, error) {
+	inst := s.inst
 	// The state first: on a QEMU that has exited, a done ctx must not
 	// turn the answer into a SIGKILL.
 	if inst.hasExited() {
@@ -137,18 +170,18 @@ func (inst *Instance) stop(ctx context.Context, r *StopReport) (StopStep, error)
 	case inst.stopTurn <- struct{}{}:
 		defer func() { <-inst.stopTurn }()
 	case <-ctx.Done():
-		return inst.killStep(ctx, r)
+		return s.killStep(ctx)
 	}
 	if inst.hasExited() {
 		return StopExited, nil
 	}
 	step := StopKill
 	if ctx.Err() == nil {
-		step = inst.runLadder(ctx, r)
+		step = s.ladder(ctx)
 	}
 	switch {
 	case step == StopKill || !inst.hasExited():
-		return inst.killStep(ctx, r)
+		return s.killStep(ctx)
 	case inst.killed.Load():
 		// Close killed QEMU while a step was waiting.
 		return StopKill, nil
@@ -156,17 +189,18 @@ func (inst *Instance) stop(ctx context.Context, r *StopReport) (StopStep, error)
 	return step, nil
 }
 
-// runLadder runs Stop's graceful steps and returns the one that ended
-// QEMU, or StopKill when none did.
-func (inst *Instance) runLadder(ctx context.Context, r *StopReport) StopStep {
-	if inst.leavingByItself(ctx) {
+// ladder runs Stop's graceful steps and returns the one that ended QEMU,
+// or StopKill when none did.
+func (s *stopRun) ladder(ctx context.Context) StopStep {
+	inst := s.inst
+	if s.leavingByItself(ctx) {
 		return StopExited
 	}
 	if !isClosed(inst.qmp.Done()) && !inst.exiting.Load() {
 		guestDown := false
-		if !inst.opts.NoPowerdown && inst.guestRunning(ctx) {
+		if !s.opts.NoPowerdown && s.guestRunning(ctx) {
 			var exited bool
-			exited, guestDown = inst.powerdown(ctx, r)
+			exited, guestDown = s.powerdown(ctx)
 			switch {
 			case exited && guestDown:
 				return StopPowerdown
@@ -178,10 +212,10 @@ func (inst *Instance) runLadder(ctx context.Context, r *StopReport) StopStep {
 		// sent quit by powerdown already.
 		if !guestDown && ctx.Err() == nil {
 			// A SHUTDOWN may have come since the powerdown's wait.
-			if inst.leavingByItself(ctx) {
+			if s.leavingByItself(ctx) {
 				return StopExited
 			}
-			if !inst.exiting.Load() && inst.quit(ctx, r) {
+			if !inst.exiting.Load() && s.quit(ctx) {
 				return StopQuit
 			}
 		}
@@ -190,7 +224,7 @@ func (inst *Instance) runLadder(ctx context.Context, r *StopReport) StopStep {
 		return StopExited
 	}
 	if ctx.Err() == nil {
-		return inst.terminate(ctx, r)
+		return s.terminate(ctx)
 	}
 	return StopKill
 }
@@ -226,11 +260,12 @@ func orDefault(d, def time.Duration) time.Duration {
 // guest that is not running (paused, started with -S, suspended, or shut
 // down under -no-shutdown) cannot act on the power button; waiting for it
 // would only spend the timeout.
-func (inst *Instance) guestRunning(ctx context.Context) bool {
+func (s *stopRun) guestRunning(ctx context.Context) bool {
+	inst := s.inst
 	var status struct {
 		Running *bool `json:"running"`
 	}
-	qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+	qctx, cancel := context.WithTimeout(ctx, s.opts.QuitTimeout)
 	defer cancel()
 	if err := inst.qmp.ExecuteCommand(qctx, "query-status", nil, &status); err != nil || status.Running == nil {
 		return true
@@ -243,9 +278,10 @@ func (inst *Instance) guestRunning(ctx context.Context) bool {
 
 // powerdown is Stop's first step. It reports whether QEMU has exited and
 // whether the guest shut down.
-func (inst *Instance) powerdown(ctx context.Context, r *StopReport) (exited, guestDown bool) {
+func (s *stopRun) powerdown(ctx context.Context) (exited, guestDown bool) {
+	inst, r := s.inst, &s.r
 	start := time.Now()
-	pctx, cancel := withTimeout(ctx, inst.opts.PowerdownTimeout, DefaultPowerdownTimeout)
+	pctx, cancel := context.WithTimeout(ctx, s.opts.PowerdownTimeout)
 	defer cancel()
 	if inst.exiting.Load() {
 		// A SHUTDOWN came with query-status's reply: the ladder waits.
@@ -256,7 +292,7 @@ func (inst *Instance) powerdown(ctx context.Context, r *StopReport) (exited, gue
 	// or when pctx ends.
 	err := inst.qmp.ExecuteSystemPowerdown(pctx)
 	if err == nil {
-		inst.leaveAfterShutdown(ctx)
+		s.leaveAfterShutdown(ctx)
 		r.record(StopPowerdown, start, "the guest shut down")
 		return inst.hasExited(), true
 	}
@@ -268,7 +304,7 @@ func (inst *Instance) powerdown(ctx context.Context, r *StopReport) (exited, gue
 		return exited, false
 	}
 	if pctx.Err() != nil && ctx.Err() == nil {
-		r.record(StopPowerdown, start, fmt.Sprintf("no SHUTDOWN within %v", orDefault(inst.opts.PowerdownTimeout, DefaultPowerdownTimeout)))
+		r.record(StopPowerdown, start, fmt.Sprintf("no SHUTDOWN within %v", s.opts.PowerdownTimeout))
 	} else {
 		r.record(StopPowerdown, start, err.Error())
 	}
@@ -295,13 +331,14 @@ func (inst *Instance) watchShutdown(q *QMP) {
 // leaveAfterShutdown): it waits up to QuitTimeout for the exit, or for a
 // STOP that says QEMU stays (-no-shutdown), and returns false then, as it
 // does at once when there was no such SHUTDOWN.
-func (inst *Instance) leavingByItself(ctx context.Context) bool {
+func (s *stopRun) leavingByItself(ctx context.Context) bool {
+	inst := s.inst
 	stops := inst.qmp.Subscribe(EventFilter{Names: []string{"STOP"}})
 	defer stops.Close()
 	if !inst.exiting.Load() {
 		return false
 	}
-	qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+	qctx, cancel := context.WithTimeout(ctx, s.opts.QuitTimeout)
 	defer cancel()
 	// Receive ends with an error when QEMU exits, since the session ends.
 	if _, err := stops.Receive(qctx); err == nil {
@@ -317,20 +354,22 @@ func (inst *Instance) leavingByItself(ctx context.Context) bool {
 // that reaches a QEMU already exiting can crash it: QEMU 10.0.2 segfaulted
 // (a NULL coroutine in aio_co_wake, from the monitor) when quit came
 // during its cleanup after SHUTDOWN.
-func (inst *Instance) leaveAfterShutdown(ctx context.Context) {
-	if inst.leavingByItself(ctx) || inst.exiting.Load() || inst.hasExited() {
+func (s *stopRun) leaveAfterShutdown(ctx context.Context) {
+	inst := s.inst
+	if s.leavingByItself(ctx) || inst.exiting.Load() || inst.hasExited() {
 		return
 	}
-	qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+	qctx, cancel := context.WithTimeout(ctx, s.opts.QuitTimeout)
 	defer cancel()
 	inst.qmp.ExecuteQuit(qctx)
 	inst.waitExited(qctx)
 }
 
 // quit is Stop's second step.
-func (inst *Instance) quit(ctx context.Context, r *StopReport) bool {
+func (s *stopRun) quit(ctx context.Context) bool {
+	inst, r := s.inst, &s.r
 	start := time.Now()
-	qctx, cancel := withTimeout(ctx, inst.opts.QuitTimeout, DefaultQuitTimeout)
+	qctx, cancel := context.WithTimeout(ctx, s.opts.QuitTimeout)
 	defer cancel()
 	if err := inst.qmp.ExecuteQuit(qctx); err != nil {
 		inst.log.Infof("qemu: stop pid %d: %v", inst.Pid(), err)
@@ -348,14 +387,15 @@ func (inst *Instance) quit(ctx context.Context, r *StopReport) bool {
 // terminate is Stop's third step. It returns StopTerm when QEMU exited
 // after SIGTERM, StopExited when it had exited before, and StopKill when
 // it is still running.
-func (inst *Instance) terminate(ctx context.Context, r *StopReport) StopStep {
+func (s *stopRun) terminate(ctx context.Context) StopStep {
+	inst, r := s.inst, &s.r
 	start := time.Now()
 	inst.log.Warningf("qemu: stop pid %d: sending SIGTERM", inst.Pid())
 	if !inst.signalGroup(syscall.SIGTERM) {
 		return StopExited
 	}
 	inst.signalGroup(syscall.SIGCONT)
-	tctx, cancel := withTimeout(ctx, inst.opts.TermTimeout, DefaultTermTimeout)
+	tctx, cancel := context.WithTimeout(ctx, s.opts.TermTimeout)
 	defer cancel()
 	if inst.waitExited(tctx) {
 		r.record(StopTerm, start, "QEMU exited")
@@ -396,7 +436,8 @@ func (inst *Instance) signalGroup(sig syscall.Signal) bool {
 
 // killStep is kill as Stop's last step: StopExited when QEMU had exited
 // by itself before any SIGKILL, StopKill otherwise.
-func (inst *Instance) killStep(ctx context.Context, r *StopReport) (StopStep, error) {
+func (s *stopRun) killStep(ctx context.Context) (StopStep, error) {
+	inst, r := s.inst, &s.r
 	start := time.Now()
 	sent, err := inst.kill(ctx)
 	if !sent && err == nil && !inst.killed.Load() {
