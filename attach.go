@@ -3,13 +3,11 @@ package qemu
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"strconv"
 	"strings"
 	"syscall"
-	"unsafe"
 )
 
 // AttachInstance returns a handle on a QEMU that this process did not
@@ -76,49 +74,4 @@ func attachProcess(pidFile, qmpSocket string, opts InstanceOptions) (*Instance, 
 	inst := newInstance(args, opts)
 	inst.pid, inst.pidfd = pid, pidfd
 	return inst, nil
-}
-
-// watchExit is an attached Instance's reap: it waits until the pidfd says
-// QEMU has exited.
-func (inst *Instance) watchExit() {
-	pfd := struct {
-		fd      int32
-		events  int16
-		revents int16
-	}{fd: int32(inst.pidfd), events: 0x1} // POLLIN: the process has exited
-	for {
-		_, _, e := syscall.Syscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&pfd)), 1, 0, 0, 0, 0)
-		if e != syscall.EINTR {
-			break
-		}
-	}
-	inst.sigMu.Lock()
-	syscall.Close(inst.pidfd)
-	inst.pidfd = -1
-	close(inst.exited)
-	inst.sigMu.Unlock()
-	inst.log.Infof("qemu: attached pid %d ended", inst.pid)
-	close(inst.drained)
-}
-
-func pidfdOpen(pid int) (int, error) {
-	const sysPidfdOpen = 434 // the same number on every Linux architecture
-	fd, _, e := syscall.Syscall(sysPidfdOpen, uintptr(pid), 0, 0)
-	if e != 0 {
-		return -1, os.NewSyscallError("pidfd_open", e)
-	}
-	syscall.CloseOnExec(int(fd))
-	return int(fd), nil
-}
-
-// signalPidfd sends sig to the process pidfd names.
-func signalPidfd(pidfd int, sig syscall.Signal) error {
-	const sysPidfdSendSignal = 424 // the same number on every Linux architecture
-	if pidfd < 0 {
-		return errors.New("no pidfd")
-	}
-	if _, _, e := syscall.Syscall6(sysPidfdSendSignal, uintptr(pidfd), uintptr(sig), 0, 0, 0, 0); e != 0 {
-		return os.NewSyscallError("pidfd_send_signal", e)
-	}
-	return nil
 }

@@ -7,8 +7,63 @@ import (
 	"strings"
 )
 
-// Typed block commands: a node graph built with blockdev-add, format layer
-// over protocol layer, and the queries that read it back.
+// Typed block commands: the seed package's blockdev-add and
+// x-blockdev-del, a node graph built with blockdev-add, format layer over
+// protocol layer, and the queries that read it back.
+
+// ExecuteBlockdevAdd sends a blockdev-add to the QEMU instance. device is the
+// path of the device to add, e.g., /dev/rdb0, and blockdevID is an identifier
+// used to name the device. As this identifier will be passed directly to QMP,
+// it must obey QMP's naming rules, e,g., it must start with a letter.
+//
+// The argument form follows the QEMU version from the greeting: up to 2.7
+// the "options" wrapper with "id", from 2.8 the flat form with "node-name".
+// The file driver is "host_device" when device is a block or character
+// device, "file" otherwise.
+func (q *QMP) ExecuteBlockdevAdd(ctx context.Context, device, blockdevID string) error {
+	file := blockdevFile{Driver: fileDriver(device), Filename: device}
+	var args interface{}
+	if q.version.atLeast(2, 8) {
+		args = blockdevOptions{Driver: "raw", NodeName: blockdevID, File: file}
+	} else {
+		args = struct {
+			Options blockdevOptions `json:"options"`
+		}{blockdevOptions{Driver: "raw", ID: blockdevID, File: file}}
+	}
+	return q.run(ctx, "blockdev-add", blockdevID, args, nil)
+}
+
+type blockdevFile struct {
+	Driver   string `json:"driver"`
+	Filename string `json:"filename"`
+}
+
+type blockdevOptions struct {
+	Driver   string       `json:"driver"`
+	ID       string       `json:"id,omitempty"`
+	NodeName string       `json:"node-name,omitempty"`
+	File     blockdevFile `json:"file"`
+}
+
+// ExecuteXBlockdevDel deletes a block device by sending a x-blockdev-del
+// command. blockdevID is the id of the block device to be deleted.
+// Typically, this will match the id passed to ExecuteBlockdevAdd. It must be
+// a valid QMP id.
+//
+// The command follows the QEMU version from the greeting: x-blockdev-del
+// with "id" up to 2.7, with "node-name" on 2.8, and blockdev-del with
+// "node-name" from 2.9, where the command lost its x- prefix.
+func (q *QMP) ExecuteXBlockdevDel(ctx context.Context, blockdevID string) error {
+	switch {
+	case q.version.atLeast(2, 9):
+		return q.run(ctx, "blockdev-del", blockdevID, nodeNameArgs{blockdevID}, nil)
+	case q.version.atLeast(2, 8):
+		return q.run(ctx, "x-blockdev-del", blockdevID, nodeNameArgs{blockdevID}, nil)
+	default:
+		args := idArgs{blockdevID}
+		return q.run(ctx, "x-blockdev-del", blockdevID, args, nil)
+	}
+}
 
 // BlockdevNode is a node for blockdev-add: a format (raw, qcow2) over a
 // protocol layer, which is either a file named here (File) or a node added

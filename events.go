@@ -1,25 +1,41 @@
 package qemu
 
+// Events: the router that hands each event QEMU sends to the subscriptions
+// whose filter selects it, each with a queue of its own.
+
 import (
 	"context"
 	"errors"
-	"fmt"
 	"maps"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 )
+
+// QMPEvent contains a single QMP event, sent on the QMPConfig.EventCh channel.
+type QMPEvent struct {
+	// The name of the event, e.g., DEVICE_DELETED
+	Name string
+
+	// The data associated with the event. The contents of this map are
+	// unprocessed by the qemu package. It is simply the result of
+	// unmarshalling the QMP json event. Here's an example map
+	// map[string]interface{}{
+	//	"driver": "virtio-blk-pci",
+	//	"drive":  "drive_3437843748734873483",
+	// }
+	Data map[string]interface{}
+
+	// The event's timestamp converted to a time.Time object.
+	Timestamp time.Time
+}
 
 // ErrSubscriptionClosed is what Subscription.Receive returns once the
 // subscription has been closed.
 var ErrSubscriptionClosed = errors.New("qmp: subscription closed")
-
-// ErrUnplugRefused is wrapped by the error of an unplug that the guest
-// refused: QEMU sent DEVICE_UNPLUG_GUEST_ERROR for the device (QEMU 6.2
-// and later do).
-var ErrUnplugRefused = errors.New("the guest refused the unplug")
 
 // EventFilter selects the events a Subscription receives. An event is
 // selected when it passes every part that is set; the zero EventFilter
@@ -94,24 +110,6 @@ func valueIs(v interface{}, want string) bool {
 	return false
 }
 
-// JobStatusFilter selects the JOB_STATUS_CHANGE events of job id, those
-// reaching one of statuses ("concluded", say), or every status change of
-// the job when none is given.
-func JobStatusFilter(id string, statuses ...string) EventFilter {
-	return EventFilter{
-		Names: []string{"JOB_STATUS_CHANGE"},
-		Data:  map[string]string{"id": id},
-		Match: statusIn(statuses),
-	}
-}
-
-// MigrationFilter selects the MIGRATION events that report one of
-// statuses ("completed", "failed", "cancelled", say), or every MIGRATION
-// event when none is given.
-func MigrationFilter(statuses ...string) EventFilter {
-	return EventFilter{Names: []string{"MIGRATION"}, Match: statusIn(statuses)}
-}
-
 // statusIn returns a Match for events whose data.status is one of
 // statuses, or nil for none.
 func statusIn(statuses []string) func(QMPEvent) bool {
@@ -122,17 +120,6 @@ func statusIn(statuses []string) func(QMPEvent) bool {
 	return func(ev QMPEvent) bool {
 		s, _ := ev.Data["status"].(string)
 		return slices.Contains(statuses, s)
-	}
-}
-
-// DeviceUnplugFilter selects the events that end the unplug of device id:
-// its DEVICE_DELETED, or the DEVICE_UNPLUG_GUEST_ERROR of a guest that
-// refused. Both name the device in data.device; the DEVICE_DELETED events
-// of a device's parts, which carry only a path, are not selected.
-func DeviceUnplugFilter(id string) EventFilter {
-	return EventFilter{
-		Names: []string{"DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"},
-		Data:  map[string]string{"device": id},
 	}
 }
 
@@ -356,46 +343,4 @@ func (q *eventQueue) pop(published uint64) (QMPEvent, bool) {
 		}
 	}
 	return ev, true
-}
-
-// Subscribe returns a subscription to the session's events that filter
-// selects. Every event QEMU sends after Subscribe has returned is offered
-// to it, so subscribing before sending a command never misses the events
-// the command causes, even those QEMU sends before its reply. Close the
-// subscription when done with it; until then it holds what it queues.
-func (q *QMP) Subscribe(filter EventFilter) *Subscription {
-	return q.router.subscribe(filter)
-}
-
-// ExecuteCommandAndWait runs a command as ExecuteCommand does and then
-// waits for the first event that filter selects, which it returns. It
-// subscribes before the command is sent, so the event may come before the
-// reply or after it. If QEMU closes the connection after the command was
-// sent, an event that came before that still completes the command. ctx
-// bounds the command and the wait.
-//
-// For the usual waits: JobStatusFilter for a job reaching "concluded",
-// MigrationFilter for a migration ending, DeviceUnplugFilter for an unplug.
-func (q *QMP) ExecuteCommandAndWait(ctx context.Context, name string, args, result interface{}, filter EventFilter) (QMPEvent, error) {
-	return q.runAndWait(ctx, name, "", args, result, filter)
-}
-
-// runAndWait runs a command that completes only when an event has come too.
-func (q *QMP) runAndWait(ctx context.Context, name, about string, args, result interface{}, filter EventFilter) (QMPEvent, error) {
-	sub := q.Subscribe(filter)
-	defer sub.Close()
-	err := q.execute(ctx, name, args, result)
-	if err != nil && !lostToPeer(err) {
-		return QMPEvent{}, commandError(name, about, err)
-	}
-	// After a lost reply the session has ended, so Receive returns at
-	// once: with the event if it came before the end.
-	ev, rerr := sub.Receive(ctx)
-	switch {
-	case rerr == nil:
-		return ev, nil
-	case err != nil:
-		return QMPEvent{}, commandError(name, about, err)
-	}
-	return QMPEvent{}, commandError(name, about, fmt.Errorf("waiting for %s: %w", filter.label(), rerr))
 }

@@ -3,7 +3,6 @@ package qemu
 import (
 	"context"
 	"errors"
-	"fmt"
 	"os"
 	"strconv"
 )
@@ -104,42 +103,4 @@ func (q *QMP) runWithFile(ctx context.Context, name, about string, args, result 
 		return commandError(name, about, err)
 	}
 	return nil
-}
-
-// FDSetFile puts an open file into an fd set on QEMU's command line, for
-// a VM that boots from a disk it cannot open by path:
-//
-//	-add-fd fd=N,set=SET,opaque=OPAQUE
-//
-// where N is the number QEMU inherits the file as (from 3, in the order
-// devices register files). A BlockDevice then names it as /dev/fdset/SET.
-type FDSetFile struct {
-	// Set is the fd set's id.
-	Set int
-	// File is the open file; the caller keeps it open until QEMU has
-	// started.
-	File *os.File
-	// Opaque is a free-form string, optional.
-	Opaque string
-}
-
-// Valid reports whether the file can be passed: File is set and Set is
-// not negative.
-func (f FDSetFile) Valid() bool { return f.problem() == "" }
-
-func (f FDSetFile) problem() string {
-	if f.Set < 0 {
-		return fmt.Sprintf("Set is %d", f.Set)
-	}
-	return firstProblem(when(f.File == nil, "File is nil"), cleanFields(f.Opaque))
-}
-
-// QemuParams registers the file with config and returns the -add-fd
-// argument; it returns nil without a config, which numbers the files.
-func (f FDSetFile) QemuParams(config *Config) []string {
-	if config == nil || !f.Valid() {
-		return nil
-	}
-	fd := config.appendFDs([]*os.File{f.File})
-	return []string{"-add-fd", options("", "fd", fd, "set", strconv.Itoa(f.Set), "opaque", f.Opaque)}
 }

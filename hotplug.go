@@ -5,9 +5,60 @@ import (
 	"errors"
 )
 
-// Typed device and network commands for hot-plug: device_add with any
-// properties, query-pci, netdev_add of user and tap backends, set_link and
-// query-rx-filter.
+// Typed device, network and character device commands for hot-plug:
+// device_add (the seed package's and with any properties) and device_del,
+// query-pci, netdev_add of user and tap backends, set_link,
+// query-rx-filter, and chardev-add and chardev-remove.
+
+// ExecuteDeviceAdd adds the guest portion of a device to a QEMU instance
+// using the device_add command. blockdevID should match the blockdevID
+// passed to a previous call to ExecuteBlockdevAdd. devID is the id of the
+// device to add. Both strings must be valid QMP identifiers. driver is the
+// name of the driver,e.g., virtio-blk-pci, and bus is the name of the bus.
+// bus is optional.
+func (q *QMP) ExecuteDeviceAdd(ctx context.Context, blockdevID, devID, driver, bus string) error {
+	args := struct {
+		ID     string `json:"id"`
+		Driver string `json:"driver"`
+		Drive  string `json:"drive"`
+		Bus    string `json:"bus,omitempty"`
+	}{devID, driver, blockdevID, bus}
+	return q.run(ctx, "device_add", devID, args, nil)
+}
+
+// ExecuteDeviceDel deletes guest portion of a QEMU device by sending a
+// device_del command. devID is the identifier of the device to delete.
+// Typically it would match the devID parameter passed to an earlier call to
+// ExecuteDeviceAdd. It must be a valid QMP identifier.
+//
+// This method blocks until the reply and a DEVICE_DELETED event whose
+// data.device is devID have been received, in either order. When the guest
+// refuses the unplug (QEMU sends DEVICE_UNPLUG_GUEST_ERROR for the device),
+// it fails at once with an error that wraps ErrUnplugRefused.
+func (q *QMP) ExecuteDeviceDel(ctx context.Context, devID string) error {
+	args := idArgs{devID}
+	ev, err := q.runAndWait(ctx, "device_del", devID, args, nil, DeviceUnplugFilter(devID))
+	if err == nil && ev.Name == "DEVICE_UNPLUG_GUEST_ERROR" {
+		err = commandError("device_del", devID, ErrUnplugRefused)
+	}
+	return err
+}
+
+// ErrUnplugRefused is wrapped by the error of an unplug that the guest
+// refused: QEMU sent DEVICE_UNPLUG_GUEST_ERROR for the device (QEMU 6.2
+// and later do).
+var ErrUnplugRefused = errors.New("the guest refused the unplug")
+
+// DeviceUnplugFilter selects the events that end the unplug of device id:
+// its DEVICE_DELETED, or the DEVICE_UNPLUG_GUEST_ERROR of a guest that
+// refused. Both name the device in data.device; the DEVICE_DELETED events
+// of a device's parts, which carry only a path, are not selected.
+func DeviceUnplugFilter(id string) EventFilter {
+	return EventFilter{
+		Names: []string{"DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"},
+		Data:  map[string]string{"device": id},
+	}
+}
 
 // DeviceSpec is device_add's arguments: the driver, its id, where it plugs
 // in, and any further properties, with the JSON types the device's
@@ -172,4 +223,34 @@ func (q *QMP) ExecuteQueryRxFilter(ctx context.Context, name string) ([]RxFilter
 		}{name}
 	}
 	return runFor[[]RxFilterInfo](ctx, q, "query-rx-filter", name, args)
+}
+
+// ExecuteChardevAddUnixSocket adds a character device backed by a unix
+// socket at path (chardev-add), QEMU listening on it when server is true
+// (without waiting for a client) and connecting to it otherwise.
+func (q *QMP) ExecuteChardevAddUnixSocket(ctx context.Context, id, path string, server bool) error {
+	type addr struct {
+		Type string `json:"type"`
+		Data struct {
+			Path string `json:"path"`
+		} `json:"data"`
+	}
+	a := addr{Type: "unix"}
+	a.Data.Path = path
+	sock := map[string]interface{}{"addr": a, "server": server}
+	if server {
+		sock["wait"] = false
+	}
+	args := map[string]interface{}{
+		"id":      id,
+		"backend": map[string]interface{}{"type": "socket", "data": sock},
+	}
+	return q.run(ctx, "chardev-add", id, args, nil)
+}
+
+// ExecuteChardevRemove removes a character device no device uses
+// (chardev-remove).
+func (q *QMP) ExecuteChardevRemove(ctx context.Context, id string) error {
+	args := idArgs{id}
+	return q.run(ctx, "chardev-remove", id, args, nil)
 }

@@ -504,7 +504,6 @@ func listingSummary(seen map[string]*guestListing) string {
 	return strings.Join(lines, "\n")
 }
 
-
 // checkTree fails the test unless dir holds exactly the entries want
 // (slash-separated paths relative to dir, in any order).
 func checkTree(t *testing.T, dir string, want []string) {

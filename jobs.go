@@ -157,6 +157,17 @@ func (q *QMP) ExecuteJobDismiss(ctx context.Context, id string) error {
 	return q.run(ctx, "job-dismiss", id, idArgs{id}, nil)
 }
 
+// JobStatusFilter selects the JOB_STATUS_CHANGE events of job id, those
+// reaching one of statuses ("concluded", say), or every status change of
+// the job when none is given.
+func JobStatusFilter(id string, statuses ...string) EventFilter {
+	return EventFilter{
+		Names: []string{"JOB_STATUS_CHANGE"},
+		Data:  map[string]string{"id": id},
+		Match: statusIn(statuses),
+	}
+}
+
 // JobOptions are the options of the methods that run a job to its end.
 type JobOptions struct {
 	// Progress, if not nil, is called with the job's query-jobs entry

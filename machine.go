@@ -3,11 +3,44 @@ package qemu
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 )
 
-// Typed machine and introspection commands. Their arguments and results are
-// QEMU's (QAPI) names; each is checked against the recorded schemas of
-// QEMU 7.2 and 10.0 in schema_test.go.
+// Typed machine and introspection commands: the run state (stop, cont,
+// quit, the power button and reset), versions and names, QOM, and the
+// human monitor. Their arguments and results are QEMU's (QAPI) names, as
+// every typed command's are; each is checked against QEMU's recorded
+// schemas in schema_test.go.
+
+// ExecuteStop sends the stop command to the instance.
+func (q *QMP) ExecuteStop(ctx context.Context) error {
+	return q.run(ctx, "stop", "", nil, nil)
+}
+
+// ExecuteCont sends the cont command to the instance.
+func (q *QMP) ExecuteCont(ctx context.Context) error {
+	return q.run(ctx, "cont", "", nil, nil)
+}
+
+// ExecuteQuit sends the quit command to the instance, terminating the QMP
+// instance immediately. It succeeds when QEMU replies, and also when QEMU
+// closes the connection after the command was sent, since QEMU exiting is
+// what was asked for. A quit that could not be written is an error.
+func (q *QMP) ExecuteQuit(ctx context.Context) error {
+	if err := q.execute(ctx, "quit", nil, nil); err != nil && !lostToPeer(err) {
+		return fmt.Errorf("qmp: quit: %w", err)
+	}
+	return nil
+}
+
+// ExecuteSystemPowerdown sends the system_powerdown command to the instance.
+// This function will block until both the reply and the SHUTDOWN event have
+// been received, in either order; a SHUTDOWN followed by QEMU closing the
+// connection counts as success.
+func (q *QMP) ExecuteSystemPowerdown(ctx context.Context) error {
+	_, err := q.runAndWait(ctx, "system_powerdown", "", nil, nil, EventFilter{Names: []string{"SHUTDOWN"}})
+	return err
+}
 
 // StatusInfo is query-status's answer: whether the guest's CPUs run, and
 // the run state ("running", "paused", "prelaunch", "shutdown", ...).

@@ -5,7 +5,8 @@ import (
 	"errors"
 )
 
-// Typed memory, character device and balloon commands.
+// Typed memory and balloon commands: memory backends and the devices on
+// them, and the balloon.
 
 // MemoryBackend is a memory backend object for object-add: RAM
 // ("memory-backend-ram") or a file ("memory-backend-file", with MemPath),
@@ -76,36 +77,6 @@ type MemorySizeSummary struct {
 // ExecuteQueryMemorySizeSummary returns the guest's memory sizes.
 func (q *QMP) ExecuteQueryMemorySizeSummary(ctx context.Context) (MemorySizeSummary, error) {
 	return runFor[MemorySizeSummary](ctx, q, "query-memory-size-summary", "", nil)
-}
-
-// ExecuteChardevAddUnixSocket adds a character device backed by a unix
-// socket at path (chardev-add), QEMU listening on it when server is true
-// (without waiting for a client) and connecting to it otherwise.
-func (q *QMP) ExecuteChardevAddUnixSocket(ctx context.Context, id, path string, server bool) error {
-	type addr struct {
-		Type string `json:"type"`
-		Data struct {
-			Path string `json:"path"`
-		} `json:"data"`
-	}
-	a := addr{Type: "unix"}
-	a.Data.Path = path
-	sock := map[string]interface{}{"addr": a, "server": server}
-	if server {
-		sock["wait"] = false
-	}
-	args := map[string]interface{}{
-		"id":      id,
-		"backend": map[string]interface{}{"type": "socket", "data": sock},
-	}
-	return q.run(ctx, "chardev-add", id, args, nil)
-}
-
-// ExecuteChardevRemove removes a character device no device uses
-// (chardev-remove).
-func (q *QMP) ExecuteChardevRemove(ctx context.Context, id string) error {
-	args := idArgs{id}
-	return q.run(ctx, "chardev-remove", id, args, nil)
 }
 
 // ExecuteBalloon asks the guest's balloon driver to bring the guest's

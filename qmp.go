@@ -1,5 +1,9 @@
 package qemu
 
+// The QMP client: connecting and the greeting, decoding QEMU's lines, and
+// running commands on the session engine; the typed commands are in the
+// files of their areas.
+
 import (
 	"bufio"
 	"context"
@@ -8,50 +12,8 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"reflect"
 	"time"
 )
-
-// QMPLog is a logging interface used by the qemu package to log various
-// interesting pieces of information. Rather than introduce a dependency on a
-// given logging package, qemu presents this interface that allows clients to
-// provide their own logging type which they can use to seamlessly integrate
-// qemu's logs into their own logs. A QMPLog implementation can be specified in
-// the QMPConfig structure.
-type QMPLog interface {
-	// V returns true if the given argument is less than or equal
-	// to the implementation's defined verbosity level.
-	V(int32) bool
-
-	// Infof writes informational output to the log. A newline will be
-	// added to the output if one is not provided.
-	Infof(string, ...interface{})
-
-	// Warningf writes warning output to the log. A newline will be
-	// added to the output if one is not provided.
-	Warningf(string, ...interface{})
-
-	// Errorf writes error output to the log. A newline will be
-	// added to the output if one is not provided.
-	Errorf(string, ...interface{})
-}
-
-// nullLogger discards everything, so that a nil QMPLog never needs a check
-// at the call sites.
-type nullLogger struct{}
-
-func (nullLogger) V(int32) bool                    { return false }
-func (nullLogger) Infof(string, ...interface{})    {}
-func (nullLogger) Warningf(string, ...interface{}) {}
-func (nullLogger) Errorf(string, ...interface{})   {}
-
-// orNullLogger returns l, or a logger that discards everything when l is nil.
-func orNullLogger(l QMPLog) QMPLog {
-	if l == nil {
-		return nullLogger{}
-	}
-	return l
-}
 
 // QMPConfig is a configuration structure that can be used to specify a
 // logger and a channel to which logs and QMP events are to be sent. If
@@ -70,24 +32,6 @@ type QMPConfig struct {
 	Logger QMPLog
 }
 
-// QMPEvent contains a single QMP event, sent on the QMPConfig.EventCh channel.
-type QMPEvent struct {
-	// The name of the event, e.g., DEVICE_DELETED
-	Name string
-
-	// The data associated with the event. The contents of this map are
-	// unprocessed by the qemu package. It is simply the result of
-	// unmarshalling the QMP json event. Here's an example map
-	// map[string]interface{}{
-	//	"driver": "virtio-blk-pci",
-	//	"drive":  "drive_3437843748734873483",
-	// }
-	Data map[string]interface{}
-
-	// The event's timestamp converted to a time.Time object.
-	Timestamp time.Time
-}
-
 // QMPVersion contains the version number and the capabilities of a QEMU
 // instance, as reported in the QMP greeting message.
 type QMPVersion struct {
@@ -100,19 +44,6 @@ type QMPVersion struct {
 // atLeast reports whether the version is major.minor or later.
 func (v *QMPVersion) atLeast(major, minor int) bool {
 	return v.Major > major || (v.Major == major && v.Minor >= minor)
-}
-
-// QMPError is an error reply from QEMU: a command that QEMU received and
-// refused. Class is QEMU's error class (e.g. "DeviceNotFound",
-// "GenericError") and Desc its human-readable description.
-type QMPError struct {
-	Class string `json:"class"`
-	Desc  string `json:"desc"`
-}
-
-// Error returns the class and the description.
-func (e *QMPError) Error() string {
-	return e.Class + ": " + e.Desc
 }
 
 // maxSocketPath is the longest unix socket path the kernel takes: its
@@ -400,53 +331,21 @@ func (q *QMP) Done() <-chan struct{} { return q.s.done }
 // connection ended otherwise.
 func (q *QMP) Err() error { return q.s.endedErr() }
 
+// Subscribe returns a subscription to the session's events that filter
+// selects. Every event QEMU sends after Subscribe has returned is offered
+// to it, so subscribing before sending a command never misses the events
+// the command causes, even those QEMU sends before its reply. Close the
+// subscription when done with it; until then it holds what it queues.
+func (q *QMP) Subscribe(filter EventFilter) *Subscription {
+	return q.router.subscribe(filter)
+}
+
 // execute sends one command, waits for its reply and decodes the reply's
 // "return" value into result, unless result is nil. args, when not nil,
 // must encode to a JSON object; result, when not nil, must be a pointer.
 // Both are checked before anything is sent.
 func (q *QMP) execute(ctx context.Context, name string, args, result interface{}) error {
 	return q.s.execute(ctx, name, args, result, nil)
-}
-
-// encodeArgs encodes a command's arguments, which must be a JSON object.
-func encodeArgs(args interface{}) ([]byte, error) {
-	if args == nil {
-		return nil, nil
-	}
-	argsJSON, err := json.Marshal(args)
-	if err != nil {
-		return nil, fmt.Errorf("encode arguments: %w", err)
-	}
-	if len(argsJSON) == 0 || argsJSON[0] != '{' {
-		return nil, fmt.Errorf("arguments encode to %.20s, not a JSON object", argsJSON)
-	}
-	return argsJSON, nil
-}
-
-// checkResult refuses a result that a reply could not be decoded into.
-func checkResult(result interface{}) error {
-	if result == nil {
-		return nil
-	}
-	if v := reflect.ValueOf(result); v.Kind() != reflect.Pointer || v.IsNil() {
-		return fmt.Errorf("result is a %T, not a non-nil pointer", result)
-	}
-	return nil
-}
-
-// commandError wraps err with the command's name and the object it is
-// about.
-func commandError(name, about string, err error) error {
-	return labelError("qmp", name, about, err)
-}
-
-// labelError wraps err with the protocol, the command's name and the
-// object it is about: "qmp: device_del nic0: ...".
-func labelError(proto, name, about string, err error) error {
-	if about != "" {
-		name += " " + about
-	}
-	return fmt.Errorf("%s: %s: %w", proto, name, err)
 }
 
 // run executes a command for one of the Execute methods, wrapping any error
@@ -475,136 +374,51 @@ func (q *QMP) ExecuteCommand(ctx context.Context, name string, args interface{},
 	return q.run(ctx, name, "", args, result)
 }
 
+// ExecuteCommandAndWait runs a command as ExecuteCommand does and then
+// waits for the first event that filter selects, which it returns. It
+// subscribes before the command is sent, so the event may come before the
+// reply or after it. If QEMU closes the connection after the command was
+// sent, an event that came before that still completes the command. ctx
+// bounds the command and the wait.
+//
+// For the usual waits: JobStatusFilter for a job reaching "concluded",
+// MigrationFilter for a migration ending, DeviceUnplugFilter for an unplug.
+func (q *QMP) ExecuteCommandAndWait(ctx context.Context, name string, args, result interface{}, filter EventFilter) (QMPEvent, error) {
+	return q.runAndWait(ctx, name, "", args, result, filter)
+}
+
+// runAndWait runs a command that completes only when an event has come too.
+func (q *QMP) runAndWait(ctx context.Context, name, about string, args, result interface{}, filter EventFilter) (QMPEvent, error) {
+	sub := q.Subscribe(filter)
+	defer sub.Close()
+	err := q.execute(ctx, name, args, result)
+	if err != nil && !lostToPeer(err) {
+		return QMPEvent{}, commandError(name, about, err)
+	}
+	// After a lost reply the session has ended, so Receive returns at
+	// once: with the event if it came before the end.
+	ev, rerr := sub.Receive(ctx)
+	switch {
+	case rerr == nil:
+		return ev, nil
+	case err != nil:
+		return QMPEvent{}, commandError(name, about, err)
+	}
+	return QMPEvent{}, commandError(name, about, fmt.Errorf("waiting for %s: %w", filter.label(), rerr))
+}
+
 // ExecuteQMPCapabilities executes the qmp_capabilities command on the
 // instance. It has to be the first command of a session.
 func (q *QMP) ExecuteQMPCapabilities(ctx context.Context) error {
 	return q.run(ctx, "qmp_capabilities", "", nil, nil)
 }
 
-// ExecuteStop sends the stop command to the instance.
-func (q *QMP) ExecuteStop(ctx context.Context) error {
-	return q.run(ctx, "stop", "", nil, nil)
-}
-
-// ExecuteCont sends the cont command to the instance.
-func (q *QMP) ExecuteCont(ctx context.Context) error {
-	return q.run(ctx, "cont", "", nil, nil)
-}
-
-// ExecuteQuit sends the quit command to the instance, terminating the QMP
-// instance immediately. It succeeds when QEMU replies, and also when QEMU
-// closes the connection after the command was sent, since QEMU exiting is
-// what was asked for. A quit that could not be written is an error.
-func (q *QMP) ExecuteQuit(ctx context.Context) error {
-	if err := q.execute(ctx, "quit", nil, nil); err != nil && !lostToPeer(err) {
-		return fmt.Errorf("qmp: quit: %w", err)
-	}
-	return nil
-}
-
-// ExecuteSystemPowerdown sends the system_powerdown command to the instance.
-// This function will block until both the reply and the SHUTDOWN event have
-// been received, in either order; a SHUTDOWN followed by QEMU closing the
-// connection counts as success.
-func (q *QMP) ExecuteSystemPowerdown(ctx context.Context) error {
-	_, err := q.runAndWait(ctx, "system_powerdown", "", nil, nil, EventFilter{Names: []string{"SHUTDOWN"}})
-	return err
-}
-
-// ExecuteDeviceDel deletes guest portion of a QEMU device by sending a
-// device_del command. devID is the identifier of the device to delete.
-// Typically it would match the devID parameter passed to an earlier call to
-// ExecuteDeviceAdd. It must be a valid QMP identifier.
-//
-// This method blocks until the reply and a DEVICE_DELETED event whose
-// data.device is devID have been received, in either order. When the guest
-// refuses the unplug (QEMU sends DEVICE_UNPLUG_GUEST_ERROR for the device),
-// it fails at once with an error that wraps ErrUnplugRefused.
-func (q *QMP) ExecuteDeviceDel(ctx context.Context, devID string) error {
-	args := idArgs{devID}
-	ev, err := q.runAndWait(ctx, "device_del", devID, args, nil, DeviceUnplugFilter(devID))
-	if err == nil && ev.Name == "DEVICE_UNPLUG_GUEST_ERROR" {
-		err = commandError("device_del", devID, ErrUnplugRefused)
-	}
-	return err
-}
-
-// ExecuteBlockdevAdd sends a blockdev-add to the QEMU instance. device is the
-// path of the device to add, e.g., /dev/rdb0, and blockdevID is an identifier
-// used to name the device. As this identifier will be passed directly to QMP,
-// it must obey QMP's naming rules, e,g., it must start with a letter.
-//
-// The argument form follows the QEMU version from the greeting: up to 2.7
-// the "options" wrapper with "id", from 2.8 the flat form with "node-name".
-// The file driver is "host_device" when device is a block or character
-// device, "file" otherwise.
-func (q *QMP) ExecuteBlockdevAdd(ctx context.Context, device, blockdevID string) error {
-	file := blockdevFile{Driver: fileDriver(device), Filename: device}
-	var args interface{}
-	if q.version.atLeast(2, 8) {
-		args = blockdevOptions{Driver: "raw", NodeName: blockdevID, File: file}
-	} else {
-		args = struct {
-			Options blockdevOptions `json:"options"`
-		}{blockdevOptions{Driver: "raw", ID: blockdevID, File: file}}
-	}
-	return q.run(ctx, "blockdev-add", blockdevID, args, nil)
-}
-
-type blockdevFile struct {
-	Driver   string `json:"driver"`
-	Filename string `json:"filename"`
-}
-
-type blockdevOptions struct {
-	Driver   string       `json:"driver"`
-	ID       string       `json:"id,omitempty"`
-	NodeName string       `json:"node-name,omitempty"`
-	File     blockdevFile `json:"file"`
-}
-
-// ExecuteDeviceAdd adds the guest portion of a device to a QEMU instance
-// using the device_add command. blockdevID should match the blockdevID
-// passed to a previous call to ExecuteBlockdevAdd. devID is the id of the
-// device to add. Both strings must be valid QMP identifiers. driver is the
-// name of the driver,e.g., virtio-blk-pci, and bus is the name of the bus.
-// bus is optional.
-func (q *QMP) ExecuteDeviceAdd(ctx context.Context, blockdevID, devID, driver, bus string) error {
-	args := struct {
-		ID     string `json:"id"`
-		Driver string `json:"driver"`
-		Drive  string `json:"drive"`
-		Bus    string `json:"bus,omitempty"`
-	}{devID, driver, blockdevID, bus}
-	return q.run(ctx, "device_add", devID, args, nil)
-}
-
-// ExecuteXBlockdevDel deletes a block device by sending a x-blockdev-del
-// command. blockdevID is the id of the block device to be deleted.
-// Typically, this will match the id passed to ExecuteBlockdevAdd. It must be
-// a valid QMP id.
-//
-// The command follows the QEMU version from the greeting: x-blockdev-del
-// with "id" up to 2.7, with "node-name" on 2.8, and blockdev-del with
-// "node-name" from 2.9, where the command lost its x- prefix.
-func (q *QMP) ExecuteXBlockdevDel(ctx context.Context, blockdevID string) error {
-	switch {
-	case q.version.atLeast(2, 9):
-		return q.run(ctx, "blockdev-del", blockdevID, nodeNameArgs{blockdevID}, nil)
-	case q.version.atLeast(2, 8):
-		return q.run(ctx, "x-blockdev-del", blockdevID, nodeNameArgs{blockdevID}, nil)
-	default:
-		args := idArgs{blockdevID}
-		return q.run(ctx, "x-blockdev-del", blockdevID, args, nil)
-	}
+type idArgs struct {
+	ID string `json:"id"`
 }
 
 // nodeNameArgs and idArgs are the arguments of the many commands that
 // take only a node name or only an id.
 type nodeNameArgs struct {
 	NodeName string `json:"node-name"`
-}
-
-type idArgs struct {
-	ID string `json:"id"`
 }

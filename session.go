@@ -1,5 +1,11 @@
 package qemu
 
+// The session engine, which QMP and the guest agent both run on: one
+// reader goroutine decodes every line; commands go out one at a time, each
+// with a completion of its own; and one function, run by the reader, ends
+// the session and fails the command in flight. What differs between peers
+// is a protocol.
+
 import (
 	"bufio"
 	"bytes"
@@ -10,66 +16,16 @@ import (
 	"io"
 	"net"
 	"os"
+	"reflect"
 	"sync"
 	"syscall"
 	"time"
 )
 
-// ErrShutdown is the cause of a session ended by Shutdown: commands in
-// flight then, and every command after, fail with an error that wraps it.
-var ErrShutdown = errors.New("session was shut down")
-
-// ErrDisconnected is the cause of a session whose connection ended without
-// Shutdown: QEMU exited or closed the socket, a read or a write failed, or
-// QEMU sent a line over the size limit. The errors that wrap it say which.
-var ErrDisconnected = errors.New("connection to QEMU ended")
-
 // maxLineSize bounds one line from QEMU. query-qmp-schema alone is several
 // hundred KiB, so the bound is generous; it exists so that a peer that never
 // sends a newline cannot make the client grow its buffer without end.
 const maxLineSize = 16 << 20
-
-// lostReplyError is the error of a command that was written but whose
-// session ended before its reply came.
-type lostReplyError struct{ err error }
-
-func (e *lostReplyError) Error() string { return "no reply: " + e.err.Error() }
-func (e *lostReplyError) Unwrap() error { return e.err }
-
-// unansweredError is the error of a command whose context ended after it
-// was written and before its reply: the peer may still act on it.
-type unansweredError struct{ err error }
-
-func (e *unansweredError) Error() string { return "gave up waiting for the reply: " + e.err.Error() }
-func (e *unansweredError) Unwrap() error { return e.err }
-
-// contextError is the error of something cut short by ctx's end: ctx.Err(),
-// and the cause ctx was cancelled with when it has one, so that errors.Is
-// finds either ("context canceled: the operator gave up"). Every method
-// that ends on its context reports it this way.
-func contextError(ctx context.Context) error {
-	err := ctx.Err()
-	if cause := context.Cause(ctx); cause != nil && cause != err {
-		return fmt.Errorf("%w: %w", err, cause)
-	}
-	return err
-}
-
-// unanswered reports whether err says that the command was written and its
-// caller stopped waiting for the reply, so that what it asked for may
-// still happen (and may need undoing), as opposed to a command never sent.
-func unanswered(err error) bool {
-	var u *unansweredError
-	return errors.As(err, &u)
-}
-
-// lostToPeer reports whether err says that the peer closed the connection
-// after the command was written, as opposed to Shutdown, a context, an
-// error reply or a session that had ended before.
-func lostToPeer(err error) bool {
-	var lost *lostReplyError
-	return errors.As(err, &lost) && errors.Is(err, ErrDisconnected)
-}
 
 // frame is one line from the peer, as the protocol decoded it.
 type frame struct {
@@ -364,6 +320,32 @@ func (s *session) execute(ctx context.Context, name string, args, result interfa
 	}
 	if err := json.Unmarshal(ret, result); err != nil {
 		return fmt.Errorf("decode reply: %w", err)
+	}
+	return nil
+}
+
+// encodeArgs encodes a command's arguments, which must be a JSON object.
+func encodeArgs(args interface{}) ([]byte, error) {
+	if args == nil {
+		return nil, nil
+	}
+	argsJSON, err := json.Marshal(args)
+	if err != nil {
+		return nil, fmt.Errorf("encode arguments: %w", err)
+	}
+	if len(argsJSON) == 0 || argsJSON[0] != '{' {
+		return nil, fmt.Errorf("arguments encode to %.20s, not a JSON object", argsJSON)
+	}
+	return argsJSON, nil
+}
+
+// checkResult refuses a result that a reply could not be decoded into.
+func checkResult(result interface{}) error {
+	if result == nil {
+		return nil
+	}
+	if v := reflect.ValueOf(result); v.Kind() != reflect.Pointer || v.IsNil() {
+		return fmt.Errorf("result is a %T, not a non-nil pointer", result)
 	}
 	return nil
 }

@@ -229,30 +229,9 @@ func (s *stopRun) ladder(ctx context.Context) StopStep {
 	return StopKill
 }
 
-func (inst *Instance) hasExited() bool { return isClosed(inst.exited) }
-
-// waitExited waits until QEMU exits or ctx ends, and reports whether QEMU
-// has exited.
-func (inst *Instance) waitExited(ctx context.Context) bool {
-	select {
-	case <-inst.exited:
-		return true
-	case <-ctx.Done():
-		return inst.hasExited()
-	}
-}
-
 // withTimeout is context.WithTimeout with d, or def when d is zero.
 func withTimeout(ctx context.Context, d, def time.Duration) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, orDefault(d, def))
-}
-
-// orDefault returns d, or def when d is zero.
-func orDefault(d, def time.Duration) time.Duration {
-	if d <= 0 {
-		return def
-	}
-	return d
 }
 
 // guestRunning asks QEMU whether the guest is running. Only a clear no is

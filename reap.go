@@ -1,0 +1,133 @@
+package qemu
+
+import (
+	"errors"
+	"os"
+	"syscall"
+	"time"
+	"unsafe"
+)
+
+// Learning of QEMU's exit and reaping it exactly once: waitid with WNOWAIT
+// for a child, so what it left in its group can be killed while its pid
+// still names the group, and a pidfd for a QEMU this process did not
+// start.
+
+// reap waits for QEMU to exit and reaps it, exactly once, then waits for
+// the end of its stderr.
+func (inst *Instance) reap() {
+	pid := inst.cmd.Process.Pid
+	// Until QEMU is reaped, its pid, which is its group's id, cannot be
+	// reused: learn of the exit without reaping, so that whatever QEMU
+	// started and left in its group can be killed without any risk of
+	// signalling another group.
+	waited := waitExitNoReap(pid)
+	inst.sigMu.Lock()
+	if waited {
+		// Only for a zombie we know of: if waitid failed, the pid may
+		// already be reaped and reused.
+		syscall.Kill(-pid, syscall.SIGKILL)
+	}
+	err := inst.cmd.Wait()
+	inst.state, inst.waitErr = inst.cmd.ProcessState, err
+	close(inst.exited)
+	inst.sigMu.Unlock()
+	inst.log.Infof("qemu: pid %d ended: %s", pid, inst.state)
+	select {
+	case <-inst.stderrRead:
+	case <-time.After(stderrGrace):
+		// Something QEMU started still holds stderr open; what QEMU
+		// wrote is in the pipe by now.
+		inst.stderrR.SetReadDeadline(time.Now())
+		<-inst.stderrRead
+	}
+	close(inst.drained)
+}
+
+// waitExitNoReap waits until the child pid has exited, leaving it a
+// zombie for cmd.Wait to reap, and reports whether waitid said so; on
+// any other error it leaves cmd.Wait to report.
+func waitExitNoReap(pid int) bool {
+	var info siginfo
+	for {
+		err := waitid(pid, &info, syscall.WEXITED|wNoWait)
+		if err != syscall.EINTR {
+			return err == nil
+		}
+	}
+}
+
+// exitedNoReap reports whether the child pid has exited, without reaping it.
+func exitedNoReap(pid int) bool {
+	var info siginfo
+	err := waitid(pid, &info, syscall.WEXITED|syscall.WNOHANG|wNoWait)
+	return err == nil && info.pid != 0
+}
+
+// wNoWait is Linux's WNOWAIT, which package syscall lacks: waitid leaves
+// the child waitable.
+const wNoWait = 0x01000000
+
+// siginfo is the start of Linux's siginfo_t as waitid fills it for a
+// child (64-bit layout), padded to the kernel's 128 bytes.
+type siginfo struct {
+	signo, errno, code, _ int32
+	pid                   int32
+	uid                   uint32
+	status                int32
+	_                     [100]byte
+}
+
+func waitid(pid int, info *siginfo, options int) error {
+	const pPID = 1 // P_PID: wait for the child whose pid is given
+	_, _, e := syscall.Syscall6(syscall.SYS_WAITID, pPID, uintptr(pid), uintptr(unsafe.Pointer(info)), uintptr(options), 0, 0)
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+// watchExit is an attached Instance's reap: it waits until the pidfd says
+// QEMU has exited.
+func (inst *Instance) watchExit() {
+	pfd := struct {
+		fd      int32
+		events  int16
+		revents int16
+	}{fd: int32(inst.pidfd), events: 0x1} // POLLIN: the process has exited
+	for {
+		_, _, e := syscall.Syscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&pfd)), 1, 0, 0, 0, 0)
+		if e != syscall.EINTR {
+			break
+		}
+	}
+	inst.sigMu.Lock()
+	syscall.Close(inst.pidfd)
+	inst.pidfd = -1
+	close(inst.exited)
+	inst.sigMu.Unlock()
+	inst.log.Infof("qemu: attached pid %d ended", inst.pid)
+	close(inst.drained)
+}
+
+func pidfdOpen(pid int) (int, error) {
+	const sysPidfdOpen = 434 // the same number on every Linux architecture
+	fd, _, e := syscall.Syscall(sysPidfdOpen, uintptr(pid), 0, 0)
+	if e != 0 {
+		return -1, os.NewSyscallError("pidfd_open", e)
+	}
+	syscall.CloseOnExec(int(fd))
+	return int(fd), nil
+}
+
+// signalPidfd sends sig to the process pidfd names.
+func signalPidfd(pidfd int, sig syscall.Signal) error {
+	const sysPidfdSendSignal = 424 // the same number on every Linux architecture
+	if pidfd < 0 {
+		return errors.New("no pidfd")
+	}
+	if _, _, e := syscall.Syscall6(sysPidfdSendSignal, uintptr(pidfd), uintptr(sig), 0, 0, 0, 0); e != 0 {
+		return os.NewSyscallError("pidfd_send_signal", e)
+	}
+	return nil
+}
