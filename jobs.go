@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"slices"
 	"time"
 )
 
@@ -244,18 +243,18 @@ func (q *QMP) Backup(ctx context.Context, b BlockdevBackup, opts JobOptions) (Jo
 // *JobError when QEMU concluded it with one.
 //
 // It is bounded by ctx: when ctx ends first, the job is cancelled
-// (job-cancel), and runJob waits for it to conclude (QEMU ends a
-// cancelled job once its requests in flight have drained), dismisses it
-// and returns an error that wraps ctx's error and its cause
-// (context.Cause). That wait is bounded by
-// opts.CancelGrace; past it the error wraps ErrCancelPending too, and the
-// job is left to QEMU. A start whose reply ctx cut short is cancelled only
-// if QEMU made the job (its "created" came), never when the start was not
-// sent or QEMU refused it (a job of that id is someone else's). If the
-// session ends (QEMU died), the error wraps ErrDisconnected. A job whose
-// error policy is "stop" pauses on an error (BLOCK_JOB_ERROR, action
-// stop) and stays paused, as QEMU means it to, until job-resume from
-// another goroutine or the end of ctx.
+// (job-cancel, unless query-jobs says it has concluded or is aborting
+// already), and runJob waits for it to conclude (QEMU ends a cancelled job
+// once its requests in flight have drained), dismisses it and returns an
+// error that wraps ctx's error and its cause (context.Cause). That wait is
+// bounded by opts.CancelGrace; past it the error wraps ErrCancelPending
+// too, and the job is left to QEMU. A start whose reply ctx cut short is
+// cancelled only if QEMU made the job (its "created" came), never when the
+// start was not sent or QEMU refused it (a job of that id is someone
+// else's). If the session ends (QEMU died), the error wraps
+// ErrDisconnected. A job whose error policy is "stop" pauses on an error
+// (BLOCK_JOB_ERROR, action stop) and stays paused, as QEMU means it to,
+// until job-resume from another goroutine or the end of ctx.
 func (q *QMP) runJob(ctx context.Context, name, id string, args interface{}, opts JobOptions) (JobInfo, error) {
 	if id == "" {
 		return JobInfo{}, commandError(name, id, errors.New("JobID is empty"))
@@ -263,95 +262,25 @@ func (q *QMP) runJob(ctx context.Context, name, id string, args interface{}, opt
 	sub := q.Subscribe(jobFilter(id))
 	defer sub.Close()
 	j := &jobRun{q: q, name: name, id: id, opts: opts,
-		w: waiter{sub: sub, interval: opts.ProgressInterval, poll: opts.Progress != nil}}
-	defer j.endGrace()
-	err := q.run(ctx, name, id, args, nil)
-	switch {
-	case err == nil:
-		return j.wait(ctx)
-	case !unanswered(err):
-		return JobInfo{}, err // refused, never sent, or QEMU gone
-	}
-	// Once another command has had the turn, which comes after the
-	// start's reply, the subscription holds the "created" QEMU sends
-	// before it when it made the job.
-	j.startGrace(ctx, contextError(ctx))
-	if _, qerr := j.query(j.grace); qerr != nil {
-		return JobInfo{}, j.error(fmt.Errorf("%w; and whether QEMU made the job is unknown: %w", j.cause, qerr))
-	}
-	created := func(ev QMPEvent) bool { return ev.Name == "JOB_STATUS_CHANGE" && ev.Data["status"] == "created" }
-	if !slices.ContainsFunc(j.w.hold(), created) {
+		op: newOperation(q, sub, opts.ProgressInterval, opts.Progress != nil, opts.CancelGrace)}
+	if err := j.op.run(ctx, j, func(ctx context.Context) error { return q.run(ctx, name, id, args, nil) }); err != nil {
 		return JobInfo{}, err
 	}
-	if info, done, err := j.cancel(); done {
-		return info, err
-	}
-	return j.wait(ctx)
+	return j.info, j.err
 }
 
-// jobRun is one job being waited for.
+// jobRun is one job being waited for: the steps of its operation, and its
+// result.
 type jobRun struct {
 	q        *QMP
 	name, id string
 	opts     JobOptions
-	w        waiter
+	op       *operation
 	readied  bool   // the job has been ready once
 	lastErr  string // the last BLOCK_JOB_ERROR's operation and action
-	// Once the job is to be cancelled: why, and the context that bounds
-	// the cancel and the wait for its end.
-	cause     error
-	grace     context.Context
-	stopGrace context.CancelFunc
-}
 
-func (j *jobRun) wait(ctx context.Context) (JobInfo, error) {
-	for {
-		wctx := ctx
-		if j.cause != nil {
-			wctx = j.grace
-		}
-		ev, err := j.w.next(wctx)
-		switch {
-		case errors.Is(err, errPoll):
-			if info, err := j.query(wctx); err == nil {
-				j.opts.Progress(info)
-			}
-			continue
-		case err != nil && j.cause != nil && j.grace.Err() != nil:
-			return JobInfo{}, j.pending()
-		case err != nil && j.cause == nil && ctx.Err() != nil:
-			j.startGrace(ctx, contextError(ctx))
-			if info, done, err := j.cancel(); done {
-				return info, err
-			}
-			continue
-		case err != nil:
-			return JobInfo{}, j.error(fmt.Errorf("waiting for its end: %w", err))
-		}
-		if ev.Name == "BLOCK_JOB_ERROR" {
-			j.lastErr = fmt.Sprintf("%v error, action %v", ev.Data["operation"], ev.Data["action"])
-			continue
-		}
-		switch ev.Data["status"] {
-		case "ready":
-			// Once: a ready mirror that pauses goes ready, standby,
-			// ready, and is completing already.
-			if j.cause != nil || j.readied {
-				continue
-			}
-			j.readied = true
-			if rerr := j.ready(ctx); rerr != nil {
-				j.startGrace(ctx, rerr)
-				if info, done, err := j.cancel(); done {
-					return info, err
-				}
-			}
-		case "concluded":
-			// Over: its entry is read and it is dismissed whatever ctx
-			// says, or the job would stay, its id taken.
-			return j.conclude(context.WithoutCancel(ctx), j.cause)
-		}
-	}
+	info JobInfo
+	err  error
 }
 
 // jobFilter selects the JOB_STATUS_CHANGE events of job id, and its
@@ -361,6 +290,47 @@ func jobFilter(id string) EventFilter {
 		Names: []string{"JOB_STATUS_CHANGE", "BLOCK_JOB_ERROR"},
 		Match: func(ev QMPEvent) bool { return ev.Data["id"] == id || ev.Data["device"] == id },
 	}
+}
+
+func (j *jobRun) query(ctx context.Context) error {
+	_, err := j.queryInfo(ctx)
+	return err
+}
+
+func (j *jobRun) startedBy(ev QMPEvent) bool {
+	return ev.Name == "JOB_STATUS_CHANGE" && ev.Data["status"] == "created"
+}
+
+func (j *jobRun) poll(ctx context.Context) bool {
+	if info, err := j.queryInfo(ctx); err == nil {
+		j.opts.Progress(info)
+	}
+	return false
+}
+
+func (j *jobRun) event(ctx context.Context, ev QMPEvent) bool {
+	if ev.Name == "BLOCK_JOB_ERROR" {
+		j.lastErr = fmt.Sprintf("%v error, action %v", ev.Data["operation"], ev.Data["action"])
+		return false
+	}
+	switch ev.Data["status"] {
+	case "ready":
+		// Once: a ready mirror that pauses goes ready, standby, ready,
+		// and is completing already.
+		if j.op.cause != nil || j.readied {
+			return false
+		}
+		j.readied = true
+		if err := j.ready(ctx); err != nil {
+			j.op.beginCancel(ctx, err)
+			return j.cancel(j.op.gctx)
+		}
+	case "concluded":
+		// Over: its entry is read and it is dismissed whatever ctx says,
+		// or the job would stay, its id taken.
+		return j.conclude(context.WithoutCancel(ctx), j.op.cause)
+	}
+	return false
 }
 
 // ready calls opts.Ready and completes the job.
@@ -382,79 +352,68 @@ func (j *jobRun) ready(ctx context.Context) error {
 	return nil
 }
 
-// startGrace records why the job is to be cancelled and starts the grace
-// that bounds the cancel, which ctx no longer does.
-func (j *jobRun) startGrace(ctx context.Context, cause error) {
-	j.cause = cause
-	j.grace, j.stopGrace = graceContext(ctx, j.opts.CancelGrace)
-}
-
-func (j *jobRun) endGrace() {
-	if j.stopGrace != nil {
-		j.stopGrace()
-	}
-}
-
 // cancel sends job-cancel, once query-jobs has said the job still runs:
-// the decision is QEMU's state, asked now, not the events held. done says
-// that the run is over, with info and err: the job had concluded (and is
-// reported as it ended), its status could not be read, or the cancel
-// failed.
-func (j *jobRun) cancel() (info JobInfo, done bool, err error) {
-	info, err = j.query(j.grace)
+// the decision is QEMU's state, asked now, not the events held. It
+// reports the job over when it had concluded (reported as it ended), when
+// its status could not be read, or when the cancel failed.
+func (j *jobRun) cancel(gctx context.Context) bool {
+	info, err := j.queryInfo(gctx)
 	switch {
-	case err != nil && j.grace.Err() != nil:
-		return JobInfo{}, true, j.pending()
+	case err != nil && gctx.Err() != nil:
+		j.err = j.pending(orDefault(j.opts.CancelGrace, DefaultCancelGrace))
+		return true
 	case err != nil:
-		return JobInfo{}, true, j.error(fmt.Errorf("%w; and its status is unknown, so it was not cancelled: %w", j.cause, err))
+		j.err = j.error(fmt.Errorf("%w; and its status is unknown, so it was not cancelled: %w", j.op.cause, err))
+		return true
 	case info.Status == "concluded":
-		info, err := j.conclude(j.grace, nil) // it ended by itself
-		return info, true, err
+		return j.conclude(gctx, nil) // it ended by itself
 	case info.Status == "aborting":
-		return JobInfo{}, false, nil // on its way to concluded already
+		return false // on its way to concluded already
 	}
-	err = j.q.execute(j.grace, "job-cancel", idArgs{j.id}, nil)
+	err = j.q.execute(gctx, "job-cancel", idArgs{j.id}, nil)
 	switch {
 	case err == nil:
-		return JobInfo{}, false, nil
-	case j.grace.Err() != nil:
-		return JobInfo{}, true, j.pending()
+		return false
+	case gctx.Err() != nil:
+		j.err = j.pending(orDefault(j.opts.CancelGrace, DefaultCancelGrace))
+		return true
 	}
-	if info, qerr := j.query(j.grace); qerr == nil && info.Status == "concluded" {
-		info, err := j.conclude(j.grace, nil) // it ended in between
-		return info, true, err
+	if info, qerr := j.queryInfo(gctx); qerr == nil && info.Status == "concluded" {
+		return j.conclude(gctx, nil) // it ended in between
 	}
-	return JobInfo{}, true, j.error(fmt.Errorf("%w; and job-cancel failed: %w", j.cause, err))
+	j.err = j.error(fmt.Errorf("%w; and job-cancel failed: %w", j.op.cause, err))
+	return true
 }
 
 // pending is the error of a cancel QEMU had not carried out in the grace.
-func (j *jobRun) pending() error {
-	return j.error(fmt.Errorf("%w; cancelled, but not concluded %v later: %w", j.cause, orDefault(j.opts.CancelGrace, DefaultCancelGrace), ErrCancelPending))
+func (j *jobRun) pending(grace time.Duration) error {
+	return j.error(fmt.Errorf("%w; cancelled, but not concluded %v later: %w", j.op.cause, grace, ErrCancelPending))
 }
 
 // conclude reads the concluded job's entry and dismisses it. A cancelled
 // job's error wraps cancelled, why it was cancelled.
-func (j *jobRun) conclude(ctx context.Context, cancelled error) (JobInfo, error) {
-	info, qerr := j.query(ctx)
+func (j *jobRun) conclude(ctx context.Context, cancelled error) bool {
+	info, qerr := j.queryInfo(ctx)
 	if derr := j.q.execute(ctx, "job-dismiss", idArgs{j.id}, nil); derr != nil && qerr == nil {
 		qerr = fmt.Errorf("job-dismiss: %w", derr)
 	}
 	if j.opts.Progress != nil && qerr == nil {
 		j.opts.Progress(info)
 	}
+	j.info = info
 	switch {
 	case cancelled != nil:
-		return info, j.error(fmt.Errorf("cancelled: %w", cancelled))
+		j.err = j.error(fmt.Errorf("cancelled: %w", cancelled))
 	case info.Error != "":
-		return info, j.error(&JobError{ID: j.id, Type: info.Type, Desc: info.Error, Event: j.lastErr})
+		j.err = j.error(&JobError{ID: j.id, Type: info.Type, Desc: info.Error, Event: j.lastErr})
 	case qerr != nil:
-		return info, j.error(qerr)
+		j.err = j.error(qerr)
 	}
-	return info, nil
+	return true
 }
 
-// query returns the job's query-jobs entry.
-func (j *jobRun) query(ctx context.Context) (JobInfo, error) {
+// queryInfo returns the job's query-jobs entry.
+func (j *jobRun) queryInfo(ctx context.Context) (JobInfo, error) {
 	var jobs []JobInfo
 	if err := j.q.execute(ctx, "query-jobs", nil, &jobs); err != nil {
 		return JobInfo{}, fmt.Errorf("query-jobs: %w", err)

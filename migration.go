@@ -268,83 +268,29 @@ func (q *QMP) Migrate(ctx context.Context, uri string, opts MigrateOptions) (Mig
 		return MigrationInfo{}, err
 	}
 	// Every status: "setup" says that a migrate given up on started a
-	// migration, "postcopy-active" that it can no longer be cancelled.
+	// migration, a postcopy one that it can no longer be cancelled.
 	sub := q.Subscribe(MigrationFilter())
 	defer sub.Close()
 	m := &migration{q: q, uri: uri, opts: opts,
-		w: waiter{sub: sub, interval: opts.ProgressInterval, poll: opts.Progress != nil}}
-	err := q.ExecuteMigrate(ctx, uri)
-	switch {
-	case err == nil:
-		return m.wait(ctx)
-	case !unanswered(err):
-		return MigrationInfo{}, err // refused, never sent, or QEMU gone
+		op: newOperation(q, sub, opts.ProgressInterval, opts.Progress != nil, opts.CancelGrace)}
+	if err := m.op.run(ctx, m, func(ctx context.Context) error { return q.ExecuteMigrate(ctx, uri) }); err != nil {
+		return m.info, err
 	}
-	// QEMU sends "setup" before the reply of a migrate that started a
-	// migration (7.2 and 10.0), and refuses one while another runs without
-	// it: once another command has had the turn, which comes after that
-	// reply, the subscription holds the answer.
-	gctx, cancel := graceContext(ctx, opts.CancelGrace)
-	defer cancel()
-	if _, qerr := m.query(gctx); qerr != nil {
-		return MigrationInfo{}, m.error(fmt.Errorf("%w; and whether it started is unknown: %w", contextError(ctx), qerr))
-	}
-	if !slices.ContainsFunc(m.w.hold(), func(ev QMPEvent) bool { return ev.Data["status"] == "setup" }) {
-		return MigrationInfo{}, err
-	}
-	return m.stop(ctx, gctx)
+	return m.info, m.err
 }
 
-// migration is one run of Migrate.
+// migration is one run of Migrate: the steps of its operation, and its
+// result.
 type migration struct {
-	q        *QMP
-	uri      string
-	opts     MigrateOptions
-	w        waiter
-	postcopy bool // a postcopy status has been seen
-}
+	q         *QMP
+	uri       string
+	opts      MigrateOptions
+	op        *operation
+	postcopy  bool // a postcopy status has been seen
+	cancelled bool // migrate_cancel has been sent
 
-func (m *migration) wait(ctx context.Context) (MigrationInfo, error) {
-	for {
-		ev, err := m.w.next(ctx)
-		var info MigrationInfo
-		switch {
-		case errors.Is(err, errPoll):
-			if info, err = m.query(ctx); err != nil {
-				continue // ctx's end or the session's is seen next
-			}
-			m.note(info.Status)
-			if !isMigrationEnd(info.Status) {
-				m.opts.Progress(info)
-				continue
-			}
-			// The poll saw the end before its event.
-		case err != nil && ctx.Err() != nil:
-			gctx, cancel := graceContext(ctx, m.opts.CancelGrace)
-			defer cancel()
-			return m.stop(ctx, gctx)
-		case err != nil:
-			return MigrationInfo{}, m.error(fmt.Errorf("waiting for its end: %w", err))
-		default:
-			status, _ := ev.Data["status"].(string)
-			m.note(status)
-			if !isMigrationEnd(status) {
-				continue
-			}
-			// Over: its figures and reason are read whatever ctx says.
-			if info, err = m.query(context.WithoutCancel(ctx)); err != nil {
-				return info, m.error(err)
-			}
-		}
-		return m.ended(ctx, info, nil)
-	}
-}
-
-// note records a status the migration reported.
-func (m *migration) note(status string) {
-	if inPostcopy(status) {
-		m.postcopy = true
-	}
+	info MigrationInfo // QEMU's last word on it
+	err  error
 }
 
 // migrationEnds are the statuses a migration ends in.
@@ -367,17 +313,128 @@ func inPostcopy(status string) bool {
 
 // isMigrationEnding reports whether a migration in status is on its way to
 // an end already, with nothing for a cancel to do: "cancelling", and QEMU
-// 11.1's "failing", which precedes "failed".
+// 11.x's "failing", which precedes "failed".
 func isMigrationEnding(status string) bool { return status == "cancelling" || status == "failing" }
 
-// ended reports a migration's end, as info says it; cause is why Migrate
-// cancelled it, if it did. A completed migration is over on the source
-// only once QEMU has set its figures (total-time, downtime) and moved the
-// VM from finish-migrate to postmigrate: QEMU 7.2 and 10.0 report
-// "completed" before both, by a few milliseconds (by tens over TLS on
-// 10.0). Until then it asks again, a millisecond apart, bounded by ctx;
-// when ctx ends first, it reports what it has.
-func (m *migration) ended(ctx context.Context, info MigrationInfo, cause error) (MigrationInfo, error) {
+// note records a status the migration reported.
+func (m *migration) note(status string) {
+	if inPostcopy(status) {
+		m.postcopy = true
+	}
+}
+
+func (m *migration) query(ctx context.Context) error {
+	_, err := m.queryInfo(ctx)
+	return err
+}
+
+func (m *migration) startedBy(ev QMPEvent) bool { return ev.Data["status"] == "setup" }
+
+// poll reports query-migrate's answer, and sees the end when it comes
+// before its event.
+func (m *migration) poll(ctx context.Context) bool {
+	if m.op.cause != nil {
+		return m.decide(ctx)
+	}
+	info, err := m.queryInfo(ctx)
+	if err != nil {
+		return false // ctx's end or the session's is seen next
+	}
+	m.note(info.Status)
+	if isMigrationEnd(info.Status) {
+		return m.ended(ctx, info)
+	}
+	m.opts.Progress(info)
+	return false
+}
+
+// event waits for an end status; once the migration is being cancelled,
+// every status is a reason to ask QEMU again.
+func (m *migration) event(ctx context.Context, ev QMPEvent) bool {
+	status, _ := ev.Data["status"].(string)
+	m.note(status)
+	switch {
+	case m.op.cause != nil:
+		return m.decide(ctx)
+	case !isMigrationEnd(status):
+		return false
+	}
+	// Over: its figures and reason are read whatever ctx says.
+	info, err := m.queryInfo(context.WithoutCancel(ctx))
+	if err != nil {
+		m.err = m.error(err)
+		return true
+	}
+	return m.ended(ctx, info)
+}
+
+// cancel cancels a migration that ctx's end left running, as decide says.
+// QEMU ends a cancelled migration promptly unless it waits on its peer,
+// and the source VM runs on only once it has.
+func (m *migration) cancel(gctx context.Context) bool { return m.decide(gctx) }
+
+// decide acts on query-migrate, asked now, for a migration whose context
+// has ended, and not on the events held: another subscriber may have seen
+// postcopy-active, and ended the context because of it, before this one
+// was handed the event. A migration in postcopy is left to run; one that
+// is ending, or in QEMU 10.2's postcopy-device (which QEMU will not
+// cancel, and which the source takes back if it fails), is waited for;
+// any other is cancelled, once.
+func (m *migration) decide(gctx context.Context) bool {
+	for {
+		info, err := m.queryInfo(gctx)
+		if err != nil {
+			m.err = m.stopFailed(gctx, err)
+			return true
+		}
+		m.info = info
+		m.note(info.Status)
+		switch {
+		case isMigrationEnd(info.Status) || info.Status == "none":
+			return m.ended(gctx, info)
+		case m.postcopy:
+			m.err = m.error(fmt.Errorf("%w; %w", m.op.cause, ErrMigrationInPostcopy))
+			return true
+		case m.cancelled || info.Status == "postcopy-device" || isMigrationEnding(info.Status):
+			return false
+		}
+		if err := m.q.execute(gctx, "migrate_cancel", nil, nil); err != nil {
+			m.err = m.stopFailed(gctx, fmt.Errorf("migrate_cancel: %w", err))
+			return true
+		}
+		m.cancelled = true
+	}
+}
+
+// pending is the error of a migration not over when the grace ran out.
+func (m *migration) pending(grace time.Duration) error {
+	return m.error(fmt.Errorf("%w; %s, but not over %v later (%q): %w", m.op.cause, m.whatWasDone(), grace, m.info.Status, ErrCancelPending))
+}
+
+// stopFailed is the error of a migration whose end could not be seen
+// after its context ended: the grace ran out, or a command or the
+// session failed.
+func (m *migration) stopFailed(gctx context.Context, err error) error {
+	if gctx.Err() != nil {
+		return m.pending(orDefault(m.opts.CancelGrace, DefaultCancelGrace))
+	}
+	return m.error(fmt.Errorf("%w; %s, and its end is unknown: %w", m.op.cause, m.whatWasDone(), err))
+}
+
+func (m *migration) whatWasDone() string {
+	if m.cancelled {
+		return "cancelled"
+	}
+	return "not cancelled"
+}
+
+// ended records a migration's end, as info says it. A completed migration
+// is over on the source only once QEMU has set its figures (total-time,
+// downtime) and moved the VM from finish-migrate to postmigrate: QEMU 7.2
+// and 10.0 report "completed" before both, by a few milliseconds (by tens
+// over TLS on 10.0). Until then it asks again, a millisecond apart,
+// bounded by ctx; when ctx ends first, it reports what it has.
+func (m *migration) ended(ctx context.Context, info MigrationInfo) bool {
 	for info.Status == "completed" {
 		if info.TotalTime != 0 {
 			st, err := m.q.ExecuteQueryStatus(ctx)
@@ -389,7 +446,7 @@ func (m *migration) ended(ctx context.Context, info MigrationInfo, cause error) 
 		case <-ctx.Done():
 		case <-time.After(time.Millisecond):
 		}
-		next, err := m.query(ctx)
+		next, err := m.queryInfo(ctx)
 		if err != nil {
 			break
 		}
@@ -398,11 +455,19 @@ func (m *migration) ended(ctx context.Context, info MigrationInfo, cause error) 
 	if m.opts.Progress != nil {
 		m.opts.Progress(info)
 	}
+	m.info, m.err = info, m.endError(info)
+	return true
+}
+
+// endError is the error of a migration that ended in info's status: none
+// for a completed one.
+func (m *migration) endError(info MigrationInfo) error {
+	cause := m.op.cause
 	switch {
 	case info.Status == "completed":
-		return info, nil
+		return nil
 	case cause != nil && (info.Status == "cancelled" || info.Status == "none"):
-		return info, m.error(fmt.Errorf("cancelled: %w", cause))
+		return m.error(fmt.Errorf("cancelled: %w", cause))
 	}
 	reason := info.ErrorDesc
 	if reason == "" {
@@ -415,66 +480,11 @@ func (m *migration) ended(ctx context.Context, info MigrationInfo, cause error) 
 	if cause != nil {
 		err = fmt.Errorf("%w; %w", cause, err)
 	}
-	return info, m.error(err)
+	return m.error(err)
 }
 
-// stop ends the wait for a migration that started, after ctx ended: it
-// cancels it, unless it is in postcopy, and waits for it to be over,
-// bounded by gctx, the grace. QEMU ends a cancelled migration promptly
-// unless it waits on its peer, and the source VM runs on only once it has.
-//
-// Each step is decided from query-migrate, asked then, and not from the
-// events held: another subscriber may have seen postcopy-active, and ended
-// ctx because of it, before this one was handed the event. A migration in
-// QEMU 10.2's postcopy-device, which QEMU will not cancel but which the
-// source takes back if it fails, is waited for until it goes one way or
-// the other.
-func (m *migration) stop(ctx, gctx context.Context) (MigrationInfo, error) {
-	cause := contextError(ctx)
-	for _, ev := range m.w.drop() {
-		status, _ := ev.Data["status"].(string)
-		m.note(status)
-	}
-	cancelled := false
-	for {
-		info, err := m.query(gctx)
-		if err != nil {
-			return m.stopFailed(gctx, info, cause, cancelled, err)
-		}
-		m.note(info.Status)
-		switch {
-		case isMigrationEnd(info.Status) || info.Status == "none":
-			return m.ended(gctx, info, cause)
-		case m.postcopy:
-			return info, m.error(fmt.Errorf("%w; %w", cause, ErrMigrationInPostcopy))
-		case !cancelled && info.Status != "postcopy-device" && !isMigrationEnding(info.Status):
-			if err := m.q.execute(gctx, "migrate_cancel", nil, nil); err != nil {
-				return m.stopFailed(gctx, info, cause, cancelled, fmt.Errorf("migrate_cancel: %w", err))
-			}
-			cancelled = true
-			continue
-		}
-		if _, err := m.w.sub.Receive(gctx); err != nil {
-			return m.stopFailed(gctx, info, cause, cancelled, err)
-		}
-	}
-}
-
-// stopFailed is stop's error when it could not see the migration to its
-// end: the grace ran out, or a command or the session failed.
-func (m *migration) stopFailed(gctx context.Context, info MigrationInfo, cause error, cancelled bool, err error) (MigrationInfo, error) {
-	what := "not cancelled"
-	if cancelled {
-		what = "cancelled"
-	}
-	if gctx.Err() != nil {
-		return info, m.error(fmt.Errorf("%w; %s, but not over %v later (%q): %w", cause, what, orDefault(m.opts.CancelGrace, DefaultCancelGrace), info.Status, ErrCancelPending))
-	}
-	return info, m.error(fmt.Errorf("%w; %s, and its end is unknown: %w", cause, what, err))
-}
-
-// query is ExecuteQueryMigrate with the error named for Migrate's.
-func (m *migration) query(ctx context.Context) (MigrationInfo, error) {
+// queryInfo is ExecuteQueryMigrate with the error named for Migrate's.
+func (m *migration) queryInfo(ctx context.Context) (MigrationInfo, error) {
 	var info MigrationInfo
 	if err := m.q.execute(ctx, "query-migrate", nil, &info); err != nil {
 		return info, fmt.Errorf("query-migrate: %w", err)

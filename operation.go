@@ -1,14 +1,20 @@
 package qemu
 
+// Long operations: Migrate and the block job methods (snapshots included)
+// run a QEMU operation to its end, bounded by their context, on one
+// mechanism, run here. It subscribes before the start is sent; learns,
+// when the start's reply was lost to the context, whether QEMU started
+// anything; waits for the operation's events, polling its progress;
+// cancels it under a grace once the context has ended; and leaves the end
+// to the operation. Each operation supplies only what is its own (steps).
+
 import (
 	"context"
 	"errors"
+	"fmt"
+	"slices"
 	"time"
 )
-
-// Long operations: Migrate and the block job methods (snapshots
-// included) run a QEMU operation to its end, bounded by their context, on
-// the parts here.
 
 // DefaultProgressInterval is how often Migrate and the block job methods
 // query the progress they report, when their options say 0.
@@ -23,18 +29,135 @@ const DefaultProgressInterval = 200 * time.Millisecond
 const DefaultCancelGrace = 30 * time.Second
 
 // ErrCancelPending is wrapped, beside the context's error, by the error
-// of a call whose context ended and whose cancel QEMU had not carried out
-// within the grace: the migration or job is still being cancelled in
-// QEMU, and the caller may wait for its end itself (MigrationFilter,
-// JobStatusFilter).
+// of a call whose context ended and whose migration or job QEMU had not
+// ended within the grace: it is still being cancelled (or, for a
+// migration that could not be cancelled, still running) in QEMU, and the
+// caller may wait for its end itself (MigrationFilter, JobStatusFilter).
 var ErrCancelPending = errors.New("cancel still pending in QEMU")
 
+// steps is what a long operation supplies to operation.run. Each step that
+// reports done has set the operation's result.
+type steps interface {
+	// query asks QEMU for the operation's state (query-migrate,
+	// query-jobs); after a start whose reply was lost, it is the round
+	// trip after which every event QEMU sent before that reply has been
+	// handed out.
+	query(ctx context.Context) error
+	// startedBy reports whether ev says that QEMU started the operation.
+	startedBy(ev QMPEvent) bool
+	// poll reports progress, every ProgressInterval without an event.
+	poll(ctx context.Context) (done bool)
+	// event handles one of the operation's events.
+	event(ctx context.Context, ev QMPEvent) (done bool)
+	// cancel decides from QEMU's state, asked now, whether and how to
+	// cancel, and does it; it is called once, bounded by the grace.
+	cancel(gctx context.Context) (done bool)
+	// pending returns the error of an operation the grace ran out on.
+	pending(grace time.Duration) error
+	// error labels err with the operation's command and object.
+	error(err error) error
+}
+
+// operation is one run of a long operation.
+type operation struct {
+	q     *QMP
+	w     waiter
+	grace time.Duration // CancelGrace, or 0 for the default
+
+	// Once the operation is to be cancelled: why, and the grace that
+	// bounds the cancel and the wait for its end, which ctx no longer
+	// does.
+	cause     error
+	gctx      context.Context
+	stopGrace context.CancelFunc
+}
+
+// newOperation returns an operation that receives sub's events, polling
+// every interval when poll is set, and cancels under grace.
+func newOperation(q *QMP, sub *Subscription, interval time.Duration, poll bool, grace time.Duration) *operation {
+	return &operation{q: q, w: waiter{sub: sub, interval: interval, poll: poll}, grace: grace}
+}
+
+// run starts the operation with start, which sends its command, and runs
+// it to its end. It returns the error of a start QEMU refused or never
+// received; every other end is s's to report, in its result.
+func (o *operation) run(ctx context.Context, s steps, start func(context.Context) error) error {
+	defer o.endGrace()
+	err := start(ctx)
+	switch {
+	case err == nil:
+		return o.wait(ctx, s)
+	case !unanswered(err):
+		return err // refused, never sent, or QEMU gone
+	}
+	// QEMU sends the event that says it started (a migration's setup, a
+	// job's created) before its reply: once another command has had the
+	// turn, which comes after that reply, the subscription holds it.
+	o.beginCancel(ctx, contextError(ctx))
+	if qerr := s.query(o.gctx); qerr != nil {
+		return s.error(fmt.Errorf("%w; and whether QEMU started it is unknown: %w", o.cause, qerr))
+	}
+	if !slices.ContainsFunc(o.w.hold(), s.startedBy) {
+		return err
+	}
+	if s.cancel(o.gctx) {
+		return nil
+	}
+	return o.wait(ctx, s)
+}
+
+// wait hands the operation's events and polls to s until a step says the
+// operation is over. When ctx ends, the operation is cancelled, and the
+// wait goes on under the grace.
+func (o *operation) wait(ctx context.Context, s steps) error {
+	for {
+		wctx := ctx
+		if o.cause != nil {
+			wctx = o.gctx
+		}
+		ev, err := o.w.next(wctx)
+		switch {
+		case errors.Is(err, errPoll):
+			if s.poll(wctx) {
+				return nil
+			}
+			continue
+		case err != nil && o.cause != nil && o.gctx.Err() != nil:
+			return s.pending(orDefault(o.grace, DefaultCancelGrace))
+		case err != nil && o.cause == nil && ctx.Err() != nil:
+			o.beginCancel(ctx, contextError(ctx))
+			if s.cancel(o.gctx) {
+				return nil
+			}
+			continue
+		case err != nil:
+			return s.error(fmt.Errorf("waiting for its end: %w", err))
+		}
+		if s.event(wctx, ev) {
+			return nil
+		}
+	}
+}
+
+// beginCancel records why the operation is to be cancelled and starts the
+// grace that bounds the cancel and the wait for its end.
+func (o *operation) beginCancel(ctx context.Context, cause error) {
+	o.cause = cause
+	o.gctx, o.stopGrace = graceContext(ctx, o.grace)
+}
+
+func (o *operation) endGrace() {
+	if o.stopGrace != nil {
+		o.stopGrace()
+	}
+}
+
 // graceContext bounds what is done to undo or end something after ctx
-// ended (Migrate's and the block jobs' cancels, the guest agent's thaw and
-// file close): a context of its own, d long (DefaultCancelGrace when
-// zero), with ctx's values.
+// ended (a long operation's cancel, the guest agent's thaw and file
+// close): a context of its own, d long (DefaultCancelGrace when zero),
+// with ctx's values.
 func graceContext(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
-	return withTimeout(context.WithoutCancel(ctx), d, DefaultCancelGrace)
+	return context.WithTimeout(context.WithoutCancel(ctx), orDefault(d, DefaultCancelGrace))
 }
 
 // orDefault returns d, or def when d is zero.
@@ -71,14 +194,6 @@ func (w *waiter) hold() []QMPEvent {
 	}
 }
 
-// drop takes the events queued now, as hold does, and returns them with
-// those held before: next returns none of them.
-func (w *waiter) drop() []QMPEvent {
-	held := w.hold()
-	w.held = nil
-	return held
-}
-
 // next returns the next event, or errPoll when interval has passed
 // without one and the operation reports progress.
 func (w *waiter) next(ctx context.Context) (QMPEvent, error) {
@@ -90,7 +205,7 @@ func (w *waiter) next(ctx context.Context) (QMPEvent, error) {
 	if !w.poll {
 		return w.sub.Receive(ctx)
 	}
-	tctx, cancel := withTimeout(ctx, w.interval, DefaultProgressInterval)
+	tctx, cancel := context.WithTimeout(ctx, orDefault(w.interval, DefaultProgressInterval))
 	defer cancel()
 	ev, err := w.sub.Receive(tctx)
 	if err != nil && ctx.Err() == nil && tctx.Err() != nil {
