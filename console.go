@@ -109,10 +109,8 @@ type SerialConsole struct {
 	done   chan struct{}
 	cursor *ConsoleCursor // the position of the console's own waits
 
-	mu      sync.Mutex // guards the fields below
-	hist    []byte     // the last bytes the guest wrote; hist[0] is at offset start
-	start   int64
-	max     int
+	mu      sync.Mutex    // guards the fields below
+	hist    tail          // the last bytes the guest wrote
 	changed chan struct{} // closed, and replaced, when bytes come or the console ends
 	ended   bool
 }
@@ -127,7 +125,7 @@ func newSerialConsole(f *os.File, history int, log io.Writer) (*SerialConsole, e
 	if history <= 0 {
 		history = DefaultConsoleHistory
 	}
-	c := &SerialConsole{conn: conn, max: history, done: make(chan struct{}), changed: make(chan struct{})}
+	c := &SerialConsole{conn: conn, hist: tail{max: history}, done: make(chan struct{}), changed: make(chan struct{})}
 	c.cursor = &ConsoleCursor{c: c}
 	if log != nil {
 		c.sink = newOutputSink(log, "console output")
@@ -165,34 +163,13 @@ func (c *SerialConsole) read() {
 	}
 }
 
-// add appends p to the history. The buffer is trimmed to max once it holds
-// twice that, so that each byte is moved a bounded number of times; what
-// is older than the last max bytes is not shown.
+// add appends p to the history and wakes the waits.
 func (c *SerialConsole) add(p []byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.hist = append(c.hist, p...)
-	if over := len(c.hist) - c.max; len(c.hist) > 2*c.max {
-		c.hist = append(c.hist[:0], c.hist[over:]...)
-		c.start += int64(over)
-	}
+	c.hist.write(p)
 	close(c.changed)
 	c.changed = make(chan struct{})
-}
-
-// end returns the offset just past the last byte written. c.mu is held.
-func (c *SerialConsole) end() int64 { return c.start + int64(len(c.hist)) }
-
-// kept returns the offset of the oldest byte the history shows: the last
-// max bytes. c.mu is held.
-func (c *SerialConsole) kept() int64 { return max(c.start, c.end()-int64(c.max)) }
-
-// since returns the bytes from offset off (or from the oldest kept, if
-// off is older) to the end. c.mu is held; the slice is valid until it is
-// released.
-func (c *SerialConsole) since(off int64) (from int64, b []byte) {
-	from = max(off, c.kept())
-	return from, c.hist[from-c.start:]
 }
 
 // History returns the last bytes the guest wrote to its console: at most
@@ -201,7 +178,7 @@ func (c *SerialConsole) since(off int64) (from int64, b []byte) {
 func (c *SerialConsole) History() []byte {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	_, b := c.since(0)
+	_, b := c.hist.since(0)
 	return bytes.Clone(b)
 }
 
@@ -244,7 +221,7 @@ func (c *SerialConsole) WaitForPrompt(ctx context.Context, prompt string) (strin
 func (c *SerialConsole) Cursor() *ConsoleCursor {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return &ConsoleCursor{c: c, pos: c.end()}
+	return &ConsoleCursor{c: c, pos: c.hist.end()}
 }
 
 // ConsoleCursor is a position in a SerialConsole's output, from which its
@@ -324,7 +301,7 @@ func (cur *ConsoleCursor) wait(ctx context.Context, what string, match matcher) 
 		if from < 0 {
 			from = c.firstLine(cur.pos)
 		}
-		base, b := c.since(from)
+		base, b := c.hist.since(from)
 		start, end, found, seen := match(b)
 		var text string
 		if found {
@@ -352,20 +329,20 @@ func (cur *ConsoleCursor) wait(ctx context.Context, what string, match matcher) 
 // out of the history, the first line that starts in it (the line at its
 // start may be the tail of one). c.mu is held.
 func (c *SerialConsole) firstLine(pos int64) int64 {
-	if pos >= c.kept() {
+	if pos >= c.hist.kept() {
 		return pos
 	}
-	from, b := c.since(0)
+	from, b := c.hist.since(0)
 	if i := bytes.IndexByte(b, '\n'); i >= 0 {
 		return from + int64(i) + 1
 	}
-	return c.end()
+	return c.hist.end()
 }
 
 // lineTo returns the line that holds offset at, from its start (or the
 // oldest byte kept) to offset end, without a line ending. c.mu is held.
 func (c *SerialConsole) lineTo(at, end int64) string {
-	from, b := c.since(0)
+	from, b := c.hist.since(0)
 	line := b[:end-from]
 	if i := bytes.LastIndexByte(line[:at-from], '\n'); i >= 0 {
 		line = line[i+1:]
@@ -380,7 +357,7 @@ func (c *SerialConsole) lineTo(at, end int64) string {
 func (c *SerialConsole) NewReader() io.Reader {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return &consoleReader{c: c, pos: c.kept()}
+	return &consoleReader{c: c, pos: c.hist.kept()}
 }
 
 type consoleReader struct {
@@ -392,7 +369,7 @@ func (r *consoleReader) Read(p []byte) (int, error) {
 	c := r.c
 	for {
 		c.mu.Lock()
-		from, b := c.since(r.pos)
+		from, b := c.hist.since(r.pos)
 		n := copy(p, b)
 		r.pos = from + int64(n)
 		changed, ended := c.changed, c.ended

@@ -82,7 +82,7 @@ func launch(ctx context.Context, path string, params []string, fds []*os.File, e
 	if len(env) > 0 {
 		cmd.Env = append(os.Environ(), env...)
 	}
-	stderr := &tailBuffer{max: maxStderr}
+	stderr := newTailBuffer(maxStderr)
 	cmd.Stderr = stderr
 	cmd.WaitDelay = stderrGrace
 	log.Infof("qemu: launching %s %q", path, params)

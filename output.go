@@ -15,34 +15,75 @@ import (
 // which hold the error that made it exit.
 const maxStderr = 1 << 20
 
+// tail keeps the last bytes written to it: the buffer grows to twice max,
+// then drops what is older than the last max bytes, so that each byte is
+// moved a bounded number of times. It knows where its first byte stands
+// in everything written, so readers can keep positions in it. QEMU's
+// stderr (tailBuffer), the console's history and the sinks' backlogs are
+// tails. A tail is its owner's to lock.
+type tail struct {
+	buf   []byte
+	max   int
+	start int64 // the offset of buf[0] in everything written
+}
+
+// write appends p and returns how many bytes it dropped to stay bounded.
+func (t *tail) write(p []byte) int {
+	t.buf = append(t.buf, p...)
+	if len(t.buf) <= 2*t.max {
+		return 0
+	}
+	over := len(t.buf) - t.max
+	t.buf = append(t.buf[:0], t.buf[over:]...)
+	t.start += int64(over)
+	return over
+}
+
+// end returns the offset just past the last byte written.
+func (t *tail) end() int64 { return t.start + int64(len(t.buf)) }
+
+// kept returns the offset of the oldest byte shown: the last max bytes.
+func (t *tail) kept() int64 { return max(t.start, t.end()-int64(t.max)) }
+
+// since returns the bytes shown from offset off (or from the oldest kept,
+// if off is older) to the end, and where they start. The slice is valid
+// until the next write.
+func (t *tail) since(off int64) (from int64, b []byte) {
+	from = max(off, t.kept())
+	return from, t.buf[from-t.start:]
+}
+
+// take returns every byte held and leaves the tail empty, its buffer now
+// spare's.
+func (t *tail) take(spare []byte) []byte {
+	b := t.buf
+	t.start += int64(len(b))
+	t.buf = spare[:0]
+	return b
+}
+
 // tailBuffer is an io.Writer that keeps the last max bytes written to it,
 // so that a QEMU writing without end cannot make the launcher hold
 // unbounded memory. It may be read while it is written.
 type tailBuffer struct {
-	max int
-	mu  sync.Mutex
-	buf []byte
+	mu sync.Mutex
+	t  tail
 }
+
+func newTailBuffer(max int) *tailBuffer { return &tailBuffer{t: tail{max: max}} }
 
 func (b *tailBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.buf = append(b.buf, p...)
-	// Trim only once twice the limit is reached, so that each byte is
-	// moved a bounded number of times.
-	if len(b.buf) > 2*b.max {
-		b.buf = append(b.buf[:0], b.buf[len(b.buf)-b.max:]...)
-	}
+	b.t.write(p)
 	return len(p), nil
 }
 
 func (b *tailBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if len(b.buf) > b.max {
-		return string(b.buf[len(b.buf)-b.max:])
-	}
-	return string(b.buf)
+	_, last := b.t.since(0)
+	return string(last)
 }
 
 // outputSink copies what QEMU writes (its stderr, the guest's console) to
@@ -57,14 +98,15 @@ type outputSink struct {
 	once      sync.Once
 
 	mu       sync.Mutex // guards the fields below
-	backlog  []byte
+	backlog  tail       // of maxStderr: up to twice that before it drops
 	dropped  int64
 	finished bool // no more input
 	discard  bool // w failed or the sink was abandoned
 }
 
 func newOutputSink(w io.Writer, what string) *outputSink {
-	return &outputSink{w: w, what: what, ready: make(chan struct{}, 1), done: make(chan struct{}), abandoned: make(chan struct{})}
+	return &outputSink{w: w, what: what, backlog: tail{max: maxStderr},
+		ready: make(chan struct{}, 1), done: make(chan struct{}), abandoned: make(chan struct{})}
 }
 
 // abandon makes the sink write nothing more.
@@ -78,21 +120,14 @@ func (s *outputSink) abandon() {
 func (s *outputSink) stop() {
 	s.mu.Lock()
 	s.discard = true
-	s.backlog = nil
+	s.backlog.take(nil)
 	s.mu.Unlock()
 }
 
 func (s *outputSink) add(p []byte) {
 	s.mu.Lock()
 	if !s.discard {
-		s.backlog = append(s.backlog, p...)
-		// Trim to half the limit, so that each byte is moved a bounded
-		// number of times.
-		if len(s.backlog) > 2*maxStderr {
-			over := len(s.backlog) - maxStderr
-			s.dropped += int64(over)
-			s.backlog = append(s.backlog[:0], s.backlog[over:]...)
-		}
+		s.dropped += int64(s.backlog.write(p))
 	}
 	s.mu.Unlock()
 	s.wake()
@@ -119,7 +154,7 @@ func (s *outputSink) run() {
 	var chunk []byte
 	for {
 		s.mu.Lock()
-		chunk, s.backlog = s.backlog, chunk[:0]
+		chunk = s.backlog.take(chunk)
 		dropped, finished, discard := s.dropped, s.finished, s.discard
 		s.dropped = 0
 		s.mu.Unlock()

@@ -671,7 +671,7 @@ exit 1`)
 }
 
 func TestTailBuffer(t *testing.T) {
-	b := &tailBuffer{max: 10}
+	b := newTailBuffer(10)
 	var all []byte
 	for i := 0; i < 100; i++ {
 		p := []byte(fmt.Sprintf("%d,", i))

@@ -307,7 +307,7 @@ func newInstance(args []string, opts InstanceOptions) *Instance {
 		args:     args,
 		log:      orNullLogger(opts.Logger),
 		opts:     opts,
-		stderr:   &tailBuffer{max: maxStderr},
+		stderr:   newTailBuffer(maxStderr),
 		exited:   make(chan struct{}),
 		drained:  make(chan struct{}),
 		stopTurn: make(chan struct{}, 1),
