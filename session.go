@@ -101,12 +101,13 @@ type reply struct {
 // which decodes every line, and one command in flight at a time.
 //
 // The turn is a one-token semaphore: a caller takes it before it writes
-// its command and it is given back by whoever takes the command out of the
-// in-flight slot: the reader when the reply comes, end when the session
-// ends first, or the caller itself when its write sent nothing or, on a
-// session with resync, when it gives up or its write is cut short. Each
-// command has a completion of its own, so a caller that gives up just
-// stops listening and the reader needs to know nothing about it.
+// its command, and release gives it back as it takes the command out of
+// the in-flight slot, whoever calls it: the reader when the reply comes,
+// end when the session ends first, or the caller itself when its write
+// sent nothing or, on a session with resync, when it gives up or its
+// write is cut short. Each command has a completion of its own, so a
+// caller that gives up just stops listening and the reader needs to know
+// nothing about it.
 type session struct {
 	conn  net.Conn
 	proto protocol
@@ -214,28 +215,17 @@ func (s *session) readLoop(r *bufio.Reader) {
 	}
 }
 
-// complete hands a reply to the command in flight, if it is the command's,
-// and gives the turn back.
+// complete hands a reply to the command in flight, if it is the
+// command's.
 func (s *session) complete(f frame) {
 	s.mu.Lock()
 	p := s.inflight
-	if p != nil && p.accept != nil && !p.accept(f) {
-		p = nil
-	} else if p != nil {
-		s.inflight = nil
-		if p.synchronises {
-			// Under the lock that withdraw takes, so that a command
-			// given up on after this reply makes the need anew.
-			s.unsynced = false
-		}
-	}
 	s.mu.Unlock()
-	if p == nil {
+	if p == nil || p.accept != nil && !p.accept(f) || !s.release(p, answered) {
 		s.log.Warningf("%s: skipping a reply that no command in flight is waiting for", s.proto.name)
 		return
 	}
 	p.c <- reply{ret: f.ret, err: f.err}
-	<-s.turn
 }
 
 // end is the one place where a session ends: it records why, fails the
@@ -251,15 +241,49 @@ func (s *session) end(cause error) {
 	}
 	err := s.err
 	p := s.inflight
-	s.inflight = nil
 	s.mu.Unlock()
 	s.conn.Close()
-	if p != nil {
+	if p != nil && s.release(p, dropped) {
 		p.c <- reply{err: &lostReplyError{err}}
-		<-s.turn
 	}
 	s.proto.end(err)
 	close(s.done)
+}
+
+// releaseKind says how a command left the in-flight slot.
+type releaseKind int
+
+const (
+	answered releaseKind = iota // its reply came
+	owed                        // its caller gave up, but the peer may still answer it
+	dropped                     // it was never sent, or the session ended
+)
+
+// release takes p out of the in-flight slot, if it is still there, and
+// gives the turn back. It is the only place the turn is given back,
+// whoever ends the command: the reader with its reply, end, or its caller.
+// A resync's answer ends the need for one; an answer owed makes it, so
+// that the next command sends the resync's request first. It reports
+// whether p was in the slot.
+func (s *session) release(p *pending, how releaseKind) bool {
+	s.mu.Lock()
+	mine := s.inflight == p
+	if mine {
+		s.inflight = nil
+		// Under the lock, so that a command given up on after a
+		// resync's reply makes the need anew.
+		switch {
+		case how == answered && p.synchronises:
+			s.unsynced = false
+		case how == owed:
+			s.unsynced = true
+		}
+	}
+	s.mu.Unlock()
+	if mine {
+		<-s.turn
+	}
+	return mine
 }
 
 // shutdown ends the session with ErrShutdown, unless it has ended already,
@@ -410,7 +434,7 @@ func (s *session) exchange(ctx context.Context, req request) (json.RawMessage, e
 		default:
 		}
 		if s.proto.resync != nil {
-			s.withdraw(p, true)
+			s.release(p, owed)
 		}
 		if req.synchronises {
 			// The caller's own command was never sent.
@@ -427,14 +451,11 @@ func (s *session) send(ctx context.Context, req request) (*pending, error) {
 	p := &pending{c: make(chan reply, 1), accept: req.accept, synchronises: req.synchronises}
 	s.mu.Lock()
 	err := s.err
-	if err == nil {
-		// Before the write: the reply can be read before the write
-		// returns.
-		s.inflight = p
-	}
+	// Before the write: the reply can be read before the write returns.
+	s.inflight = p
 	s.mu.Unlock()
 	if err != nil {
-		<-s.turn
+		s.release(p, dropped)
 		return nil, err
 	}
 	s.wmu.Lock()
@@ -452,37 +473,20 @@ func (s *session) send(ctx context.Context, req request) (*pending, error) {
 		err = contextError(ctx)
 	}
 	err = fmt.Errorf("write: %w", err)
-	if n > 0 && s.proto.resync != nil {
+	switch {
+	case n > 0 && s.proto.resync != nil:
 		// The resync's request starts with what resets the peer's
 		// parser (the guest agent's 0xFF), so the session goes on.
-		s.withdraw(p, true)
-		return nil, err
-	}
-	if n > 0 {
+		s.release(p, owed)
+	case n > 0:
 		// Half a command leaves the peer's parser in an unknown state:
 		// the session cannot go on. The reader ends it and takes the
 		// command out of the slot.
 		s.fail(fmt.Errorf("%w: %d of %d bytes of a command written: %w", ErrDisconnected, n, len(buf), err))
-		return nil, err
+	default:
+		s.release(p, dropped)
 	}
-	s.withdraw(p, false)
 	return nil, err
-}
-
-// withdraw takes p out of the slot, if the reader or end has not already,
-// and then gives the turn back. replyOwed says that the peer may still
-// answer it, so the next command needs a resync first.
-func (s *session) withdraw(p *pending, replyOwed bool) {
-	s.mu.Lock()
-	mine := s.inflight == p
-	if mine {
-		s.inflight = nil
-		s.unsynced = s.unsynced || replyOwed
-	}
-	s.mu.Unlock()
-	if mine {
-		<-s.turn
-	}
 }
 
 // write writes p, with files as SCM_RIGHTS on its first byte, until ctx

@@ -342,13 +342,16 @@ func TestSessionNextCommandWaitsForPreviousWrite(t *testing.T) {
 // engine's commands and each long operation alike.
 func TestContextCauseReached(t *testing.T) {
 	cause := errors.New("the operator pulled the plug")
-	// run starts op with a context that is cancelled with cause once
-	// started says so (or at once, when started is nil), and returns
-	// op's error.
+	// run calls op with a context cancelled with cause: once started
+	// says op is under way, or before the call when started is nil. It
+	// returns op's error.
 	run := func(t *testing.T, op func(ctx context.Context) error, started <-chan struct{}) error {
 		t.Helper()
 		ctx, cancel := context.WithCancelCause(context.Background())
 		defer cancel(nil)
+		if started == nil {
+			cancel(cause)
+		}
 		ch := pendingCall(func() error { return op(ctx) })
 		if started != nil {
 			select {
@@ -356,8 +359,8 @@ func TestContextCauseReached(t *testing.T) {
 			case err := <-ch:
 				t.Fatalf("ended before it was under way: %v", err)
 			}
+			cancel(cause)
 		}
-		cancel(cause)
 		return returnsWithin(t, 10*time.Second, func() error { return <-ch })
 	}
 	check := func(t *testing.T, err error) {
