@@ -149,7 +149,7 @@ type Instance struct {
 
 	stopTurn  chan struct{} // holds a token while a Stop runs
 	killed    atomic.Bool   // SIGKILL was sent to a running QEMU
-	exiting   atomic.Bool   // QEMU sent SHUTDOWN, and no STOP or RESUME since; set by watchShutdown
+	shutdown  atomic.Int32  // a shutdownState, kept by watchShutdown
 	closeOnce sync.Once
 }
 

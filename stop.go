@@ -196,7 +196,7 @@ func (s *stopRun) ladder(ctx context.Context) StopStep {
 	if s.leavingByItself(ctx) {
 		return StopExited
 	}
-	if !isClosed(inst.qmp.Done()) && !inst.exiting.Load() {
+	if !isClosed(inst.qmp.Done()) && !inst.isLeaving() {
 		guestDown := false
 		if !s.opts.NoPowerdown && s.guestRunning(ctx) {
 			var exited bool
@@ -215,7 +215,7 @@ func (s *stopRun) ladder(ctx context.Context) StopStep {
 			if s.leavingByItself(ctx) {
 				return StopExited
 			}
-			if !inst.exiting.Load() && s.quit(ctx) {
+			if !inst.isLeaving() && s.quit(ctx) {
 				return StopQuit
 			}
 		}
@@ -262,7 +262,7 @@ func (s *stopRun) powerdown(ctx context.Context) (exited, guestDown bool) {
 	start := time.Now()
 	pctx, cancel := context.WithTimeout(ctx, s.opts.PowerdownTimeout)
 	defer cancel()
-	if inst.exiting.Load() {
+	if inst.isLeaving() {
 		// A SHUTDOWN came with query-status's reply: the ladder waits.
 		return inst.hasExited(), false
 	}
@@ -290,20 +290,40 @@ func (s *stopRun) powerdown(ctx context.Context) (exited, guestDown bool) {
 	return inst.hasExited(), false
 }
 
-// watchShutdown keeps inst.exiting up to date with q's events, before
+// shutdownState is what QEMU's events say of the guest's shutdown, which
+// decides what Stop may send: nothing to a QEMU that is leaving.
+type shutdownState int32
+
+const (
+	// notShutDown: no SHUTDOWN, or a RESUME since the last one.
+	notShutDown shutdownState = iota
+	// leaving: SHUTDOWN, and no STOP or RESUME since: QEMU is exiting.
+	leaving
+	// staying: SHUTDOWN, then STOP: QEMU stays (-no-shutdown, or the
+	// shutdown action "pause"), and exits when told to.
+	staying
+)
+
+// watchShutdown keeps inst.shutdown up to date with q's events, before
 // anyone else sees them: a caller handed SHUTDOWN who calls Stop at once
-// finds it set. QEMU sends no event before qmp_capabilities, so it is
+// finds it leaving. QEMU sends no event before qmp_capabilities, so it is
 // called before them.
 func (inst *Instance) watchShutdown(q *QMP) {
 	q.router.observe(func(ev QMPEvent) {
 		switch ev.Name {
 		case "SHUTDOWN":
-			inst.exiting.Store(true)
-		case "STOP", "RESUME":
-			inst.exiting.Store(false)
+			inst.shutdown.Store(int32(leaving))
+		case "STOP":
+			inst.shutdown.CompareAndSwap(int32(leaving), int32(staying))
+		case "RESUME":
+			inst.shutdown.Store(int32(notShutDown))
 		}
 	})
 }
+
+// isLeaving reports whether QEMU said, with SHUTDOWN and no STOP or RESUME
+// since, that it is exiting.
+func (inst *Instance) isLeaving() bool { return shutdownState(inst.shutdown.Load()) == leaving }
 
 // leavingByItself reports whether QEMU, which sent SHUTDOWN and no STOP
 // since, then exited. It sends nothing to a QEMU that is exiting (see
@@ -314,7 +334,7 @@ func (s *stopRun) leavingByItself(ctx context.Context) bool {
 	inst := s.inst
 	stops := inst.qmp.Subscribe(EventFilter{Names: []string{"STOP"}})
 	defer stops.Close()
-	if !inst.exiting.Load() {
+	if !inst.isLeaving() {
 		return false
 	}
 	qctx, cancel := context.WithTimeout(ctx, s.opts.QuitTimeout)
@@ -335,7 +355,7 @@ func (s *stopRun) leavingByItself(ctx context.Context) bool {
 // during its cleanup after SHUTDOWN.
 func (s *stopRun) leaveAfterShutdown(ctx context.Context) {
 	inst := s.inst
-	if s.leavingByItself(ctx) || inst.exiting.Load() || inst.hasExited() {
+	if s.leavingByItself(ctx) || inst.isLeaving() || inst.hasExited() {
 		return
 	}
 	qctx, cancel := context.WithTimeout(ctx, s.opts.QuitTimeout)
