@@ -17,6 +17,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fc93c01d/qemu/internal/iso9660"
 )
 
 // testMetaData and testUserData are what the tests put on a ConfigDrive. The
@@ -81,7 +83,7 @@ func TestSeedBuilders(t *testing.T) {
 				t.Fatal(err)
 			}
 			// The primary volume descriptor's creation time.
-			recorded, err := time.Parse("20060102150405", string(written[16*isoBlock+813:][:14]))
+			recorded, err := time.Parse("20060102150405", string(written[16*iso9660.BlockSize+813:][:14]))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -473,7 +475,7 @@ func TestCloudInitISOInGuest(t *testing.T) {
 		}
 		// The guest reads the Joliet view's label from the Joliet volume
 		// descriptor, which holds 16 characters.
-		jolietLabel := d.label[:min(len(d.label), isoJolietLabelLen)]
+		jolietLabel := d.label[:min(len(d.label), iso9660.JolietLabelLen)]
 		j := seen[d.dev+" joliet"]
 		if j == nil || j.label != jolietLabel {
 			t.Errorf("%s: no Joliet listing with label %s on %s; the guest listed:\n%s", d.name, jolietLabel, d.dev, listingSummary(seen))

@@ -20,6 +20,8 @@ import (
 	"testing/iotest"
 	"time"
 	"unicode/utf16"
+
+	"github.com/fc93c01d/qemu/internal/iso9660"
 )
 
 // isoTestTime is the ModTime of the images the tests compare byte for byte.
@@ -38,9 +40,9 @@ func isoTestTree() (files map[string][]byte, dirs []string) {
 		"ünïcödé/Grüße 日本.txt":             []byte("non-ASCII names"),
 		"empty":                            {},
 		"a/b/c/d/e/f/g/deepest":            []byte("eight levels"),
-		"blocks/exactly-one-block":         bytes.Repeat([]byte{1}, isoBlock),
-		"blocks/one-byte-more":             bytes.Repeat([]byte{2}, isoBlock+1),
-		"blocks/one-byte-less":             bytes.Repeat([]byte{3}, isoBlock-1),
+		"blocks/exactly-one-block":         bytes.Repeat([]byte{1}, iso9660.BlockSize),
+		"blocks/one-byte-more":             bytes.Repeat([]byte{2}, iso9660.BlockSize+1),
+		"blocks/one-byte-less":             bytes.Repeat([]byte{3}, iso9660.BlockSize-1),
 		// ECMA-119 §9.3 order is not that of the raw identifiers: A.;1
 		// sorts before A.1;1 (an empty extension reads as spaces), and the
 		// Joliet a.b (name a, extension b) before a-b.
@@ -107,7 +109,7 @@ func allDirs(files map[string][]byte, dirs []string) []string {
 func TestISOImageReadBack(t *testing.T) {
 	files, dirs := isoTestTree()
 	img := isoBytes(t, newISOTestImage(t, "Test-Volume_1", files, dirs))
-	if len(img)%isoBlock != 0 {
+	if len(img)%iso9660.BlockSize != 0 {
 		t.Fatalf("image of %d bytes, not whole blocks", len(img))
 	}
 	got, err := readISO(img)
@@ -129,8 +131,8 @@ func TestISOImageReadBack(t *testing.T) {
 	if !got.isoNames["MIXED_CA/A_LONG_F.TEX;1"] || !got.isoNames["MIXED_CA/A_LONG_1.TEX;1"] {
 		t.Errorf("ISO 9660 names %q lack MIXED_CA/A_LONG_F.TEX;1 and MIXED_CA/A_LONG_1.TEX;1", sortedSet(got.isoNames))
 	}
-	if got.modes["user-data"] != isoFileMode || got.modes["a/b"] != isoDirMode {
-		t.Errorf("Rock Ridge modes %o and %o, want %o and %o", got.modes["user-data"], got.modes["a/b"], isoFileMode, isoDirMode)
+	if got.modes["user-data"] != iso9660.FileMode || got.modes["a/b"] != iso9660.DirMode {
+		t.Errorf("Rock Ridge modes %o and %o, want %o and %o", got.modes["user-data"], got.modes["a/b"], iso9660.FileMode, iso9660.DirMode)
 	}
 }
 
@@ -370,7 +372,7 @@ func TestISOImageModTime(t *testing.T) {
 		{time.Date(2156, 1, 1, 0, 59, 59, 0, time.FixedZone("CET", 3600)), 255, "2155123123595900"},
 	} {
 		img := isoBytes(t, &ISOImage{ModTime: tc.t})
-		pvd := img[16*isoBlock:]
+		pvd := img[16*iso9660.BlockSize:]
 		if got := pvd[156+18]; got != tc.year {
 			t.Errorf("%v: the root record's year byte is %d, want %d", tc.t, got, tc.year)
 		}
@@ -765,11 +767,11 @@ func readISO(img []byte) (*isoImage, error) {
 		isoNames: map[string]bool{}, modes: map[string]uint32{}}
 	var pvd, svd []byte
 	for sector := 16; ; sector++ {
-		off := sector * isoBlock
-		if off+isoBlock > len(img) {
+		off := sector * iso9660.BlockSize
+		if off+iso9660.BlockSize > len(img) {
 			return nil, errors.New("no volume descriptor set terminator")
 		}
-		vd := img[off : off+isoBlock]
+		vd := img[off : off+iso9660.BlockSize]
 		if string(vd[1:6]) != "CD001" {
 			return nil, fmt.Errorf("sector %d is not a volume descriptor", sector)
 		}
@@ -790,10 +792,10 @@ func readISO(img []byte) (*isoImage, error) {
 		return nil, errors.New("no Joliet volume descriptor")
 	}
 	for _, vd := range [][]byte{pvd, svd} {
-		if bs, err := both16(vd[128:]); err != nil || bs != isoBlock {
+		if bs, err := both16(vd[128:]); err != nil || bs != iso9660.BlockSize {
 			return nil, fmt.Errorf("block size %d, %v", bs, err)
 		}
-		if n, err := both32(vd[80:]); err != nil || int(n)*isoBlock != len(img) {
+		if n, err := both32(vd[80:]); err != nil || int(n)*iso9660.BlockSize != len(img) {
 			return nil, fmt.Errorf("volume space of %d blocks for an image of %d bytes, %v", n, len(img), err)
 		}
 	}
@@ -885,7 +887,7 @@ func parseISORecord(b []byte) (isoRecord, error) {
 }
 
 func (r *isoReader) data(rec isoRecord) ([]byte, error) {
-	start := int64(rec.extent) * isoBlock
+	start := int64(rec.extent) * iso9660.BlockSize
 	end := start + int64(rec.size)
 	if end > int64(len(r.img)) {
 		return nil, fmt.Errorf("extent %d+%d beyond the image", rec.extent, rec.size)
@@ -904,10 +906,10 @@ func (r *isoReader) records(dir isoRecord) ([]isoRecord, error) {
 	var recs []isoRecord
 	for off := 0; off < len(data); {
 		if data[off] == 0 {
-			off = (off/isoBlock + 1) * isoBlock
+			off = (off/iso9660.BlockSize + 1) * iso9660.BlockSize
 			continue
 		}
-		if off%isoBlock+int(data[off]) > isoBlock {
+		if off%iso9660.BlockSize+int(data[off]) > iso9660.BlockSize {
 			return nil, errors.New("directory record crosses a block boundary")
 		}
 		rec, err := parseISORecord(data[off:])
@@ -1091,7 +1093,7 @@ func (r *isoReader) checkPathTables(vd []byte, joliet bool) error {
 		parent uint16
 	}
 	read := func(at uint32, order binary.ByteOrder) ([]entry, error) {
-		start := int64(at) * isoBlock
+		start := int64(at) * iso9660.BlockSize
 		if start+int64(size) > int64(len(r.img)) {
 			return nil, errors.New("path table beyond the image")
 		}
