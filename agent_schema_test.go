@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -249,47 +248,6 @@ func (c *qapiConverter) memberType(raw json.RawMessage) (string, error) {
 		return c.memberType(o.Type)
 	}
 	return "", fmt.Errorf("unexpected type %s", raw)
-}
-
-// fakeAgentAnswer answers a command the way qemu-ga would, in shape.
-func fakeAgentAnswer(cmd string) string {
-	if id := syncLine(cmd); id != "" {
-		return "\xff{\"return\": " + id + "}"
-	}
-	var c struct {
-		Execute   string
-		Arguments struct {
-			Buf []byte `json:"buf-b64"`
-		}
-	}
-	json.Unmarshal([]byte(cmd), &c)
-	switch c.Execute {
-	case "guest-info":
-		var list []string
-		for _, name := range agentCommandNames {
-			list = append(list, fmt.Sprintf(`{"name": %q, "enabled": true, "success-response": true}`, name))
-		}
-		return `{"return": {"version": "7.2.0", "supported_commands": [` + strings.Join(list, ", ") + `]}}`
-	case "guest-file-open", "guest-get-time", "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list", "guest-fsfreeze-thaw":
-		return `{"return": 1}`
-	case "guest-file-read":
-		return `{"return": {"count": 3, "buf-b64": "` + base64.StdEncoding.EncodeToString([]byte("abc")) + `", "eof": false}}`
-	case "guest-file-write":
-		return fmt.Sprintf(`{"return": {"count": %d, "eof": false}}`, len(c.Arguments.Buf))
-	case "guest-file-seek":
-		return `{"return": {"position": 0, "eof": false}}`
-	case "guest-exec":
-		return `{"return": {"pid": 7}}`
-	case "guest-exec-status":
-		return `{"return": {"exited": true, "exitcode": 0}}`
-	case "guest-fsfreeze-status":
-		return `{"return": "thawed"}`
-	case "guest-network-get-interfaces":
-		return `{"return": []}`
-	case "guest-shutdown":
-		return `{"error": {"class": "GenericError", "desc": "ends the call"}}`
-	}
-	return `{"return": {}}`
 }
 
 // agentCommandNames are the commands typedAgentCommands sends.

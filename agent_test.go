@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -10,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -474,73 +472,6 @@ func TestGuestAgentFaultsRealGuest(t *testing.T) {
 	}
 }
 
-// agentPeer connects a GuestAgent to a fake agent on a real unix socket.
-func agentPeer(t *testing.T) (*GuestAgent, *peer) {
-	t.Helper()
-	return agentPeerWith(t, GuestAgentConfig{})
-}
-
-// agentPeerWith is agentPeer with a configuration.
-func agentPeerWith(t *testing.T, cfg GuestAgentConfig) (*GuestAgent, *peer) {
-	t.Helper()
-	s := newFakeServer(t)
-	peers := make(chan *peer, 1)
-	go func() { peers <- s.accept() }()
-	a, err := OpenGuestAgent(ctxTimeout(t, 5*time.Second), s.path, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close() })
-	p := <-peers
-	if p == nil {
-		t.FailNow()
-	}
-	// A test whose client never sends what it waits for fails, not hangs.
-	p.conn.SetReadDeadline(time.Now().Add(30 * time.Second))
-	return a, p
-}
-
-var syncCommand = regexp.MustCompile(`^\{"execute":"guest-sync-delimited","arguments":\{"id":([0-9]+)\}\}$`)
-
-// syncLine returns the id of a guest-sync-delimited line preceded by 0xFF,
-// or "".
-func syncLine(line string) string {
-	rest, ok := strings.CutPrefix(line, "\xff")
-	if m := syncCommand.FindStringSubmatch(rest); ok && m != nil {
-		return m[1]
-	}
-	return ""
-}
-
-// answerAgent is a fake agent on c: it answers a guest-sync-delimited with its id after 0xFF, and
-// anything else with an empty return.
-func answerAgent(c io.ReadWriter) {
-	r := bufio.NewReader(c)
-	for {
-		line, err := r.ReadString('\n')
-		if err != nil {
-			return
-		}
-		reply := `{"return": {}}` + "\n"
-		if id := syncLine(strings.TrimSuffix(line, "\n")); id != "" {
-			reply = "\xff{\"return\": " + id + "}\n"
-		}
-		if _, err := io.WriteString(c, reply); err != nil {
-			return
-		}
-	}
-}
-
-// syncID returns the id of a guest-sync-delimited line, or fails the test
-// (from any goroutine: it panics there, which ends the test binary).
-func syncID(t *testing.T, line string) string {
-	id := syncLine(line)
-	if id == "" {
-		panic(fmt.Sprintf("got %q, want a guest-sync-delimited preceded by 0xFF", line))
-	}
-	return id
-}
-
 // Stale output before and around the sync's reply is skipped: a reply to
 // an earlier client, half a line, a delimited reply with another id, the
 // agent's parse error for the 0xFF.
@@ -910,16 +841,8 @@ func TestGuestAgentPortClosedFailsCallsUnderWay(t *testing.T) {
 // ended before the watch began.
 func TestGuestAgentPortWatchEnds(t *testing.T) {
 	c := connect(t, "10.0.2", nil)
-	ours, theirs, err := socketPair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	theirs.Close()
-	conn, err := net.FileConn(ours)
-	ours.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn, p := pairPeer(t)
+	p.conn.Close()
 	a := newGuestAgent(conn, GuestAgentConfig{})
 	<-a.Done()
 	a.useQMP(c.q, "qga0")
@@ -970,21 +893,12 @@ func FuzzGuestAgentOutput(f *testing.F) {
 				t.Fatalf("%q: a reply with neither a value nor an error", line)
 			}
 		}
-		ours, theirs, err := socketPair()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer theirs.Close()
-		conn, err := net.FileConn(ours)
-		ours.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
+		conn, p := pairPeer(t)
 		a := newGuestAgent(conn, GuestAgentConfig{})
 		defer a.Close()
 		agent := func() {
-			theirs.Write(out)
-			answerAgent(theirs)
+			p.conn.Write(out)
+			answerAgent(p.conn)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 		defer cancel()

@@ -937,25 +937,6 @@ func BenchmarkRenderConfig(b *testing.B) {
 	}
 }
 
-// fakeQMPPeer is the server's end of a socket pair to a session, kept as a
-// plain file so that it costs the measured process no goroutine.
-func fakeQMPPeer(b *testing.B) (client net.Conn, server *os.File) {
-	b.Helper()
-	ours, theirs, err := socketPair()
-	if err != nil {
-		b.Fatal(err)
-	}
-	client, err = net.FileConn(ours)
-	ours.Close()
-	if err != nil {
-		b.Fatal(err)
-	}
-	if _, err := theirs.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}` + "\n")); err != nil {
-		b.Fatal(err)
-	}
-	return client, theirs
-}
-
 // heapAndStacks returns the memory the process holds in live heap objects
 // and goroutine stacks, after a collection.
 func heapAndStacks() uint64 {
@@ -973,30 +954,33 @@ func BenchmarkIdleSession(b *testing.B) {
 	var perSession float64
 	for i := 0; i < b.N; i++ {
 		qs := make([]*QMP, 0, n)
-		peers := make([]*os.File, 0, n)
-		before := heapAndStacks()
+		clients := make([]net.Conn, 0, n)
+		peers := make([]*peer, 0, n)
 		for range n {
-			client, server := fakeQMPPeer(b)
+			client, p := pairPeer(b)
+			p.send(greeting("7.2.0"))
+			clients, peers = append(clients, client), append(peers, p)
+		}
+		// Measured from here: the peers are the test's, not the
+		// sessions'.
+		before := heapAndStacks()
+		for j, client := range clients {
 			q, _, err := qmpStartConn(context.Background(), client, QMPConfig{}, nil)
 			if err != nil {
 				b.Fatal(err)
 			}
-			ran := make(chan error, 1)
-			go func() { ran <- q.ExecuteQMPCapabilities(context.Background()) }()
-			cmd := make([]byte, 64)
-			if _, err := server.Read(cmd); err != nil {
-				b.Fatal(err)
-			}
-			server.Write([]byte(`{"return": {}}` + "\n"))
+			ran := pendingCall(func() error { return q.ExecuteQMPCapabilities(context.Background()) })
+			peers[j].recv()
+			peers[j].send(okReply)
 			if err := <-ran; err != nil {
 				b.Fatal(err)
 			}
-			qs, peers = append(qs, q), append(peers, server)
+			qs = append(qs, q)
 		}
 		perSession = float64(heapAndStacks()-before) / n
 		for j, q := range qs {
 			q.Shutdown()
-			peers[j].Close()
+			peers[j].conn.Close()
 		}
 	}
 	b.ReportMetric(perSession, "B/idle-session")
@@ -1010,7 +994,8 @@ func BenchmarkSubscriptionBacklog(b *testing.B) {
 	line := []byte(`{"timestamp": {"seconds": 1700000000, "microseconds": 5}, "event": "DEVICE_DELETED", "data": {"device": "disk7", "path": "/machine/peripheral/disk7"}}` + "\n")
 	var queued, kept float64
 	for i := 0; i < b.N; i++ {
-		client, server := fakeQMPPeer(b)
+		client, server := pairPeer(b)
+		server.send(greeting("7.2.0"))
 		q, _, err := qmpStartConn(context.Background(), client, QMPConfig{}, nil)
 		if err != nil {
 			b.Fatal(err)
@@ -1020,9 +1005,9 @@ func BenchmarkSubscriptionBacklog(b *testing.B) {
 		before := heapAndStacks()
 		go func() {
 			for range n {
-				server.Write(line)
+				server.conn.Write(line)
 			}
-			server.Write([]byte(`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "X", "data": {"device": "last"}}` + "\n"))
+			server.send(`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "X", "data": {"device": "last"}}`)
 		}()
 		if _, err := last.Receive(context.Background()); err != nil {
 			b.Fatal(err)
@@ -1035,7 +1020,7 @@ func BenchmarkSubscriptionBacklog(b *testing.B) {
 		}
 		kept = float64(heapAndStacks()) - float64(before)
 		q.Shutdown()
-		server.Close()
+		server.conn.Close()
 	}
 	b.ReportMetric(queued, "B/queued-event")
 	b.ReportMetric(kept, "B-held-after-read")
@@ -1390,9 +1375,11 @@ func BenchmarkGuestAgentCall(b *testing.B) {
 		b.Run(name, func(b *testing.B) {
 			var cfg GuestAgentConfig
 			if watched {
-				cfg.QMP, cfg.Port = benchIdleQMP(b), "qga0"
+				cfg.QMP, cfg.Port = idleQMP(b), "qga0"
 			}
-			a := newGuestAgent(benchConn(b, func(c net.Conn) { answerAgent(c) }), cfg)
+			conn, p := pairPeer(b)
+			go answerAgent(p.conn)
+			a := newGuestAgent(conn, cfg)
 			defer a.Close()
 			ctx := context.Background()
 			if err := a.Ping(ctx); err != nil { // the first, with its sync
@@ -1407,37 +1394,4 @@ func BenchmarkGuestAgentCall(b *testing.B) {
 			}
 		})
 	}
-}
-
-// benchConn returns our end of a socket pair whose other end serve has,
-// on a goroutine of its own, until the pair is closed.
-func benchConn(b *testing.B, serve func(net.Conn)) net.Conn {
-	ours, theirs, err := socketPair()
-	if err != nil {
-		b.Fatal(err)
-	}
-	conns := make([]net.Conn, 2)
-	for i, f := range []*os.File{ours, theirs} {
-		if conns[i], err = net.FileConn(f); err != nil {
-			b.Fatal(err)
-		}
-		f.Close()
-	}
-	b.Cleanup(func() { conns[1].Close() })
-	go serve(conns[1])
-	return conns[0]
-}
-
-// benchIdleQMP is a QMP session that greets and then sends nothing.
-func benchIdleQMP(b *testing.B) *QMP {
-	conn := benchConn(b, func(c net.Conn) {
-		io.WriteString(c, greeting("10.0.2")+"\r\n")
-		io.Copy(io.Discard, c)
-	})
-	q, _, err := qmpStartConn(context.Background(), conn, QMPConfig{}, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(q.Shutdown)
-	return q
 }

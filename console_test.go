@@ -204,25 +204,6 @@ func TestConsoleRealGuestVirtio(t *testing.T) {
 	}
 }
 
-// guestAsk types cmd on the test guest's console and returns what follows
-// "ans=" on the line cmd prints, once cmd has ended ("TESTGUEST: exit N"),
-// so that the next wait starts after it. The tty's echo of cmd starts with
-// the command itself, never with "ans=".
-func guestAsk(t *testing.T, inst *Instance, cmd string) string {
-	t.Helper()
-	con := inst.Console()
-	ctx := ctxTimeout(t, time.Minute)
-	fmt.Fprintln(con, cmd)
-	line, err := con.WaitForRegexp(ctx, regexp.MustCompile(`^ans=`))
-	if err == nil {
-		_, err = con.WaitFor(ctx, "TESTGUEST: exit ")
-	}
-	if err != nil {
-		t.Fatalf("%s: %v; console:\n%s", cmd, err, con.History())
-	}
-	return line[len("ans="):]
-}
-
 // Cursors wait at positions of their own: two goroutines waiting for
 // different lines at once each get theirs, and neither moves the
 // console's own position.

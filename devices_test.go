@@ -1,16 +1,86 @@
 package qemu
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"net"
-	"os"
-	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
 )
+
+func TestDeviceParams(t *testing.T) {
+	fds := openFiles(t, 2)
+	tests := []struct {
+		name   string
+		device Device
+		want   string
+	}{
+		{"nvdimm", Object{Driver: NVDIMM, Type: MemoryBackendFile, ID: "mem0", DeviceID: "nv0", MemPath: "/root", Size: 1 << 16},
+			"-device nvdimm,id=nv0,memdev=mem0 -object memory-backend-file,id=mem0,mem-path=/root,size=65536"},
+		{"object without device id", Object{Driver: NVDIMM, Type: MemoryBackendFile, ID: "mem0", MemPath: "/root", Size: 4096},
+			"-device nvdimm,memdev=mem0 -object memory-backend-file,id=mem0,mem-path=/root,size=4096"},
+		{"object alone", Object{Type: MemoryBackendFile, ID: "mem0", MemPath: "/dev/shm/m", Size: 1 << 20},
+			"-object memory-backend-file,id=mem0,mem-path=/dev/shm/m,size=1048576"},
+		{"9p", FSDevice{Driver: Virtio9P, FSDriver: Local, ID: "fs0", Path: "/srv", MountTag: "rootfs", SecurityModel: None},
+			"-device virtio-9p-pci,fsdev=fs0,mount_tag=rootfs -fsdev local,id=fs0,path=/srv,security_model=none"},
+		{"9p mapped", FSDevice{Driver: Virtio9P, FSDriver: Local, ID: "fs1", Path: "/srv", MountTag: "data", SecurityModel: MappedXattr},
+			"-device virtio-9p-pci,fsdev=fs1,mount_tag=data -fsdev local,id=fs1,path=/srv,security_model=mapped-xattr"},
+		{"9p no security model", FSDevice{Driver: Virtio9P, FSDriver: Local, ID: "fs0", Path: "/srv", MountTag: "rootfs"},
+			"-device virtio-9p-pci,fsdev=fs0,mount_tag=rootfs -fsdev local,id=fs0,path=/srv"},
+		{"fsdev alone", FSDevice{FSDriver: Local, ID: "fs0", Path: "/srv", MountTag: "rootfs", SecurityModel: PassThrough},
+			"-fsdev local,id=fs0,path=/srv,security_model=passthrough"},
+		{"virtserialport", CharDevice{Backend: Socket, Driver: VirtioSerialPort, DeviceID: "channel0", ID: "char0",
+			Path: "/tmp/char.sock", Name: "channel.0"},
+			"-device virtserialport,chardev=char0,id=channel0,name=channel.0 -chardev socket,id=char0,path=/tmp/char.sock,server=on,wait=off"},
+		{"virtconsole", CharDevice{Backend: Socket, Driver: Console, Bus: "serial0.0", DeviceID: "console0", ID: "c0", Path: "/tmp/con.sock"},
+			"-device virtconsole,bus=serial0.0,chardev=c0,id=console0 -chardev socket,id=c0,path=/tmp/con.sock,server=on,wait=off"},
+		{"pipe", CharDevice{Backend: Pipe, Driver: "isa-serial", ID: "c0", Path: "/tmp/fifo"},
+			"-device isa-serial,chardev=c0 -chardev pipe,id=c0,path=/tmp/fifo"},
+		{"serial", CharDevice{Backend: Serial, Driver: "isa-serial", ID: "c0", Path: "/dev/ttyS0"},
+			"-device isa-serial,chardev=c0 -chardev serial,id=c0,path=/dev/ttyS0"},
+		{"tty is serial", CharDevice{Backend: TTY, Driver: "isa-serial", ID: "c0", Path: "/dev/ttyS0"},
+			"-device isa-serial,chardev=c0 -chardev serial,id=c0,path=/dev/ttyS0"},
+		{"pty", CharDevice{Backend: PTY, ID: "c0", Path: "/tmp/pty"}, "-chardev pty,id=c0,path=/tmp/pty"},
+		{"tap", NetDevice{Type: TAP, Driver: VirtioNet, ID: "tap0", IFName: "ceth0", DownScript: "no", Script: "no",
+			VHost: true, MACAddress: "01:02:de:ad:be:ef"},
+			"-device virtio-net,netdev=tap0,mac=01:02:de:ad:be:ef -netdev tap,id=tap0,ifname=ceth0,downscript=no,script=no,vhost=on"},
+		{"tap no vhost no mac", NetDevice{Type: TAP, Driver: VirtioNet, ID: "tap0", IFName: "ceth0"},
+			"-device virtio-net,netdev=tap0 -netdev tap,id=tap0,ifname=ceth0"},
+		{"tap fds", NetDevice{Type: TAP, Driver: VirtioNet, ID: "tap0", IFName: "ceth0", DownScript: "no", Script: "no",
+			FDs: fds, VHost: true, MACAddress: "01:02:de:ad:be:ef"},
+			"-device virtio-net,netdev=tap0,mac=01:02:de:ad:be:ef -netdev tap,id=tap0,fds=3:4,vhost=on"},
+		{"macvtap", NetDevice{Type: MACVTAP, Driver: VirtioNet, ID: "mvt0", IFName: "macvtap0", FDs: fds[:1]},
+			"-device virtio-net,netdev=mvt0 -netdev tap,id=mvt0,fds=3"},
+		{"netdev alone", NetDevice{Type: TAP, ID: "tap0", IFName: "ceth0", Script: "no", DownScript: "no"},
+			"-netdev tap,id=tap0,ifname=ceth0,downscript=no,script=no"},
+		{"virtio-serial", SerialDevice{Driver: VirtioSerial, ID: "serial0"}, "-device virtio-serial-pci,id=serial0"},
+		{"block", BlockDevice{Driver: VirtioBlock, ID: "hd0", File: "/var/lib/vm.img", AIO: Threads, Format: QCOW2, Interface: NoInterface},
+			"-device virtio-blk,drive=hd0,config-wce=off -drive id=hd0,file=/var/lib/vm.img,aio=threads,format=qcow2,if=none"},
+		{"block scsi wce", BlockDevice{Driver: VirtioBlock, ID: "hd0", File: "/var/lib/vm.img", AIO: Native, Format: QCOW2,
+			Interface: NoInterface, SCSI: true, WCE: true},
+			"-device virtio-blk,drive=hd0,scsi=on -drive id=hd0,file=/var/lib/vm.img,aio=native,format=qcow2,if=none"},
+		{"block minimal", BlockDevice{Driver: VirtioBlock, ID: "hd0", File: "/img", WCE: true},
+			"-device virtio-blk,drive=hd0 -drive id=hd0,file=/img"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if !tt.device.Valid() {
+				t.Fatalf("%#v is not Valid", tt.device)
+			}
+			var config Config
+			got := tt.device.QemuParams(&config)
+			if want := argv(tt.want); !reflect.DeepEqual(got, want) {
+				t.Errorf("got  %q\nwant %q", got, want)
+			}
+			// Rendering through a Config gives the same argv.
+			got, _ = renderConfig(Config{Devices: []Device{tt.device}}, nil)
+			if want := argv(tt.want); !reflect.DeepEqual(got, want) {
+				t.Errorf("in a Config: got  %q\nwant %q", got, want)
+			}
+		})
+	}
+}
 
 func TestAddedDeviceParams(t *testing.T) {
 	for _, c := range []struct {
@@ -76,106 +146,6 @@ func TestAddedDeviceParams(t *testing.T) {
 		if got := deviceProblem(c.dev); got != c.want {
 			t.Errorf("%+v: problem %q, want %q", c.dev, got, c.want)
 		}
-	}
-}
-
-func TestAddedConfigParts(t *testing.T) {
-	config := Config{
-		SMP:          SMP{CPUs: 1, MaxCPUs: 4},
-		Knobs:        Knobs{NoDefaults: true, Paused: true},
-		Kernel:       Kernel{Path: "/k"},
-		FirmwareDirs: []string{"/opt/qemu/share", "/opt/a,b"},
-		ExtraParams:  []string{"-rtc", "base=utc,clock=host", "-no-reboot"},
-	}
-	params, _ := renderConfig(config, nil)
-	want := "-smp 1,maxcpus=4 -nodefaults -S -kernel /k -L /opt/qemu/share -L /opt/a,b -rtc base=utc,clock=host -no-reboot"
-	if got := strings.Join(params, " "); got != want {
-		t.Errorf("argv:\n got %s\nwant %s", got, want)
-	}
-	for _, bad := range []Config{
-		{FirmwareDirs: []string{"/a\nb"}},
-		{ExtraParams: []string{"-x\x00"}},
-		{Env: []string{"NOVALUE"}},
-		{Env: []string{"=x"}},
-	} {
-		if err := checkConfig(&bad); err == nil {
-			t.Errorf("%+v accepted", bad)
-		}
-	}
-}
-
-// StartInstance refuses a Config with invalid parts, naming each, where
-// LaunchQemu would leave them out and start another VM.
-func TestStartInstanceNamesInvalidParts(t *testing.T) {
-	path, dir := standIn(t, "qemu", `touch "$DIR/ran"`)
-	config := Config{
-		Path: path,
-		Name: "a\nb",
-		Devices: []Device{
-			SerialDevice{Driver: VirtioSerial, ID: "s0"},
-			BlockDevice{Driver: VirtioBlock, ID: "hd0"},
-			nil,
-			UserNetwork{},
-		},
-		QMPSockets: []QMPSocket{{Type: "tcp", Name: "x"}},
-		RTC:        RTC{Clock: "moon"},
-		Kernel:     Kernel{Params: "console=ttyS0"},
-		Env:        []string{"X"},
-	}
-	_, err := StartInstance(context.Background(), config, InstanceOptions{})
-	if err == nil {
-		t.Fatal("started")
-	}
-	for _, want := range []string{
-		"Name: a field contains a newline or NUL",
-		"Devices[1] (BlockDevice): File is empty",
-		"Devices[2] (<nil>): nil",
-		"Devices[3] (UserNetwork): ID is empty",
-		`QMPSockets[0]: Type is "tcp", not Unix`,
-		`RTC: Clock is "moon", not Host or VM`,
-		"Kernel: InitrdPath or Params is set, but Path is empty",
-		`Env[0] "X" is not KEY=VALUE`,
-	} {
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("error %q does not say %q", err, want)
-		}
-	}
-	if strings.Contains(err.Error(), "Devices[0]") {
-		t.Errorf("error %q names a valid device", err)
-	}
-	if _, err := os.Stat(filepath.Join(dir, "ran")); err == nil {
-		t.Error("QEMU ran")
-	}
-	// LaunchQemu keeps its documented behaviour: the invalid device is
-	// left out with a warning.
-	log := &launchLog{}
-	params, _ := renderConfig(Config{Devices: []Device{BlockDevice{Driver: VirtioBlock, ID: "hd0"}}}, log)
-	if len(params) != 0 || len(log.Warnings()) != 1 {
-		t.Errorf("LaunchQemu's rendering: %q, warnings %q", params, log.Warnings())
-	}
-}
-
-// Config.Env and InstanceOptions.Env reach QEMU's environment.
-func TestConfigEnv(t *testing.T) {
-	path, dir := standIn(t, "qemu", qmpStandIn+`
-echo "$QEMU_MODULE_DIR $EXTRA" > "$DIR/env"
-qmp_greet
-qmp_serve`)
-	inst, err := StartInstance(context.Background(), Config{Path: path, Env: []string{"QEMU_MODULE_DIR=/opt/q"}},
-		InstanceOptions{Env: []string{"EXTRA=yes"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer inst.Close()
-	if b, err := os.ReadFile(filepath.Join(dir, "env")); err != nil || string(b) != "/opt/q yes\n" {
-		t.Errorf("QEMU's environment: %q, %v", b, err)
-	}
-	lpath, ldir := standIn(t, "qemu", `echo "$QEMU_MODULE_DIR" > "$DIR/env"`)
-	if _, err := LaunchQemu(Config{Path: lpath, Env: []string{"QEMU_MODULE_DIR=/opt/l"}}, nil); err != nil {
-		t.Fatal(err)
-	}
-	if b, err := os.ReadFile(filepath.Join(ldir, "env")); err != nil || string(b) != "/opt/l\n" {
-		t.Errorf("LaunchQemu's QEMU environment: %q, %v", b, err)
 	}
 }
 
@@ -255,73 +225,4 @@ func roundTripTCP(t *testing.T, addr, msg string) string {
 		time.Sleep(100 * time.Millisecond)
 	}
 	return string(buf[:n])
-}
-
-// StartInstance runs QEMU headless unless the Config asks for a display;
-// LaunchQemu renders the Config as the seed package did.
-func TestStartInstanceHeadless(t *testing.T) {
-	path, dir := standIn(t, "qemu", recordArgs+qmpStandIn+`
-qmp_greet
-qmp_serve`)
-	for _, tc := range []struct {
-		config   Config
-		headless bool
-	}{
-		{Config{}, true},
-		{Config{Knobs: Knobs{NoGraphic: true}}, false},
-		{Config{ExtraParams: []string{"-vnc", "unix:/run/vm.vnc"}}, false},
-		{Config{ExtraParams: []string{"--display", "gtk"}}, false},
-		{Config{VGA: "std"}, true},
-	} {
-		tc.config.Path = path
-		inst, err := StartInstance(ctxTimeout(t, 10*time.Second), tc.config, InstanceOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		inst.Close()
-		args := strings.Join(readArgs(t, dir), " ")
-		if got := strings.Contains(args, "-display none"); got != tc.headless {
-			t.Errorf("%+v: argv %q; -display none %v, want %v", tc.config, args, got, tc.headless)
-		}
-	}
-	lpath, ldir := standIn(t, "qemu", recordArgs)
-	if _, err := LaunchQemu(Config{Path: lpath, Name: "vm"}, nil); err != nil {
-		t.Fatal(err)
-	}
-	if args := strings.Join(readArgs(t, ldir), " "); args != "-name vm" {
-		t.Errorf("LaunchQemu argv %q, want the seed's rendering", args)
-	}
-}
-
-// A real QEMU started from a Config with no display option opens no VNC
-// server (7.2 opens one on 127.0.0.1:5900 without -display none).
-func TestStartInstanceRealQEMUHeadless(t *testing.T) {
-	bin, firmware := requireQEMU(t)
-	inst, err := StartInstance(ctxTimeout(t, 30*time.Second), Config{Path: bin, Machine: Machine{Type: "q35"},
-		Knobs: Knobs{NoDefaults: true, Paused: true}, VGA: "std", FirmwareDirs: firmwareDirsOf(firmware)}, InstanceOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer inst.Close()
-	var vnc struct {
-		Enabled bool `json:"enabled"`
-	}
-	if err := inst.QMP().ExecuteCommand(ctxTimeout(t, 10*time.Second), "query-vnc", nil, &vnc); err != nil {
-		var qerr *QMPError
-		if !errors.As(err, &qerr) || qerr.Class != "CommandNotFound" { // a QEMU built without VNC
-			t.Fatal(err)
-		}
-	}
-	if vnc.Enabled {
-		t.Error("QEMU serves VNC")
-	}
-}
-
-// firmwareDirsOf turns -L DIR arguments into Config.FirmwareDirs.
-func firmwareDirsOf(args []string) []string {
-	var dirs []string
-	for i := 1; i < len(args); i += 2 {
-		dirs = append(dirs, args[i])
-	}
-	return dirs
 }

@@ -452,24 +452,6 @@ func TestRealQEMUJobAndSubscriptions(t *testing.T) {
 	}
 }
 
-// startPausedQEMU starts QEMU with -S and no guest, with its QMP session
-// negotiated; cleanup quits it. It skips the test where QEMU is absent.
-func startPausedQEMU(t *testing.T) (*QMP, *Instance) {
-	t.Helper()
-	bin, fw := requireQEMU(t)
-	params := append([]string{"-S", "-machine", "none", "-nodefaults", "-display", "none"}, fw...)
-	// No guest: nothing can answer the power button, even once running.
-	inst, err := StartCustomInstance(ctxTimeout(t, 30*time.Second), bin, params, nil, InstanceOptions{NoPowerdown: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		inst.Stop(context.Background())
-		inst.Close()
-	})
-	return inst.QMP(), inst
-}
-
 // Every goroutine blocked in Receive learns of the end or the Close.
 func TestSubscriptionEndWakesAllReceivers(t *testing.T) {
 	for _, how := range []string{"end", "close"} {

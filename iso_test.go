@@ -472,26 +472,6 @@ func writeTree(t testing.TB, dir string, files map[string][]byte, dirs []string)
 	}
 }
 
-// requireTool returns the path of an independent reader the test needs,
-// from PATH or from sbin.
-func requireTool(t *testing.T, tool, pkg string) string {
-	t.Helper()
-	bin, err := exec.LookPath(tool)
-	if err != nil {
-		// Outside root's PATH, a tool may still be in sbin.
-		for _, p := range []string{"/usr/sbin/" + tool, "/sbin/" + tool} {
-			if _, serr := os.Stat(p); serr == nil {
-				return p
-			}
-		}
-		if realVM.require {
-			t.Fatalf("%s not installed (Debian package %s; make deps installs it): %v", tool, pkg, err)
-		}
-		t.Skipf("%s not installed (Debian package %s): %v", tool, pkg, err)
-	}
-	return bin
-}
-
 // isoinfoEntry is matched against each entry line of `isoinfo -l`:
 // mode, links, owner, group, size, date, [extent flags], then the name.
 var isoinfoEntry = regexp.MustCompile(`^([-d])\S{9}\s+\d+\s+\d+\s+\d+\s+(\d+) .*\]  (.*) $`)

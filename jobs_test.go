@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -425,67 +424,8 @@ func TestJobQEMUDiesAndRefusals(t *testing.T) {
 	}
 }
 
-func second[T any](_ T, err error) error { return err }
-
 // The real-VM layer: block jobs on the disks of a running test guest,
 // while it writes to them.
-
-// guestDisk is a qcow2 disk of the test guest, as a -blockdev node and a
-// virtio-blk device with a serial the guest finds it by.
-type guestDisk struct {
-	path, node, serial string
-	dev                string // in the guest, once found: /dev/vdb, say
-}
-
-// newDisk makes a 32 MiB qcow2 image in dir with an optional backing
-// file, and returns it with its command-line arguments.
-func newDisk(t *testing.T, dir, name string) (guestDisk, []string) {
-	t.Helper()
-	d := guestDisk{path: filepath.Join(dir, name+".qcow2"), node: name, serial: "s-" + name}
-	qemuImg(t, "create", "-q", "-f", "qcow2", d.path, "32M")
-	return d, []string{
-		"-blockdev", "driver=qcow2,node-name=" + name + ",file.driver=file,file.filename=" + d.path,
-		"-device", "virtio-blk-pci,drive=" + name + ",id=vd-" + name + ",serial=" + d.serial,
-	}
-}
-
-func qemuImg(t *testing.T, args ...string) string {
-	t.Helper()
-	out, err := exec.Command("qemu-img", args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("qemu-img %q: %v\n%s", args, err, out)
-	}
-	return string(out)
-}
-
-// findDisk finds the guest's device of d by its serial.
-func findDisk(t *testing.T, inst *Instance, d *guestDisk) {
-	t.Helper()
-	name := guestAsk(t, inst, `for b in /sys/block/vd*; do [ "$(cat $b/serial)" = `+d.serial+` ] && echo ans=${b##*/}; done; true`)
-	d.dev = "/dev/" + name
-}
-
-// pattern is 1 MiB of a line repeated, as the guest writes it with yes
-// and head, and its SHA-256.
-func pattern(word string) (data []byte, sum string) {
-	data = bytes.Repeat([]byte(word+"\n"), 1<<20/(len(word)+1)+1)[:1<<20]
-	h := sha256.Sum256(data)
-	return data, hex.EncodeToString(h[:])
-}
-
-// guestWrite makes the guest write word's pattern at MiB offset off of
-// its disk, through to the disk.
-func guestWrite(t *testing.T, inst *Instance, d guestDisk, off int, word string) {
-	t.Helper()
-	guestAsk(t, inst, fmt.Sprintf("yes %s | head -c 1048576 | dd of=%s bs=1M seek=%d conv=fsync 2>/dev/null; echo ans=$?", word, d.dev, off))
-}
-
-// guestRead returns the SHA-256 of MiB off of the guest's disk, read
-// from the disk rather than the guest's page cache.
-func guestRead(t *testing.T, inst *Instance, d guestDisk, off int) string {
-	t.Helper()
-	return guestAsk(t, inst, fmt.Sprintf("echo 3 > /proc/sys/vm/drop_caches; echo ans=$(dd if=%s bs=1M skip=%d count=1 2>/dev/null | sha256sum | cut -c1-64)", d.dev, off))
-}
 
 // imageSum returns the SHA-256 of MiB off of an image as the host reads
 // it alone, its backing chain included as its header names it. The VM

@@ -16,9 +16,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -460,128 +458,6 @@ func FuzzMigrationInfo(f *testing.F) {
 // The real-VM layer: the test guest with a heartbeat on its console,
 // migrated between Instances on this machine.
 
-// vmSpec is how to start a QEMU for the migration and job tests: which
-// binary, firmware and machine type.
-type vmSpec struct {
-	bin      string
-	firmware []string // directories, for Config.FirmwareDirs
-	env      []string
-	machine  string
-}
-
-// testVM is the QEMU under test, with a q35 machine.
-func testVM(t testing.TB) vmSpec {
-	t.Helper()
-	requireGuest(t)
-	v := vmSpec{bin: realVM.bin, machine: "q35"}
-	for i := 1; i < len(realVM.firmware); i += 2 {
-		v.firmware = append(v.firmware, realVM.firmware[i])
-	}
-	return v
-}
-
-// start starts the test guest through StartInstance, and waits for its
-// ready line unless incoming is set (-incoming), in which case QEMU waits
-// for a migration; extra are added to the command line. Cleanup closes
-// it.
-func (v vmSpec) start(t testing.TB, incoming string, extra ...string) *Instance {
-	t.Helper()
-	return v.startWith(t, incoming, InstanceOptions{}, extra...)
-}
-
-// startWith is start with options; the console is always the serial
-// port.
-func (v vmSpec) startWith(t testing.TB, incoming string, opts InstanceOptions, extra ...string) *Instance {
-	t.Helper()
-	accel, _ := guestAccel()
-	config := Config{
-		Path:         v.bin,
-		Machine:      Machine{Type: v.machine},
-		Memory:       Memory{Size: "256M"},
-		Knobs:        Knobs{NoDefaults: true, NoUserConfig: true},
-		Kernel:       Kernel{Path: realVM.kernel, InitrdPath: realVM.initrd, Params: guestKernelParams},
-		Incoming:     incoming,
-		FirmwareDirs: v.firmware,
-		Env:          v.env,
-		ExtraParams:  append(append([]string{"-display", "none"}, accel...), extra...),
-	}
-	opts.Console = ConsoleSerial
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	inst, err := StartInstance(ctx, config, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { inst.Close() })
-	if incoming == "" {
-		if _, err := inst.Console().WaitFor(ctx, guestReadyLine); err != nil {
-			t.Fatalf("%v; console:\n%s\nQEMU's stderr: %s", err, inst.Console().History(), inst.Stderr())
-		}
-	}
-	return inst
-}
-
-var heartbeatLine = regexp.MustCompile(`^HB (\d+)$`)
-
-// startHeartbeat makes the guest write "HB N" on its console once a
-// second, N counting from 0, and waits for the first beats.
-func startHeartbeat(t *testing.T, inst *Instance) {
-	t.Helper()
-	fmt.Fprintln(inst.Console(), `(i=0; while :; do echo HB $i; i=$((i+1)); sleep 1; done) &`)
-	if _, err := inst.Console().WaitFor(ctxTimeout(t, time.Minute), "HB 1"); err != nil {
-		t.Fatalf("%v; console:\n%s", err, inst.Console().History())
-	}
-}
-
-// lastBeat returns the last heartbeat in the console's history, or -1.
-func lastBeat(inst *Instance) int {
-	last := -1
-	for _, line := range strings.Split(string(inst.Console().History()), "\n") {
-		if m := heartbeatLine.FindStringSubmatch(strings.TrimRight(line, "\r")); m != nil {
-			last, _ = strconv.Atoi(m[1])
-		}
-	}
-	return last
-}
-
-// checkBeatsOn checks that the guest's heartbeat, last seen at beat,
-// goes on in inst's console from where it was. On a destination
-// (arrived), the console must show no older beat and no boot: the guest
-// carried on rather than start again.
-func checkBeatsOn(t *testing.T, inst *Instance, beat int, arrived bool) {
-	t.Helper()
-	con := inst.Console()
-	ctx := ctxTimeout(t, time.Minute)
-	n := -1
-	for n <= beat {
-		line, err := con.WaitForRegexp(ctx, heartbeatLine)
-		if err != nil {
-			t.Fatalf("no heartbeat after %d: %v; console:\n%s", beat, err, con.History())
-		}
-		n, _ = strconv.Atoi(heartbeatLine.FindStringSubmatch(line)[1])
-		if arrived && n <= beat {
-			t.Errorf("the destination shows beat %d, from before the last on the source (%d)", n, beat)
-		}
-	}
-	if n > beat+5 {
-		t.Errorf("first heartbeat after %d is %d", beat, n)
-	}
-	if next, err := con.WaitFor(ctx, fmt.Sprintf("HB %d", n+1)); err != nil || next != fmt.Sprintf("HB %d", n+1) {
-		t.Errorf("the heartbeat stopped at %d: %q, %v", n, next, err)
-	}
-	if arrived && strings.Contains(string(con.History()), guestReadyLine) {
-		t.Errorf("the guest booted again:\n%s", con.History())
-	}
-}
-
-func checkStatus(t *testing.T, inst *Instance, want string) {
-	t.Helper()
-	st, err := inst.QMP().ExecuteQueryStatus(ctxTimeout(t, 10*time.Second))
-	if err != nil || st.Status != want {
-		t.Errorf("status %+v, %v; want %s", st, err, want)
-	}
-}
-
 // migrateTo migrates src to dst, which waits on uri, and checks the end:
 // the destination runs on from where the source stopped, which is left
 // in postmigrate, and the last progress reported had nothing remaining.
@@ -810,14 +686,6 @@ func TestMigrationRealQEMU(t *testing.T) {
 			t.Errorf("migration whose source was killed: %v", err)
 		}
 	})
-}
-
-// step runs one step of a real-VM test, named in the log; the
-// Instances it starts live until the test ends.
-func step(t *testing.T, name string, f func()) {
-	t.Helper()
-	t.Logf("step: %s", name)
-	f()
 }
 
 func limit(t *testing.T, inst *Instance, bytesPerSecond int64) {

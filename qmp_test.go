@@ -19,171 +19,6 @@ import (
 	"time"
 )
 
-// fakeServer is a scripted QMP server on a real unix socket.
-type fakeServer struct {
-	t    *testing.T
-	path string
-	ln   net.Listener
-}
-
-func newFakeServer(t *testing.T) *fakeServer {
-	t.Helper()
-	path := filepath.Join(shortTempDir(t), "qmp.sock")
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	return &fakeServer{t: t, path: path, ln: ln}
-}
-
-// peer is the server's side of one client connection.
-type peer struct {
-	t    *testing.T
-	conn net.Conn
-	r    *bufio.Reader
-}
-
-func (s *fakeServer) accept() *peer {
-	c, err := s.ln.Accept()
-	if err != nil {
-		s.t.Errorf("fake server: accept: %v", err)
-		return nil
-	}
-	s.t.Cleanup(func() { c.Close() })
-	return &peer{t: s.t, conn: c, r: bufio.NewReader(c)}
-}
-
-// send writes each line as QEMU does, ended by CRLF. A client that has
-// gone (its session shut down, the test over) takes nothing, which is no
-// failure: QEMU's writes to a gone client fail the same way.
-func (p *peer) send(lines ...string) {
-	for _, l := range lines {
-		if _, err := p.conn.Write([]byte(l + "\r\n")); err != nil {
-			if !errors.Is(err, syscall.EPIPE) && !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, net.ErrClosed) {
-				p.t.Errorf("fake server: send: %v", err)
-			}
-			return
-		}
-	}
-}
-
-// expect reads the next command and fails the test unless it is want.
-func (p *peer) expect(t *testing.T, want string) {
-	t.Helper()
-	if got := p.recv(); got != want {
-		t.Fatalf("got command %q, want %q", got, want)
-	}
-}
-
-// recv reads one command line; "" when the client has gone.
-func (p *peer) recv() string {
-	line, err := p.r.ReadString('\n')
-	if err != nil {
-		return ""
-	}
-	return strings.TrimSuffix(line, "\n")
-}
-
-// serve answers every command with what answer returns, until the client
-// goes. Commands are recorded in order.
-func (p *peer) serve(answer func(cmd string) []string) (done <-chan []string) {
-	ch := make(chan []string, 1)
-	go func() {
-		var got []string
-		for {
-			cmd := p.recv()
-			if cmd == "" {
-				ch <- got
-				return
-			}
-			got = append(got, cmd)
-			p.send(answer(cmd)...)
-		}
-	}()
-	return ch
-}
-
-func greeting(version string) string {
-	var v [3]int
-	for i, s := range strings.SplitN(version, ".", 3) {
-		v[i], _ = strconv.Atoi(s)
-	}
-	return fmt.Sprintf(`{"QMP": {"version": {"qemu": {"micro": %d, "minor": %d, "major": %d}, "package": "test"}, "capabilities": ["oob"]}}`, v[2], v[1], v[0])
-}
-
-const okReply = `{"return": {}}`
-
-func event(name, data string, sec, usec int64) string {
-	if data == "" {
-		return fmt.Sprintf(`{"timestamp": {"seconds": %d, "microseconds": %d}, "event": %q}`, sec, usec, name)
-	}
-	return fmt.Sprintf(`{"timestamp": {"seconds": %d, "microseconds": %d}, "event": %q, "data": %s}`, sec, usec, name, data)
-}
-
-// client is a client connected to a fake server.
-type client struct {
-	q    *QMP
-	p    *peer
-	gone chan struct{}
-	log  *testLog
-}
-
-// connect starts a fake server speaking the given QEMU version and connects
-// a client to it. The session is shut down when the test ends.
-func connect(t *testing.T, version string, eventCh chan<- QMPEvent) *client {
-	t.Helper()
-	s := newFakeServer(t)
-	peers := make(chan *peer, 1)
-	go func() {
-		p := s.accept()
-		if p != nil {
-			p.send(greeting(version))
-		}
-		peers <- p
-	}()
-	log := &testLog{}
-	gone := make(chan struct{})
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	q, v, err := QMPStart(ctx, s.path, QMPConfig{EventCh: eventCh, Logger: log}, gone)
-	if err != nil {
-		t.Fatalf("QMPStart: %v", err)
-	}
-	if got := fmt.Sprintf("%d.%d", v.Major, v.Minor); !strings.HasPrefix(version, got) {
-		t.Fatalf("version %s, want %s", got, version)
-	}
-	t.Cleanup(q.Shutdown)
-	return &client{q: q, p: <-peers, gone: gone, log: log}
-}
-
-// testLog is a QMPLog that records what it is given.
-type testLog struct {
-	mu    sync.Mutex
-	lines []string
-}
-
-func (l *testLog) V(int32) bool { return true }
-func (l *testLog) add(level, f string, a ...interface{}) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.lines = append(l.lines, level+": "+fmt.Sprintf(f, a...))
-}
-func (l *testLog) Infof(f string, a ...interface{})    { l.add("info", f, a...) }
-func (l *testLog) Warningf(f string, a ...interface{}) { l.add("warning", f, a...) }
-func (l *testLog) Errorf(f string, a ...interface{})   { l.add("error", f, a...) }
-func (l *testLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Join(l.lines, "\n")
-}
-
-func ctxTimeout(t testing.TB, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
-
 func TestQMPStartGreeting(t *testing.T) {
 	for _, version := range []string{"2.7.0", "2.8.1", "2.9.0", "7.2.22", "10.0.2"} {
 		t.Run(version, func(t *testing.T) {
@@ -381,37 +216,6 @@ func TestQMPErrorReply(t *testing.T) {
 	err = s.q.ExecuteDeviceDel(ctxTimeout(t, 5*time.Second), "dev0")
 	if want := "qmp: device_del dev0: DeviceNotFound: Device 'dev0' not found"; err == nil || err.Error() != want {
 		t.Errorf("message %v, want %q", err, want)
-	}
-}
-
-// returnsWithin runs f in a goroutine and returns its error, or fails the
-// test if it takes longer than d.
-func returnsWithin(t *testing.T, d time.Duration, f func() error) error {
-	t.Helper()
-	ch := make(chan error, 1)
-	go func() { ch <- f() }()
-	select {
-	case err := <-ch:
-		return err
-	case <-time.After(d):
-		t.Fatalf("call did not return within %v", d)
-		return nil
-	}
-}
-
-// pendingCall starts f and returns a channel with its result.
-func pendingCall(f func() error) <-chan error {
-	ch := make(chan error, 1)
-	go func() { ch <- f() }()
-	return ch
-}
-
-func stillPending(t *testing.T, ch <-chan error, what string) {
-	t.Helper()
-	select {
-	case err := <-ch:
-		t.Fatalf("%s returned early: %v", what, err)
-	case <-time.After(50 * time.Millisecond):
 	}
 }
 
@@ -1074,15 +878,42 @@ func TestQMPCancelRacingReply(t *testing.T) {
 	<-done
 }
 
-// checkGoroutinesBackTo fails the test unless the goroutine count comes
-// back to before within a few seconds.
-func checkGoroutinesBackTo(t *testing.T, before int) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
+// TestRealQEMUKilledWhileCommandPending kills QEMU with SIGKILL while a
+// command waits for its reply: the command fails within a second, the
+// session ends and none of its goroutines remains.
+func TestRealQEMUKilledWhileCommandPending(t *testing.T) {
+	events := make(chan QMPEvent, 64)
+	inst := startGuestInstance(t, "", InstanceOptions{EventCh: events})
+	q := inst.QMP()
+	// A stopped QEMU reads nothing, so the command stays pending.
+	if err := syscall.Kill(inst.Pid(), syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
 	}
-	if n := runtime.NumGoroutine(); n > before {
-		t.Errorf("%d goroutines before, %d after:\n%s", before, n, sessionGoroutines())
+	result := make(chan error, 1)
+	go func() { result <- q.ExecuteCommand(context.Background(), "query-status", nil, nil) }()
+	select {
+	case err := <-result:
+		t.Fatalf("command returned while QEMU was stopped: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	syscall.Kill(inst.Pid(), syscall.SIGKILL)
+	select {
+	case err := <-result:
+		if !errors.Is(err, ErrDisconnected) {
+			t.Errorf("pending command: %v", err)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("pending command did not fail within a second of SIGKILL")
+	}
+	select {
+	case <-q.Done():
+	case <-time.After(time.Second):
+		t.Fatal("session not ended")
+	}
+	for range events {
+	}
+	inst.Close()
+	if gs := lingeringSessionGoroutines(); gs != "" {
+		t.Errorf("session goroutines left:\n%s", gs)
 	}
 }

@@ -268,14 +268,8 @@ func (c *holdConn) Write(p []byte) (int, error) {
 }
 
 func heldWritePair(t *testing.T, keep int) (*session, *holdConn, net.Conn) {
-	a, b, err := socketPair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, _ := net.FileConn(a)
-	cb, _ := net.FileConn(b)
-	a.Close()
-	b.Close()
+	ca, p := pairPeer(t)
+	cb := p.conn
 	hc := &holdConn{Conn: ca, keep: keep, sent: make(chan struct{}), release: make(chan struct{})}
 	var dec qmpDecoder
 	s := newSession(hc, bufio.NewReader(hc), protocol{name: "t", decode: dec.decode, event: func(QMPEvent) {}, end: func(error) {}}, nullLogger{})
