@@ -620,7 +620,8 @@ func BenchmarkQMP(b *testing.B) {
 		})
 	})
 
-	b.Run("Events", func(b *testing.B) { benchEvents(b, vm) })
+	b.Run("Events", func(b *testing.B) { benchEvents(b, vm, false) })
+	b.Run("EventCh", func(b *testing.B) { benchEvents(b, vm, true) })
 }
 
 // benchQueryStatus runs client's query-status commands on one session
@@ -651,7 +652,11 @@ func queryStatusN(ctx context.Context, q *QMP, n int, result interface{}) error 
 // reads its events raw from the socket. Each side is connected for its own
 // chunks only, so every event a side sees is its own, and every one of the
 // client's commands must bring exactly one.
-func benchEvents(b *testing.B, vm *benchQEMU) {
+// benchEvents measures events from QEMU's timestamp to their receipt by a
+// goroutine that reads them as a user would: from a Subscription, the way
+// the docs recommend, or from EventCh, which adds the forwarding
+// goroutine's hop.
+func benchEvents(b *testing.B, vm *benchQEMU, viaEventCh bool) {
 	ctx := context.Background()
 	var (
 		q       *QMP
@@ -660,12 +665,26 @@ func benchEvents(b *testing.B, vm *benchQEMU) {
 	)
 	client := benchSide{
 		open: func(n int) error {
-			events := make(chan QMPEvent)
 			var err error
+			if !viaEventCh {
+				if q, err = vm.session(nil); err != nil {
+					return err
+				}
+				sub := q.Subscribe(EventFilter{})
+				rcv = receiveEvents(func() (QMPEvent, error) { return sub.Receive(ctx) }, n)
+				return nil
+			}
+			events := make(chan QMPEvent)
 			if q, err = vm.session(events); err != nil {
 				return err
 			}
-			rcv = receiveEvents(events, n)
+			rcv = receiveEvents(func() (QMPEvent, error) {
+				ev, ok := <-events
+				if !ok {
+					return ev, ErrShutdown
+				}
+				return ev, nil
+			}, n)
 			return nil
 		},
 		run: func(n int) error { return stopCont(ctx, vm, q, n) },
@@ -677,7 +696,7 @@ func benchEvents(b *testing.B, vm *benchQEMU) {
 			q.Shutdown()
 			<-rcv.done
 			if len(rcv.latency) != n {
-				return fmt.Errorf("%d events from EventCh for %d commands", len(rcv.latency), n)
+				return fmt.Errorf("%d events received for %d commands", len(rcv.latency), n)
 			}
 			latency = append(latency, rcv.latency...)
 			return nil
@@ -707,15 +726,15 @@ func benchEvents(b *testing.B, vm *benchQEMU) {
 	}
 }
 
-// eventReceiver reads EventCh as a user would, noting each event's latency
+// eventReceiver reads events as a user would, noting each event's latency
 // from QEMU's timestamp to its receipt.
 type eventReceiver struct {
 	latency []time.Duration // the receiver's until done is closed
 	all     chan struct{}   // closed once the events wanted have come
-	done    chan struct{}   // closed once EventCh is
+	done    chan struct{}   // closed once next fails
 }
 
-func receiveEvents(events <-chan QMPEvent, want int) *eventReceiver {
+func receiveEvents(next func() (QMPEvent, error), want int) *eventReceiver {
 	r := &eventReceiver{
 		latency: make([]time.Duration, 0, want),
 		all:     make(chan struct{}),
@@ -723,7 +742,11 @@ func receiveEvents(events <-chan QMPEvent, want int) *eventReceiver {
 	}
 	go func() {
 		defer close(r.done)
-		for ev := range events {
+		for {
+			ev, err := next()
+			if err != nil {
+				return
+			}
 			r.latency = append(r.latency, time.Since(ev.Timestamp))
 			if len(r.latency) == want {
 				close(r.all)
@@ -1393,5 +1416,35 @@ func BenchmarkGuestAgentCall(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkCommandStruct is query-status decoded into a struct against a
+// fake QEMU on a socket pair, which answers at once: what the client
+// costs per command without QEMU's time, and its allocations (the fake's
+// two, the line it reads and its string, are counted in too).
+func BenchmarkCommandStruct(b *testing.B) {
+	conn, p := pairPeer(b)
+	p.send(greeting("7.2.0"))
+	q, _, err := qmpStartConn(context.Background(), conn, QMPConfig{}, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer q.Shutdown()
+	go func() {
+		for p.recv() != "" {
+			p.send(`{"return": {"status": "running", "singlestep": false, "running": true}}`)
+		}
+	}()
+	var st StatusInfo
+	ctx := context.Background()
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		if err := q.ExecuteCommand(ctx, "query-status", nil, &st); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if !st.Running {
+		b.Fatalf("decoded %+v", st)
 	}
 }

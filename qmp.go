@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"time"
 )
@@ -232,23 +231,6 @@ type qmpDecoder struct {
 	dec *json.Decoder
 	m   qmpLine
 }
-
-// lineReader is the Decoder's input: the line being decoded.
-type lineReader struct{ line []byte }
-
-func (r *lineReader) Read(p []byte) (int, error) {
-	if len(r.line) == 0 {
-		return 0, io.EOF
-	}
-	n := copy(p, r.line)
-	r.line = r.line[n:]
-	return n, nil
-}
-
-// keptDecoderLine is the longest line decoded through the kept Decoder,
-// whose buffer grows to the longest line it has read; a longer one goes
-// through json.Unmarshal, so that one large reply leaves no large buffer.
-const keptDecoderLine = 64 << 10
 
 // qmpLine is every kind of line QEMU sends after the greeting, so that each
 // line is decoded once whatever it turns out to be.

@@ -127,6 +127,8 @@ type session struct {
 	// has been failed and the protocol told.
 	done chan struct{}
 
+	decoders sync.Pool // of *replyDecoder, for the callers' results
+
 	mu       sync.Mutex // guards the fields below
 	inflight *pending   // the command written, or nil
 	err      error      // why the session ends, once it does
@@ -342,11 +344,63 @@ func (s *session) execute(ctx context.Context, name string, args, result interfa
 	if err != nil || result == nil {
 		return err
 	}
-	if err := json.Unmarshal(ret, result); err != nil {
+	if err := s.decodeReply(ret, result); err != nil {
 		return fmt.Errorf("decode reply: %w", err)
 	}
 	return nil
 }
+
+// replyDecoder decodes a reply's value into its caller's result, with a
+// json.Decoder that a session keeps between commands: json.Unmarshal
+// makes its decoding state afresh each time, and for a struct an error
+// context and field stack too, which a kept Decoder reuses. Measured on
+// query-status decoded into a struct against a fake QEMU on a socket pair:
+// 9 allocations a command with Unmarshal, 5 with this (the others: the
+// command's completion and its channel, the reply's value, the struct's
+// string).
+type replyDecoder struct {
+	src lineReader
+	dec *json.Decoder
+}
+
+// decodeReply decodes ret, a reply's value (valid JSON: it came from a
+// valid line), into result.
+func (s *session) decodeReply(ret json.RawMessage, result interface{}) error {
+	if len(ret) > keptDecoderLine {
+		return json.Unmarshal(ret, result)
+	}
+	d, _ := s.decoders.Get().(*replyDecoder)
+	if d == nil {
+		d = &replyDecoder{}
+		d.dec = json.NewDecoder(&d.src)
+	}
+	d.src.line = ret
+	if err := d.dec.Decode(result); err != nil {
+		return err // and the decoder, in an unknown state, goes
+	}
+	s.decoders.Put(d)
+	return nil
+}
+
+// lineReader is a kept json.Decoder's input: the line or value being
+// decoded, which holds exactly one JSON value, so the Decoder never reads
+// past it.
+type lineReader struct{ line []byte }
+
+func (r *lineReader) Read(p []byte) (int, error) {
+	if len(r.line) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, r.line)
+	r.line = r.line[n:]
+	return n, nil
+}
+
+// keptDecoderLine is the longest line or value decoded through a kept
+// Decoder, whose buffer grows to the longest it has read; a longer one
+// goes through json.Unmarshal, so that one large reply leaves no large
+// buffer.
+const keptDecoderLine = 64 << 10
 
 // encodeArgs encodes a command's arguments, which must be a JSON object.
 func encodeArgs(args interface{}) ([]byte, error) {
