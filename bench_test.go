@@ -1448,3 +1448,161 @@ func BenchmarkCommandStruct(b *testing.B) {
 		b.Fatalf("decoded %+v", st)
 	}
 }
+
+// BenchmarkManyInstances starts 1, 50 and 400 paused QEMUs (-machine none
+// -S) at once, as Instances and, alternating with them, as a raw client
+// would: exec with a socket pair for QMP and a read of the greeting, each
+// on a goroutine of its own. It reports the start's time against the
+// raw one's, what each running Instance holds (heap, goroutines,
+// descriptors of this process), and fails if anything is left once every
+// Instance has been stopped.
+func BenchmarkManyInstances(b *testing.B) {
+	bin, fw := requireQEMU(b)
+	args := append([]string{"-S", "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none"}, fw...)
+	for _, n := range []int{1, 50, 400} {
+		b.Run(strconv.Itoa(n), func(b *testing.B) {
+			var own, raw time.Duration
+			var heap, goroutines, fds float64
+			for i := 0; i < b.N; i++ {
+				first := i%2 == 0 // which side starts first alternates
+				for _, instances := range []bool{first, !first} {
+					if !instances {
+						d, err := startRaw(bin, args, n)
+						if err != nil {
+							b.Fatal(err)
+						}
+						raw += d
+						continue
+					}
+					gs0, fds0 := runtime.NumGoroutine(), openDescriptors(b)
+					heap0 := heapAndStacks()
+					insts, d, err := startInstances(bin, args, n)
+					if err != nil {
+						b.Fatal(err)
+					}
+					own += d
+					heap = float64(heapAndStacks()-heap0) / float64(n)
+					goroutines = float64(runtime.NumGoroutine()-gs0) / float64(n)
+					fds = float64(openDescriptors(b)-fds0) / float64(n)
+					stopAll(b, insts)
+					if left := lingeringSessionGoroutines(); left != "" {
+						b.Fatalf("goroutines left after Stop:\n%s", left)
+					}
+					if got := openDescriptors(b); got > fds0 {
+						b.Fatalf("%d descriptors left after Stop", got-fds0)
+					}
+				}
+			}
+			b.ReportMetric(float64(own)/float64(b.N)/1e6, "start-ms")
+			b.ReportMetric(float64(raw)/float64(b.N)/1e6, "raw-start-ms")
+			b.ReportMetric(float64(own)/float64(raw), "start-x")
+			b.ReportMetric(heap, "heap-B/instance")
+			b.ReportMetric(goroutines, "goroutines/instance")
+			b.ReportMetric(fds, "fds/instance")
+		})
+	}
+}
+
+// startInstances starts n Instances at once and returns them once all are
+// ready, with the time that took.
+func startInstances(bin string, args []string, n int) ([]*Instance, time.Duration, error) {
+	insts := make([]*Instance, n)
+	errs := make(chan error, n)
+	start := time.Now()
+	for i := range insts {
+		go func() {
+			var err error
+			insts[i], err = StartCustomInstance(context.Background(), bin, args, nil, InstanceOptions{})
+			errs <- err
+		}()
+	}
+	var first error
+	for range n {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	d := time.Since(start)
+	if first != nil {
+		for _, inst := range insts {
+			if inst != nil {
+				inst.Close()
+			}
+		}
+	}
+	return insts, d, first
+}
+
+// stopAll stops the Instances at once and fails unless each was reaped.
+func stopAll(b *testing.B, insts []*Instance) {
+	var wg sync.WaitGroup
+	for _, inst := range insts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := inst.Stop(context.Background()); err != nil {
+				b.Error(err)
+			}
+			inst.Close()
+		}()
+	}
+	wg.Wait()
+	for _, inst := range insts {
+		if _, err := os.Stat("/proc/" + strconv.Itoa(inst.Pid())); err == nil {
+			b.Fatalf("QEMU %d is left after Stop", inst.Pid())
+		}
+	}
+}
+
+// startRaw starts n QEMUs at once as a minimal client would, each with a
+// socket pair for QMP (-chardev socket,fd=3 -qmp chardev:m), waits for
+// every greeting, and returns that time; then it kills and reaps them.
+func startRaw(bin string, args []string, n int) (time.Duration, error) {
+	cmds := make([]*exec.Cmd, n)
+	errs := make(chan error, n)
+	start := time.Now()
+	for i := range cmds {
+		go func() {
+			ours, theirs, err := socketPair()
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer ours.Close()
+			cmd := exec.Command(bin, append(args, "-chardev", "socket,id=m,fd=3", "-qmp", "chardev:m")...)
+			cmd.ExtraFiles = []*os.File{theirs}
+			err = cmd.Start()
+			theirs.Close()
+			if err != nil {
+				errs <- err
+				return
+			}
+			cmds[i] = cmd
+			_, err = bufio.NewReader(ours).ReadString('\n')
+			errs <- err
+		}()
+	}
+	var first error
+	for range n {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	d := time.Since(start)
+	for _, cmd := range cmds {
+		if cmd != nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	}
+	return d, first
+}
+
+// openDescriptors counts this process's open descriptors.
+func openDescriptors(b *testing.B) int {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		b.Fatal(err)
+	}
+	return len(entries)
+}

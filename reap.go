@@ -45,9 +45,14 @@ func (inst *Instance) reap() {
 }
 
 // waitExitNoReap waits until the child pid has exited, leaving it a
-// zombie for cmd.Wait to reap, and reports whether waitid said so; on
-// any other error it leaves cmd.Wait to report.
+// zombie for cmd.Wait to reap, and reports whether it learnt so; on any
+// error it leaves cmd.Wait to report. Until QEMU is reaped its pid cannot
+// be reused, so the pidfd opened now names QEMU.
 func waitExitNoReap(pid int) bool {
+	if pidfd, err := pidfdOpen(pid); err == nil {
+		return waitPidfd(pidfd) == nil
+	}
+	// A kernel without pidfds (before 5.3) costs a thread.
 	var info siginfo
 	for {
 		err := waitid(pid, &info, syscall.WEXITED|wNoWait)
@@ -55,6 +60,53 @@ func waitExitNoReap(pid int) bool {
 			return err == nil
 		}
 	}
+}
+
+// waitPidfd waits until the process pidfd names has exited, and closes
+// pidfd. It waits on the runtime's poller, which parks the goroutine: a
+// blocking waitid or poll holds a thread for each QEMU (400 of them in
+// BenchmarkManyInstances, with a stack of their own each).
+func waitPidfd(pidfd int) error {
+	// Non-blocking, so that os.NewFile puts it on the poller; nothing
+	// else blocks on a pidfd.
+	if err := syscall.SetNonblock(pidfd, true); err != nil {
+		syscall.Close(pidfd)
+		return os.NewSyscallError("fcntl", err)
+	}
+	f := os.NewFile(uintptr(pidfd), "pidfd")
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	// A pidfd reads as ready once its process has exited.
+	return rc.Read(func(fd uintptr) bool { return pidfdExited(int(fd)) })
+}
+
+// dupPidfd returns a descriptor of its own on the process pidfd names,
+// which waitPidfd can own.
+func dupPidfd(pidfd int) (int, error) {
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	fd, err := syscall.Dup(pidfd)
+	if err != nil {
+		return -1, os.NewSyscallError("dup", err)
+	}
+	syscall.CloseOnExec(fd)
+	return fd, nil
+}
+
+// pidfdExited reports whether the process pidfd names has exited, without
+// waiting.
+func pidfdExited(pidfd int) bool {
+	pfd := struct {
+		fd      int32
+		events  int16
+		revents int16
+	}{fd: int32(pidfd), events: 0x1} // POLLIN: the process has exited
+	var ts syscall.Timespec // zero: do not wait
+	n, _, e := syscall.Syscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&pfd)), 1, uintptr(unsafe.Pointer(&ts)), 0, 0, 0)
+	return e == 0 && n == 1 && pfd.revents != 0
 }
 
 // exitedNoReap reports whether the child pid has exited, without reaping it.
@@ -90,16 +142,12 @@ func waitid(pid int, info *siginfo, options int) error {
 // watchExit is an attached Instance's reap: it waits until the pidfd says
 // QEMU has exited.
 func (inst *Instance) watchExit() {
-	pfd := struct {
-		fd      int32
-		events  int16
-		revents int16
-	}{fd: int32(inst.pidfd), events: 0x1} // POLLIN: the process has exited
-	for {
-		_, _, e := syscall.Syscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&pfd)), 1, 0, 0, 0, 0)
-		if e != syscall.EINTR {
-			break
-		}
+	fd, err := dupPidfd(inst.pidfd)
+	if err == nil {
+		err = waitPidfd(fd)
+	}
+	if err != nil {
+		inst.log.Errorf("qemu: attached pid %d: waiting for its exit: %v", inst.pid, err)
 	}
 	inst.sigMu.Lock()
 	syscall.Close(inst.pidfd)
