@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -24,7 +25,7 @@ import (
 var recordSchema = flag.Bool("record-schema", false, "TestRecordSchema: write the QEMU under test's query-qmp-schema to testdata/qapi")
 
 // schemaVersions are the recorded schemas, by QEMU version.
-var schemaVersions = []string{"7.2", "10.0"}
+var schemaVersions = []string{"7.2", "10.0", "11.1"}
 
 func schemaPath(version string) string {
 	return filepath.Join("testdata", "qapi", "qemu-"+version+".json.gz")
@@ -70,17 +71,22 @@ func TestRecordSchema(t *testing.T) {
 
 // schemaEntity is one entity of query-qmp-schema.
 type schemaEntity struct {
-	Name     string `json:"name"`
-	MetaType string `json:"meta-type"`
-	ArgType  string `json:"arg-type"`
-	JSONType string `json:"json-type"`
-	Element  string `json:"element-type"`
-	Tag      string `json:"tag"`
+	Name     string   `json:"name"`
+	MetaType string   `json:"meta-type"`
+	ArgType  string   `json:"arg-type"`
+	JSONType string   `json:"json-type"`
+	Element  string   `json:"element-type"`
+	Tag      string   `json:"tag"`
+	Features []string `json:"features"`
 	Values   []string
-	Members  []struct {
-		Name    string           `json:"name"`
-		Type    string           `json:"type"`
-		Default *json.RawMessage `json:"default"`
+	// Deprecated are an enum's values that QEMU deprecates (10.0 lists
+	// features per value).
+	Deprecated []string `json:"-"`
+	Members    []struct {
+		Name     string           `json:"name"`
+		Type     string           `json:"type"`
+		Default  *json.RawMessage `json:"default"`
+		Features []string         `json:"features"`
 	} `json:"members"`
 	Variants []struct {
 		Case string `json:"case"`
@@ -127,6 +133,11 @@ func loadSchemaFile(t *testing.T, path string) qapiSchema {
 		// object's members.
 		if e.MetaType == "enum" {
 			json.Unmarshal(r["values"], &e.Values)
+			for _, m := range e.Members {
+				if slices.Contains(m.Features, "deprecated") {
+					e.Deprecated = append(e.Deprecated, m.Name)
+				}
+			}
 			e.Members = nil
 		}
 		// A member is optional when it has a "default" key, which the
@@ -164,6 +175,9 @@ func (s qapiSchema) checkCommand(line []byte) error {
 	if !ok || e.MetaType != "command" {
 		return fmt.Errorf("no command %s", cmd.Execute)
 	}
+	if slices.Contains(e.Features, "deprecated") {
+		return fmt.Errorf("command %s is deprecated", cmd.Execute)
+	}
 	args := cmd.Arguments
 	if args == nil {
 		args = json.RawMessage("{}")
@@ -184,6 +198,9 @@ func (s qapiSchema) check(value json.RawMessage, name, path string, open bool) e
 		var v string
 		if err := json.Unmarshal(value, &v); err != nil {
 			return fmt.Errorf("%s: %s is not a string of enum %s", path, value, name)
+		}
+		if slices.Contains(e.Deprecated, v) {
+			return fmt.Errorf("%s: %q is deprecated", path, v)
 		}
 		for _, ok := range e.Values {
 			if v == ok {
@@ -226,9 +243,10 @@ func (s qapiSchema) checkObject(value json.RawMessage, e *schemaEntity, path str
 		return fmt.Errorf("%s: %s is not an object", path, value)
 	}
 	members := append([]struct {
-		Name    string           `json:"name"`
-		Type    string           `json:"type"`
-		Default *json.RawMessage `json:"default"`
+		Name     string           `json:"name"`
+		Type     string           `json:"type"`
+		Default  *json.RawMessage `json:"default"`
+		Features []string         `json:"features"`
 	}(nil), e.Members...)
 	if e.Tag != "" {
 		var tag string
@@ -248,6 +266,9 @@ func (s qapiSchema) checkObject(value json.RawMessage, e *schemaEntity, path str
 				return fmt.Errorf("%s: required member %s is missing", path, m.Name)
 			}
 			continue
+		}
+		if slices.Contains(m.Features, "deprecated") {
+			return fmt.Errorf("%s: member %s is deprecated", path, m.Name)
 		}
 		if err := s.check(v, m.Type, path+"."+m.Name, false); err != nil {
 			return err
@@ -544,8 +565,14 @@ func TestTypedCommandsMatchSchema(t *testing.T) {
 			if len(lines) != len(names) {
 				t.Fatalf("%d commands on the wire for %d calls: %q", len(lines), len(names), lines)
 			}
+			props := loadDevices(t, version)
 			for i, line := range lines {
 				if err := schema.checkCommand([]byte(line)); err != nil {
+					t.Errorf("%s: %s: %v", names[i], line, err)
+				}
+				// device_add's members are the device's properties,
+				// which the schema does not list.
+				if err := props.checkDeviceAdd([]byte(line)); err != nil {
 					t.Errorf("%s: %s: %v", names[i], line, err)
 				}
 			}
