@@ -120,7 +120,7 @@ qmp_serve`)
 	}
 	defer inst.Close()
 	args := inst.Args()
-	if got := strings.Join(args[len(args)-4:], " "); got != "-chardev socket,id=instance-qmp,fd=4 -mon chardev=instance-qmp,mode=control" {
+	if got := strings.Join(args[len(args)-4:], " "); got != "-chardev socket,id=instance-qmp,fd=4 -qmp chardev:instance-qmp" {
 		t.Errorf("QMP channel arguments: %s", got)
 	}
 	if !strings.Contains(inst.CommandLine(), "fds=3") {

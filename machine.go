@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 )
 
 // Typed machine and introspection commands: the run state (stop, cont,
@@ -76,9 +77,19 @@ type KVMInfo struct {
 	Present bool `json:"present"`
 }
 
-// ExecuteQueryKVM says whether the VM runs under KVM (query-kvm).
+// ExecuteQueryKVM says whether the VM runs under KVM: query-kvm, or from
+// QEMU 10.2 on, where query-kvm is deprecated, query-accelerators (KVM is
+// enabled when it is the accelerator in use, present when it is among
+// those this QEMU can use).
 func (q *QMP) ExecuteQueryKVM(ctx context.Context) (KVMInfo, error) {
-	return runFor[KVMInfo](ctx, q, "query-kvm", "", nil)
+	if !q.version.atLeast(10, 2) {
+		return runFor[KVMInfo](ctx, q, "query-kvm", "", nil)
+	}
+	accels, err := runFor[struct {
+		Enabled string   `json:"enabled"`
+		Present []string `json:"present"`
+	}](ctx, q, "query-accelerators", "", nil)
+	return KVMInfo{Enabled: accels.Enabled == "kvm", Present: slices.Contains(accels.Present, "kvm")}, err
 }
 
 // ExecuteQueryName returns the VM's name (query-name), "" when it has none.

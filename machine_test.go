@@ -132,3 +132,25 @@ func TestAddCPULowestFreeSlot(t *testing.T) {
 		t.Errorf("sent %q, want the query and %s", lines, want)
 	}
 }
+
+// ExecuteQueryKVM asks query-kvm before QEMU 10.2 and query-accelerators
+// from 10.2 on, where query-kvm is deprecated, with the same answer.
+func TestQueryKVMByVersion(t *testing.T) {
+	for _, tc := range []struct {
+		version, wire, reply string
+	}{
+		{"10.0.2", `{"execute":"query-kvm"}`, `{"return": {"enabled": true, "present": true}}`},
+		{"11.1.3", `{"execute":"query-accelerators"}`, `{"return": {"enabled": "kvm", "present": ["kvm", "tcg"]}}`},
+	} {
+		s := connect(t, tc.version, nil)
+		done := s.p.serve(func(string) []string { return []string{tc.reply} })
+		info, err := s.q.ExecuteQueryKVM(ctxTimeout(t, 5*time.Second))
+		s.q.Shutdown()
+		if lines := <-done; len(lines) != 1 || lines[0] != tc.wire {
+			t.Errorf("QEMU %s: sent %q, want %s", tc.version, lines, tc.wire)
+		}
+		if err != nil || !info.Enabled || !info.Present {
+			t.Errorf("QEMU %s: %+v, %v", tc.version, info, err)
+		}
+	}
+}

@@ -509,6 +509,7 @@ func startGuest(t testing.TB, kernelParams string, opts InstanceOptions, extra .
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { inst.Close() })
+	checkNotDeprecated(t, inst)
 	return inst
 }
 
@@ -575,11 +576,26 @@ func startPausedQEMU(t *testing.T) (*QMP, *Instance) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	checkNotDeprecated(t, inst)
 	t.Cleanup(func() {
 		inst.Stop(context.Background())
 		inst.Close()
 	})
 	return inst.QMP(), inst
+}
+
+// checkNotDeprecated fails the test, once it has ended, if inst's QEMU
+// warned on its stderr that something it was given is deprecated: the
+// package renders and sends nothing QEMU deprecates, on any QEMU the
+// suite runs.
+func checkNotDeprecated(t testing.TB, inst *Instance) {
+	t.Cleanup(func() {
+		for _, line := range strings.Split(inst.Stderr(), "\n") {
+			if strings.Contains(strings.ToLower(line), "deprecated") {
+				t.Errorf("QEMU warned: %s", line)
+			}
+		}
+	})
 }
 
 // vmSpec is how to start a QEMU for the migration and job tests: which
@@ -635,6 +651,7 @@ func (v vmSpec) startWith(t testing.TB, incoming string, opts InstanceOptions, e
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { inst.Close() })
+	checkNotDeprecated(t, inst)
 	if incoming == "" {
 		if _, err := inst.Console().WaitFor(ctx, guestReadyLine); err != nil {
 			t.Fatalf("%v; console:\n%s\nQEMU's stderr: %s", err, inst.Console().History(), inst.Stderr())

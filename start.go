@@ -88,7 +88,7 @@ func asksForDisplay(config *Config) bool {
 // channel as descriptor 3+len(fds), which StartCustomInstance adds to
 // params as
 //
-//	-chardev socket,id=instance-qmp,fd=N -mon chardev=instance-qmp,mode=control
+//	-chardev socket,id=instance-qmp,fd=N -qmp chardev:instance-qmp
 //
 // params must not contain -daemonize. A nil ctx means
 // context.Background().
@@ -159,7 +159,10 @@ func startProcess(path string, params []string, fds []*os.File, opts InstanceOpt
 	args := make([]string, 0, len(params)+14)
 	args = append(args, params...)
 	args = append(args, inheritedSocket(instanceMonitor, 3+len(fds))...)
-	args = append(args, "-mon", "chardev="+instanceMonitor+",mode=control")
+	// -qmp chardev:ID rather than -mon chardev=ID,mode=control, which
+	// QEMU 11.1 warns is deprecated; both give the same session on 7.2,
+	// 10.0 and 11.1.
+	args = append(args, "-qmp", "chardev:"+instanceMonitor)
 	if opts.QMPSocket != "" {
 		args = append(args, QMPSocket{Type: Unix, Name: opts.QMPSocket, Server: true, NoWait: true}.params()...)
 	}

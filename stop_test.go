@@ -46,7 +46,7 @@ qmp_serve`)
 		t.Fatal(err)
 	}
 	defer inst.Close()
-	want := path + ` -name 'it'\''s a test' -chardev socket,id=instance-qmp,fd=3 -mon chardev=instance-qmp,mode=control`
+	want := path + ` -name 'it'\''s a test' -chardev socket,id=instance-qmp,fd=3 -qmp chardev:instance-qmp`
 	if got := inst.CommandLine(); got != want {
 		t.Errorf("CommandLine() = %s\nwant %s", got, want)
 	}
