@@ -468,7 +468,10 @@ type BlockDevice struct {
 	Format BlockDeviceFormat
 
 	// SCSI adds scsi=on to the device. QEMU refuses it on virtio 1.0
-	// devices and 9.1 removed the property, so leave it false.
+	// devices and 9.1 removed the property, so leave it false:
+	// StartInstance refuses it, naming the version, on a QEMU 9.1 or
+	// later (it runs QEMU with -version first, for a Config that has
+	// it).
 	SCSI bool
 
 	// WCE false adds config-wce=off to the device, so the guest cannot

@@ -358,6 +358,25 @@ func TestRenderedPropertiesMatchQEMU(t *testing.T) {
 	}
 }
 
+// The one property the package renders only for some versions, scsi on
+// virtio-blk (BlockDevice.SCSI), is there in 7.2 and gone from 10.0 and
+// 11.1, as StartInstance's refusal says; no other property differs.
+func TestVersionedPropertiesAsStartInstanceSays(t *testing.T) {
+	argv := BlockDevice{Driver: VirtioBlock, ID: "hd0", File: "/x.img", SCSI: true}.QemuParams(nil)
+	for _, version := range schemaVersions {
+		problems := loadDevices(t, version).checkArgv(argv)
+		var v QMPVersion
+		fmt.Sscanf(version, "%d.%d", &v.Major, &v.Minor)
+		want := []string(nil)
+		if v.atLeast(9, 1) {
+			want = []string{"-device virtio-blk-pci: no property scsi"}
+		}
+		if !slices.Equal(problems, want) {
+			t.Errorf("QEMU %s: %q, want %q", version, problems, want)
+		}
+	}
+}
+
 // The property check refuses what QEMU would: a property the device does
 // not have, a value that is not of its type, an unknown device; and a
 // device_add with a boolean sent as a string, or a number as a string.

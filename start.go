@@ -51,6 +51,9 @@ func StartInstance(ctx context.Context, config Config, opts InstanceOptions) (*I
 	if config.Knobs.Daemonize {
 		problems = append(problems, "Knobs.Daemonize is set, but an Instance runs QEMU in the foreground")
 	}
+	if len(problems) == 0 {
+		problems = versionProblems(ctx, &config)
+	}
 	if len(problems) > 0 {
 		return nil, abandonEvents(opts, fmt.Errorf("qemu: start: invalid Config: %s", strings.Join(problems, "; ")))
 	}
@@ -60,6 +63,58 @@ func StartInstance(ctx context.Context, config Config, opts InstanceOptions) (*I
 	}
 	opts.Env = append(config.Env[:len(config.Env):len(config.Env)], opts.Env...)
 	return StartCustomInstance(ctx, config.Path, params, fds, opts)
+}
+
+// versionProblems lists the parts of config that the QEMU it names cannot
+// take: properties the package renders that a QEMU version no longer has
+// (BlockDevice.SCSI's scsi=on, which 9.1 removed from virtio-blk). Only a
+// Config with such a part costs a run of QEMU with -version before the
+// start.
+func versionProblems(ctx context.Context, config *Config) []string {
+	var scsi []int
+	for i, d := range config.Devices {
+		if b, ok := d.(BlockDevice); ok && b.SCSI {
+			scsi = append(scsi, i)
+		}
+	}
+	if len(scsi) == 0 {
+		return nil
+	}
+	v, err := qemuVersion(ctx, config)
+	if err != nil {
+		return []string{err.Error()}
+	}
+	if !v.atLeast(9, 1) {
+		return nil
+	}
+	var problems []string
+	for _, i := range scsi {
+		problems = append(problems, fmt.Sprintf("Devices[%d] (BlockDevice): SCSI is set, but QEMU %d.%d.%d has no scsi property on virtio-blk (removed in 9.1)", i, v.Major, v.Minor, v.Micro))
+	}
+	return problems
+}
+
+// qemuVersion runs the QEMU config names with -version and reads its
+// version from the first line ("QEMU emulator version 10.0.2 (...)").
+func qemuVersion(ctx context.Context, config *Config) (QMPVersion, error) {
+	path := config.Path
+	if path == "" {
+		path = defaultQEMU
+	}
+	cmd := exec.CommandContext(orBackground(ctx), path, "-version")
+	if len(config.Env) > 0 {
+		cmd.Env = append(os.Environ(), config.Env...)
+	}
+	out, err := cmd.Output()
+	if err != nil {
+		return QMPVersion{}, fmt.Errorf("%s -version: %w", path, err)
+	}
+	var v QMPVersion
+	first, _, _ := strings.Cut(string(out), "\n")
+	if _, err := fmt.Sscanf(first, "QEMU emulator version %d.%d.%d", &v.Major, &v.Minor, &v.Micro); err != nil {
+		return QMPVersion{}, fmt.Errorf("%s -version: no version in %q", path, first)
+	}
+	return v, nil
 }
 
 // asksForDisplay reports whether config chooses a display: Knobs.NoGraphic,

@@ -354,3 +354,39 @@ func TestInstanceRealQEMUStartContextEndsWithStart(t *testing.T) {
 	}
 	checkReaped(t, inst.Pid())
 }
+
+// A property the package renders that a QEMU no longer has is refused
+// before the start, with an error that names the version: BlockDevice's
+// scsi=on on a QEMU 9.1 or later. QEMU is asked its version only for a
+// Config with one.
+func TestStartInstanceRefusesPropertyOfAnotherVersion(t *testing.T) {
+	scsi := BlockDevice{Driver: VirtioBlock, ID: "hd0", File: "/x.img", SCSI: true}
+	for _, tc := range []struct {
+		version string
+		devices []Device
+		refused bool
+	}{
+		{"10.0.2", []Device{scsi}, true},
+		{"7.2.22", []Device{scsi}, false},
+		{"11.1.3", []Device{BlockDevice{Driver: VirtioBlock, ID: "hd0", File: "/x.img"}}, false},
+	} {
+		path, dir := standIn(t, "qemu", `case "$1" in -version) echo "QEMU emulator version `+tc.version+` (test)"; echo -version >>"$DIR/asked"; exit 0;; esac
+`+qmpStandIn+`
+qmp_greet
+qmp_serve`)
+		inst, err := StartInstance(ctxTimeout(t, 10*time.Second), Config{Path: path, Devices: tc.devices}, InstanceOptions{})
+		if err == nil {
+			inst.Close()
+		}
+		_, askErr := os.Stat(filepath.Join(dir, "asked"))
+		asked := askErr == nil
+		switch {
+		case tc.refused && (err == nil || !strings.Contains(err.Error(), "QEMU "+tc.version+" has no scsi property")):
+			t.Errorf("QEMU %s: %v, want a refusal naming the version", tc.version, err)
+		case !tc.refused && err != nil:
+			t.Errorf("QEMU %s: %v", tc.version, err)
+		case asked != (tc.devices[0].(BlockDevice)).SCSI:
+			t.Errorf("QEMU %s asked its version: %v", tc.version, asked)
+		}
+	}
+}
