@@ -55,14 +55,8 @@ func TestRecordAgentSchema(t *testing.T) {
 		lines = append(lines, string(b))
 	}
 	sort.Strings(lines)
-	var out bytes.Buffer
-	zw, _ := gzip.NewWriterLevel(&out, gzip.BestCompression)
-	zw.Write([]byte("[\n" + strings.Join(lines, ",\n") + "\n]\n"))
-	zw.Close()
 	path := schemaPath(agentSchemaVersion(*agentSchemaFor))
-	if err := os.WriteFile(path, out.Bytes(), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeGzip(t, path, []byte("[\n"+strings.Join(lines, ",\n")+"\n]\n"))
 	t.Logf("wrote %s: %d entities", path, len(lines))
 }
 

@@ -1516,12 +1516,7 @@ func startInstances(bin string, args []string, n int) ([]*Instance, time.Duratio
 			errs <- err
 		}()
 	}
-	var first error
-	for range n {
-		if err := <-errs; err != nil && first == nil {
-			first = err
-		}
-	}
+	first := firstError(errs, n)
 	d := time.Since(start)
 	if first != nil {
 		for _, inst := range insts {
@@ -1582,12 +1577,7 @@ func startRaw(bin string, args []string, n int) (time.Duration, error) {
 			errs <- err
 		}()
 	}
-	var first error
-	for range n {
-		if err := <-errs; err != nil && first == nil {
-			first = err
-		}
-	}
+	first := firstError(errs, n)
 	d := time.Since(start)
 	for _, cmd := range cmds {
 		if cmd != nil {
@@ -1596,6 +1586,17 @@ func startRaw(bin string, args []string, n int) (time.Duration, error) {
 		}
 	}
 	return d, first
+}
+
+// firstError receives n results from errs and returns the first error.
+func firstError(errs <-chan error, n int) error {
+	var first error
+	for range n {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
 }
 
 // openDescriptors counts this process's open descriptors.

@@ -123,3 +123,31 @@ func fakeAgentAnswer(cmd string) string {
 	}
 	return `{"return": {}}`
 }
+
+// serveAgent answers on p as an agent would until the client goes: a
+// guest-sync-delimited with its id after 0xFF, anything else with what
+// answer returns, or nothing when it returns "".
+func serveAgent(p *peer, answer func(cmd string) string) {
+	for {
+		line := p.recv()
+		switch {
+		case line == "":
+			return
+		case syncLine(line) != "":
+			p.send("\xff{\"return\": " + syncLine(line) + "}")
+		default:
+			if reply := answer(line); reply != "" {
+				p.send(reply)
+			}
+		}
+	}
+}
+
+// agentOffering is guest-info's reply for an agent that offers commands.
+func agentOffering(commands ...string) string {
+	var list []string
+	for _, c := range commands {
+		list = append(list, fmt.Sprintf(`{"name": %q, "enabled": true}`, c))
+	}
+	return `{"return": {"version": "7.2", "supported_commands": [` + strings.Join(list, ", ") + `]}}`
+}

@@ -1,10 +1,8 @@
 package qemu
 
 import (
-	"bytes"
 	"compress/gzip"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -20,13 +18,11 @@ import (
 // The properties of every device and object type the package renders or
 // hot-plugs, as each QEMU's device-list-properties and qom-list-properties
 // report them, are recorded in testdata/qapi by `make schema`
-// (TestRecordDevices with -record-devices). device_add is "open" in the
+// (TestRecordSchema, which records the QAPI schema too). device_add is "open" in the
 // QAPI schema (its members are the device's properties), and a command
 // line is no QMP command at all, so the schema checks neither: every
 // property the package sends is checked here, by name and type, against
 // every recorded QEMU.
-
-var recordDevices = flag.Bool("record-devices", false, "TestRecordDevices: write the QEMU under test's device and object properties to testdata/qapi")
 
 // recordedDevices and recordedObjects are the types recorded: those the
 // package renders, hot-plugs or checks (the seed's devices and those added
@@ -62,14 +58,9 @@ func devicesPath(version string) string {
 	return filepath.Join("testdata", "qapi", "devices-"+version+".json.gz")
 }
 
-// TestRecordDevices writes the properties of the recorded types of the
-// QEMU under test, named by its major and minor version, when
-// -record-devices is given.
-func TestRecordDevices(t *testing.T) {
-	if !*recordDevices {
-		t.Skip("records the device properties only with -record-devices (make schema)")
-	}
-	q, inst := startPausedQEMU(t)
+// recordDevices writes the properties of the recorded types of the QEMU
+// q runs, for TestRecordSchema.
+func recordDevices(t *testing.T, q *QMP, version string) {
 	ctx := ctxTimeout(t, 30*time.Second)
 	props := typeProperties{Devices: map[string]map[string]string{}, Objects: map[string]map[string]string{}}
 	list := func(command, typename string) map[string]string {
@@ -97,16 +88,8 @@ func TestRecordDevices(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out bytes.Buffer
-	zw, _ := gzip.NewWriterLevel(&out, gzip.BestCompression)
-	zw.Write(append(b, '\n'))
-	zw.Close()
-	v := inst.Version()
-	path := devicesPath(fmt.Sprintf("%d.%d", v.Major, v.Minor))
-	if err := os.WriteFile(path, out.Bytes(), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("wrote %s: %d devices, %d objects from QEMU %d.%d.%d", path, len(props.Devices), len(props.Objects), v.Major, v.Minor, v.Micro)
+	writeGzip(t, devicesPath(version), append(b, '\n'))
+	t.Logf("wrote %s: %d devices, %d objects", devicesPath(version), len(props.Devices), len(props.Objects))
 }
 
 // loadDevices reads the properties recorded for version.

@@ -31,8 +31,9 @@ func schemaPath(version string) string {
 	return filepath.Join("testdata", "qapi", "qemu-"+version+".json.gz")
 }
 
-// TestRecordSchema writes the schema of the QEMU under test, named by its
-// major and minor version, when -record-schema is given.
+// TestRecordSchema writes the schema of the QEMU under test, and the
+// properties of the device and object types the package uses, named by
+// its major and minor version, when -record-schema is given.
 func TestRecordSchema(t *testing.T) {
 	if !*recordSchema {
 		t.Skip("records the schema only with -record-schema (make schema)")
@@ -55,10 +56,17 @@ func TestRecordSchema(t *testing.T) {
 	}
 	sort.Strings(lines)
 	v := inst.Version()
-	path := schemaPath(fmt.Sprintf("%d.%d", v.Major, v.Minor))
+	version := fmt.Sprintf("%d.%d", v.Major, v.Minor)
+	writeGzip(t, schemaPath(version), []byte("[\n"+strings.Join(lines, ",\n")+"\n]\n"))
+	t.Logf("wrote %s: %d entities from QEMU %d.%d.%d", schemaPath(version), len(lines), v.Major, v.Minor, v.Micro)
+	recordDevices(t, q, version)
+}
+
+// writeGzip writes b to path, gzipped, for a recording.
+func writeGzip(t *testing.T, path string, b []byte) {
 	var out bytes.Buffer
 	zw, _ := gzip.NewWriterLevel(&out, gzip.BestCompression)
-	zw.Write([]byte("[\n" + strings.Join(lines, ",\n") + "\n]\n"))
+	zw.Write(b)
 	zw.Close()
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		t.Fatal(err)
@@ -66,7 +74,6 @@ func TestRecordSchema(t *testing.T) {
 	if err := os.WriteFile(path, out.Bytes(), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("wrote %s: %d entities from QEMU %d.%d.%d", path, len(lines), v.Major, v.Minor, v.Micro)
 }
 
 // schemaEntity is one entity of query-qmp-schema.

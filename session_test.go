@@ -461,48 +461,29 @@ func TestContextCauseReached(t *testing.T) {
 	t.Run("GuestAgent.Exec", func(t *testing.T) {
 		a, p := agentPeer(t)
 		started := make(chan struct{})
-		go func() {
-			for {
-				line := p.recv()
-				switch {
-				case line == "":
-					return
-				case syncLine(line) != "":
-					p.send("\xff{\"return\": " + syncLine(line) + "}")
-				case strings.Contains(line, "guest-info"):
-					p.send(`{"return": {"version": "7.2", "supported_commands": [{"name": "guest-exec", "enabled": true}, {"name": "guest-exec-status", "enabled": true}]}}`)
-				case strings.Contains(line, `"guest-exec"`):
-					p.send(`{"return": {"pid": 7}}`)
-				default:
-					p.send(`{"return": {"exited": false}}`)
-					select {
-					case <-started:
-					default:
-						close(started)
-					}
-				}
+		var once sync.Once
+		go serveAgent(p, func(cmd string) string {
+			switch {
+			case strings.Contains(cmd, "guest-info"):
+				return agentOffering("guest-exec", "guest-exec-status")
+			case strings.Contains(cmd, `"guest-exec"`):
+				return `{"return": {"pid": 7}}`
 			}
-		}()
+			once.Do(func() { close(started) })
+			return `{"return": {"exited": false}}`
+		})
 		check(t, run(t, func(ctx context.Context) error { _, err := a.Exec(ctx, GuestCommand{Path: "sleep"}); return err }, started))
 	})
 	t.Run("GuestAgent.Shutdown", func(t *testing.T) {
 		a, p := agentPeer(t)
 		started := make(chan struct{})
-		go func() {
-			for {
-				line := p.recv()
-				switch {
-				case line == "":
-					return
-				case syncLine(line) != "":
-					p.send("\xff{\"return\": " + syncLine(line) + "}")
-				case strings.Contains(line, "guest-info"):
-					p.send(`{"return": {"version": "7.2", "supported_commands": [{"name": "guest-shutdown", "enabled": true}]}}`)
-				default:
-					close(started) // and never answer, as a guest still going down
-				}
+		go serveAgent(p, func(cmd string) string {
+			if strings.Contains(cmd, "guest-info") {
+				return agentOffering("guest-shutdown")
 			}
-		}()
+			close(started)
+			return "" // as a guest still going down
+		})
 		check(t, run(t, func(ctx context.Context) error { return a.Shutdown(ctx, "") }, started))
 	})
 	t.Run("Instance", func(t *testing.T) {
