@@ -3,6 +3,7 @@ package qemu
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -246,19 +247,26 @@ func (cur *ConsoleCursor) WaitForRegexp(ctx context.Context, re *regexp.Regexp) 
 
 // WaitForPrompt waits until the guest has written prompt after the cursor,
 // at the end of a line or not, moves the cursor past it and returns the
-// line up to the end of the prompt.
+// line up to the end of the prompt. An empty prompt is an error.
 func (cur *ConsoleCursor) WaitForPrompt(ctx context.Context, prompt string) (string, error) {
+	if prompt == "" {
+		return "", errors.New("qemu: console: waiting for an empty prompt")
+	}
 	return cur.wait(ctx, "prompt "+strconv.Quote(prompt), promptMatch(prompt))
 }
 
 // matcher looks for a match in b, the bytes from where the last look
 // ended to the end: it returns where the match starts and ends in b, and
-// on no match, how much of b it need not look at again.
-type matcher func(b []byte) (start, end int, found bool, seen int)
+// on no match, how much of b it need not look at again. A matcher of
+// whole lines is always given b from the start of a line.
+type matcher struct {
+	lines bool
+	look  func(b []byte) (start, end int, found bool, seen int)
+}
 
 // lineMatch looks in the ended lines of b for one that match takes.
 func lineMatch(match func(string) bool) matcher {
-	return func(b []byte) (int, int, bool, int) {
+	return matcher{lines: true, look: func(b []byte) (int, int, bool, int) {
 		seen := 0
 		for {
 			line, _, complete := bytes.Cut(b[seen:], []byte{'\n'})
@@ -273,20 +281,20 @@ func lineMatch(match func(string) bool) matcher {
 			}
 			seen = next
 		}
-	}
+	}}
 }
 
 // promptMatch looks in b for prompt, ended line or not.
 func promptMatch(prompt string) matcher {
-	return func(b []byte) (int, int, bool, int) {
+	return matcher{look: func(b []byte) (int, int, bool, int) {
 		i := bytes.Index(b, []byte(prompt))
-		if i < 0 || prompt == "" {
+		if i < 0 {
 			// A prompt cut in two by a read has its start in the last
 			// len(prompt)-1 bytes: those are looked at again.
 			return 0, 0, false, max(0, len(b)-len(prompt)+1)
 		}
 		return i, i + len(prompt), true, 0
-	}
+	}}
 }
 
 // wait runs match over what the guest writes after the cursor until it
@@ -295,18 +303,26 @@ func promptMatch(prompt string) matcher {
 // console's reader no more than the bytes it adds.
 func (cur *ConsoleCursor) wait(ctx context.Context, what string, match matcher) (string, error) {
 	c := cur.c
-	var from int64 = -1 // where the next look starts; -1 until the first
+	first := true
+	var from int64 // where the next look starts
 	for {
 		c.mu.Lock()
-		if from < 0 {
-			from = c.firstLine(cur.pos)
+		if first {
+			from = cur.pos
+		}
+		if first || from < c.hist.kept() {
+			// The first look, or what the last one left fell out of
+			// the history meanwhile.
+			from, first = c.startFrom(from, match.lines), false
 		}
 		base, b := c.hist.since(from)
-		start, end, found, seen := match(b)
+		start, end, found, seen := match.look(b)
 		var text string
 		if found {
-			cur.pos = base + int64(end)
-			text = c.lineTo(base+int64(start), cur.pos)
+			// Never back: another wait on this cursor may have moved
+			// it past this match meanwhile.
+			cur.pos = max(cur.pos, base+int64(end))
+			text = c.lineTo(base+int64(start), base+int64(end))
 		}
 		from = base + int64(seen)
 		changed, ended := c.changed, c.ended
@@ -325,18 +341,28 @@ func (cur *ConsoleCursor) wait(ctx context.Context, what string, match matcher) 
 	}
 }
 
-// firstLine returns where a search from pos starts: pos, or, if pos fell
-// out of the history, the first line that starts in it (the line at its
-// start may be the tail of one). c.mu is held.
-func (c *SerialConsole) firstLine(pos int64) int64 {
-	if pos >= c.hist.kept() {
+// startFrom returns where a look from pos starts. A look for bytes starts
+// at pos, or at the oldest byte kept. A look for whole lines starts at the
+// start of pos's line: a cursor a prompt left mid-line sees that line
+// whole, once it ends. A line whose start fell out of the history is
+// partial, and the look starts at the next one. c.mu is held.
+func (c *SerialConsole) startFrom(pos int64, lines bool) int64 {
+	kept, end := c.hist.kept(), c.hist.end()
+	pos = min(max(pos, kept), end)
+	if !lines {
 		return pos
 	}
-	from, b := c.hist.since(0)
-	if i := bytes.IndexByte(b, '\n'); i >= 0 {
-		return from + int64(i) + 1
+	_, b := c.hist.since(kept)
+	if i := bytes.LastIndexByte(b[:pos-kept], '\n'); i >= 0 {
+		return kept + int64(i) + 1
 	}
-	return c.hist.end()
+	if c.hist.startsLine(kept) {
+		return kept
+	}
+	if i := bytes.IndexByte(b[pos-kept:], '\n'); i >= 0 {
+		return pos + int64(i) + 1
+	}
+	return end
 }
 
 // lineTo returns the line that holds offset at, from its start (or the

@@ -369,3 +369,78 @@ func consoleBufferGiven(t *testing.T) int {
 	rc.Control(func(fd uintptr) { n, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF) })
 	return n
 }
+
+// A position that fell out of the history starts at the first whole line
+// kept: the line at the history's start when the byte before it ended a
+// line, the next one when its head was dropped. A cursor a prompt left
+// mid-line sees that line whole once it ends, and an empty prompt is an
+// error, not a wait for ever.
+func TestConsolePositionsAndLines(t *testing.T) {
+	ctx := ctxTimeout(t, 5*time.Second)
+	short := func() context.Context {
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		t.Cleanup(cancel)
+		return ctx
+	}
+	c, guest := fakeConsole(t, 14, nil)
+	guest.WriteString("line-1\nline-2\nline-3\n")
+	if _, err := c.WaitFor(ctx, "line-3"); err != nil {
+		t.Fatal(err)
+	}
+	if got := string(c.History()); got != "line-2\nline-3\n" {
+		t.Fatalf("History() = %q", got)
+	}
+	if line, err := c.Cursor().WaitFor(short(), "line"); err == nil {
+		t.Errorf("a new cursor matched %q, written before it", line)
+	}
+	c2, guest2 := fakeConsole(t, 14, nil)
+	guest2.WriteString("line-1\nline-2\nline-3\n")
+	if line, err := c2.WaitFor(ctx, "line-2"); err != nil || line != "line-2" {
+		t.Errorf("a line the history holds whole: %q, %v", line, err)
+	}
+	c3, guest3 := fakeConsole(t, 4, nil)
+	guest3.WriteString("abcdefgXYZ\nQ\n")
+	if line, err := c3.WaitForRegexp(short(), regexp.MustCompile(`^XYZ`)); err == nil {
+		t.Errorf("the tail of a line whose head was dropped matched as a line: %q", line)
+	}
+
+	c4, guest4 := fakeConsole(t, 0, nil)
+	guest4.WriteString("vm login: ")
+	if _, err := c4.WaitForPrompt(ctx, "login: "); err != nil {
+		t.Fatal(err)
+	}
+	guest4.WriteString("root\r\n")
+	if line, err := c4.WaitFor(ctx, "root"); err != nil || line != "vm login: root" {
+		t.Errorf("the line after a prompt: %q, %v", line, err)
+	}
+	if _, err := c4.WaitForPrompt(ctx, ""); err == nil {
+		t.Error("an empty prompt was waited for")
+	}
+}
+
+// Waits from several goroutines on the console's own position move it
+// forward only: a wait that matched an earlier line after another matched
+// a later one does not take it back, so no line comes back to a later
+// wait. (One of the two may pass over the other's line, as WaitFor says.)
+func TestConsoleSharedPositionOnlyForward(t *testing.T) {
+	for i := range 40 {
+		c, guest := fakeConsole(t, 0, nil)
+		wait := func(substr string, d time.Duration) <-chan error {
+			return pendingCall(func() error {
+				ctx, cancel := context.WithTimeout(context.Background(), d)
+				defer cancel()
+				_, err := c.WaitFor(ctx, substr)
+				return err
+			})
+		}
+		a, b := wait("A", 200*time.Millisecond), wait("B", 200*time.Millisecond)
+		guest.WriteString("B\nA\n")
+		<-a
+		<-b
+		for _, substr := range []string{"A", "B"} {
+			if err := <-wait(substr, 20*time.Millisecond); err == nil {
+				t.Fatalf("run %d: the line %s came back", i, substr)
+			}
+		}
+	}
+}

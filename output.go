@@ -46,11 +46,22 @@ func (t *tail) end() int64 { return t.start + int64(len(t.buf)) }
 func (t *tail) kept() int64 { return max(t.start, t.end()-int64(t.max)) }
 
 // since returns the bytes shown from offset off (or from the oldest kept,
-// if off is older) to the end, and where they start. The slice is valid
-// until the next write.
+// if off is older; none, if off is past the end) to the end, and where
+// they start. The slice is valid until the next write.
 func (t *tail) since(off int64) (from int64, b []byte) {
-	from = max(off, t.kept())
+	from = min(max(off, t.kept()), t.end())
 	return from, t.buf[from-t.start:]
+}
+
+// startsLine reports whether offset off is known to start a line: it is
+// the first byte ever written, or the byte before it, still held, is a
+// newline.
+func (t *tail) startsLine(off int64) bool {
+	if off == 0 {
+		return true
+	}
+	i := off - 1 - t.start
+	return i >= 0 && i < int64(len(t.buf)) && t.buf[i] == '\n'
 }
 
 // take returns every byte held and leaves the tail empty, its buffer now
