@@ -126,7 +126,7 @@ type session struct {
 	// has been failed and the protocol told.
 	done chan struct{}
 
-	decoders sync.Pool // of *replyDecoder, for the callers' results
+	decoders sync.Pool // of *keptDecoder, for the callers' results
 
 	mu       sync.Mutex // guards the fields below
 	inflight *pending   // the command written, or nil
@@ -374,6 +374,9 @@ func (s *session) takeTurn(ctx context.Context) error {
 	// same answer every time.
 	if ctx.Err() != nil {
 		return contextError(ctx)
+	}
+	if err := s.endedErr(); err != nil {
+		return err
 	}
 	select {
 	case s.turn <- struct{}{}:
