@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"context"
 	"errors"
 	"fmt"
 )
@@ -46,18 +45,6 @@ type unansweredError struct{ err error }
 func (e *unansweredError) Error() string { return "gave up waiting for the reply: " + e.err.Error() }
 
 func (e *unansweredError) Unwrap() error { return e.err }
-
-// contextError is the error of something cut short by ctx's end: ctx.Err(),
-// and the cause ctx was cancelled with when it has one, so that errors.Is
-// finds either ("context canceled: the operator gave up"). Every method
-// that ends on its context reports it this way.
-func contextError(ctx context.Context) error {
-	err := ctx.Err()
-	if cause := context.Cause(ctx); cause != nil && cause != err {
-		return fmt.Errorf("%w: %w", err, cause)
-	}
-	return err
-}
 
 // unanswered reports whether err says that the command was written and its
 // caller stopped waiting for the reply, so that what it asked for may

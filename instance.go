@@ -285,10 +285,3 @@ func isClosed(ch <-chan struct{}) bool {
 		return false
 	}
 }
-
-func orBackground(ctx context.Context) context.Context {
-	if ctx == nil {
-		return context.Background()
-	}
-	return ctx
-}

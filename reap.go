@@ -49,10 +49,11 @@ func (inst *Instance) reap() {
 // error it leaves cmd.Wait to report. Until QEMU is reaped its pid cannot
 // be reused, so the pidfd opened now names QEMU.
 func waitExitNoReap(pid int) bool {
-	if pidfd, err := pidfdOpen(pid); err == nil {
-		return waitPidfd(pidfd) == nil
+	if pidfd, err := pidfdOpen(pid); err == nil && waitPidfd(pidfd) == nil {
+		return true
 	}
-	// A kernel without pidfds (before 5.3) costs a thread.
+	// A kernel without pidfds (before 5.3), or a pidfd the poller would
+	// not take, costs a thread.
 	var info siginfo
 	for {
 		err := waitid(pid, &info, syscall.WEXITED|wNoWait)

@@ -51,38 +51,49 @@ func StartInstance(ctx context.Context, config Config, opts InstanceOptions) (*I
 	if config.Knobs.Daemonize {
 		problems = append(problems, "Knobs.Daemonize is set, but an Instance runs QEMU in the foreground")
 	}
-	if len(problems) == 0 {
-		problems = versionProblems(ctx, &config)
-	}
 	if len(problems) > 0 {
 		return nil, abandonEvents(opts, fmt.Errorf("qemu: start: invalid Config: %s", strings.Join(problems, "; ")))
+	}
+	opts.Env = append(config.Env[:len(config.Env):len(config.Env)], opts.Env...)
+	if err := checkVersion(ctx, &config, opts.Env); err != nil {
+		return nil, abandonEvents(opts, err)
 	}
 	params, fds := renderConfig(config, opts.Logger)
 	if !asksForDisplay(&config) {
 		params = append(params, "-display", "none")
 	}
-	opts.Env = append(config.Env[:len(config.Env):len(config.Env)], opts.Env...)
 	return StartCustomInstance(ctx, config.Path, params, fds, opts)
 }
 
-// versionProblems lists the parts of config that the QEMU it names cannot
+// checkVersion refuses the parts of config that the QEMU it names cannot
 // take: properties the package renders that a QEMU version no longer has
 // (BlockDevice.SCSI's scsi=on, which 9.1 removed from virtio-blk). Only a
-// Config with such a part costs a run of QEMU with -version before the
-// start.
-func versionProblems(ctx context.Context, config *Config) []string {
+// Config with such a part costs a run of QEMU with -version (in env, as
+// the start would run it) before the start.
+func checkVersion(ctx context.Context, config *Config, env []string) error {
 	var scsi []int
 	for i, d := range config.Devices {
-		if b, ok := d.(BlockDevice); ok && b.SCSI {
-			scsi = append(scsi, i)
+		switch b := d.(type) {
+		case BlockDevice:
+			if b.SCSI {
+				scsi = append(scsi, i)
+			}
+		case *BlockDevice:
+			if b != nil && b.SCSI {
+				scsi = append(scsi, i)
+			}
 		}
 	}
 	if len(scsi) == 0 {
 		return nil
 	}
-	v, err := qemuVersion(ctx, config)
+	path := config.Path
+	if path == "" {
+		path = defaultQEMU
+	}
+	v, err := qemuVersion(ctx, path, env)
 	if err != nil {
-		return []string{err.Error()}
+		return fmt.Errorf("qemu: start %s: asking its version: %w", path, err)
 	}
 	if !v.atLeast(9, 1) {
 		return nil
@@ -91,28 +102,35 @@ func versionProblems(ctx context.Context, config *Config) []string {
 	for _, i := range scsi {
 		problems = append(problems, fmt.Sprintf("Devices[%d] (BlockDevice): SCSI is set, but QEMU %d.%d.%d has no scsi property on virtio-blk (removed in 9.1)", i, v.Major, v.Minor, v.Micro))
 	}
-	return problems
+	return fmt.Errorf("qemu: start %s: invalid Config: %s", path, strings.Join(problems, "; "))
 }
 
-// qemuVersion runs the QEMU config names with -version and reads its
-// version from the first line ("QEMU emulator version 10.0.2 (...)").
-func qemuVersion(ctx context.Context, config *Config) (QMPVersion, error) {
-	path := config.Path
-	if path == "" {
-		path = defaultQEMU
+// qemuVersion runs the QEMU at path with -version and reads its version
+// from the first line ("QEMU emulator version 10.0.2 (...)").
+func qemuVersion(ctx context.Context, path string, env []string) (QMPVersion, error) {
+	ctx = orBackground(ctx)
+	if ctx.Err() != nil {
+		return QMPVersion{}, contextError(ctx)
 	}
-	cmd := exec.CommandContext(orBackground(ctx), path, "-version")
-	if len(config.Env) > 0 {
-		cmd.Env = append(os.Environ(), config.Env...)
+	cmd := exec.CommandContext(ctx, path, "-version")
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
 	}
+	// A wrapper whose child holds stdout does not hold the start.
+	cmd.WaitDelay = stderrGrace
 	out, err := cmd.Output()
-	if err != nil {
-		return QMPVersion{}, fmt.Errorf("%s -version: %w", path, err)
+	switch {
+	case ctx.Err() != nil:
+		return QMPVersion{}, contextError(ctx)
+	case errors.Is(err, exec.ErrNotFound) && path == defaultQEMU:
+		return QMPVersion{}, fmt.Errorf("%w (Debian and Ubuntu ship it in qemu-system-x86)", err)
+	case err != nil && !errors.Is(err, exec.ErrWaitDelay):
+		return QMPVersion{}, err
 	}
 	var v QMPVersion
 	first, _, _ := strings.Cut(string(out), "\n")
 	if _, err := fmt.Sscanf(first, "QEMU emulator version %d.%d.%d", &v.Major, &v.Minor, &v.Micro); err != nil {
-		return QMPVersion{}, fmt.Errorf("%s -version: no version in %q", path, first)
+		return QMPVersion{}, fmt.Errorf("no version in %q", first)
 	}
 	return v, nil
 }

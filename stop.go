@@ -229,11 +229,6 @@ func (s *stopRun) ladder(ctx context.Context) StopStep {
 	return StopKill
 }
 
-// withTimeout is context.WithTimeout with d, or def when d is zero.
-func withTimeout(ctx context.Context, d, def time.Duration) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, orDefault(d, def))
-}
-
 // guestRunning asks QEMU whether the guest is running. Only a clear no is
 // a no: when QEMU does not say, Stop tries the power button anyway. A
 // guest that is not running (paused, started with -S, suspended, or shut
@@ -347,9 +342,10 @@ func (s *stopRun) leavingByItself(ctx context.Context) bool {
 }
 
 // leaveAfterShutdown makes sure that QEMU exits after the guest shut
-// down: it sends quit only once QEMU has said, with a STOP after the
-// SHUTDOWN, that it stays (-no-shutdown, or the shutdown action "pause");
-// watchShutdown has noted both before anyone is handed them. A command
+// down: it sends quit only to a QEMU that is not leaving, one that said
+// with a STOP after the SHUTDOWN that it stays (-no-shutdown, or the
+// shutdown action "pause"), or was resumed since; watchShutdown has noted
+// those events before anyone is handed them. A command
 // that reaches a QEMU already exiting can crash it: QEMU 10.0.2 segfaulted
 // (a NULL coroutine in aio_co_wake, from the monitor) when quit came
 // during its cleanup after SHUTDOWN.
