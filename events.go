@@ -130,8 +130,10 @@ func statusIn(statuses []string) func(QMPEvent) bool {
 // sequence number; a subscription hands out only events numbered up to
 // published, which publish raises once the event is queued everywhere. So
 // whoever has received an event knows that every other subscription
-// selecting it holds it too (Migrate relies on that when a caller ends its
-// context on seeing postcopy-active).
+// selecting it holds it too: a caller who ends a context on seeing an
+// event knows the operation under that context was handed the event as
+// well. (Before an irreversible step the operations still ask QEMU: the
+// events held say where QEMU was, not where it is.)
 type router struct {
 	mu       sync.Mutex // guards the fields below, and is taken before a Subscription's
 	subs     []*Subscription

@@ -246,7 +246,9 @@ func (q *QMP) Backup(ctx context.Context, b BlockdevBackup, opts JobOptions) (Jo
 // (job-cancel, unless query-jobs says it has concluded or is aborting
 // already), and runJob waits for it to conclude (QEMU ends a cancelled job
 // once its requests in flight have drained), dismisses it and returns an
-// error that wraps ctx's error and its cause (context.Cause). That wait is
+// error that wraps ctx's error and its cause (context.Cause). A job that
+// had concluded by then is reported as it ended (success, or its
+// *JobError beside ctx's error), and so is one that was aborting. That wait is
 // bounded by opts.CancelGrace; past it the error wraps ErrCancelPending
 // too, and the job is left to QEMU. A start whose reply ctx cut short is
 // cancelled only if QEMU made the job (its "created" came), never when the
@@ -262,7 +264,7 @@ func (q *QMP) runJob(ctx context.Context, name, id string, args interface{}, opt
 	sub := q.Subscribe(jobFilter(id))
 	defer sub.Close()
 	j := &jobRun{q: q, name: name, id: id, opts: opts,
-		op: newOperation(q, sub, opts.ProgressInterval, opts.Progress != nil, opts.CancelGrace)}
+		op: newOperation(sub, opts.ProgressInterval, opts.Progress != nil, opts.CancelGrace)}
 	if err := j.op.run(ctx, j, func(ctx context.Context) error { return q.run(ctx, name, id, args, nil) }); err != nil {
 		return JobInfo{}, err
 	}
@@ -272,12 +274,13 @@ func (q *QMP) runJob(ctx context.Context, name, id string, args interface{}, opt
 // jobRun is one job being waited for: the steps of its operation, and its
 // result.
 type jobRun struct {
-	q        *QMP
-	name, id string
-	opts     JobOptions
-	op       *operation
-	readied  bool   // the job has been ready once
-	lastErr  string // the last BLOCK_JOB_ERROR's operation and action
+	q         *QMP
+	name, id  string
+	opts      JobOptions
+	op        *operation
+	readied   bool   // the job has been ready once
+	cancelled bool   // job-cancel has been sent
+	lastErr   string // the last BLOCK_JOB_ERROR's operation and action
 
 	info JobInfo
 	err  error
@@ -322,13 +325,14 @@ func (j *jobRun) event(ctx context.Context, ev QMPEvent) bool {
 		}
 		j.readied = true
 		if err := j.ready(ctx); err != nil {
-			j.op.beginCancel(ctx, err)
-			return j.cancel(j.op.gctx)
+			return j.op.cancel(ctx, err, j)
 		}
 	case "concluded":
 		// Over: its entry is read and it is dismissed whatever ctx says,
 		// or the job would stay, its id taken.
-		return j.conclude(context.WithoutCancel(ctx), j.op.cause)
+		ectx, done := j.op.ending(ctx)
+		defer done()
+		return j.conclude(ectx)
 	}
 	return false
 }
@@ -360,39 +364,46 @@ func (j *jobRun) cancel(gctx context.Context) bool {
 	info, err := j.queryInfo(gctx)
 	switch {
 	case err != nil && gctx.Err() != nil:
-		j.err = j.pending(orDefault(j.opts.CancelGrace, DefaultCancelGrace))
+		j.err = j.pending()
 		return true
 	case err != nil:
 		j.err = j.error(fmt.Errorf("%w; and its status is unknown, so it was not cancelled: %w", j.op.cause, err))
 		return true
 	case info.Status == "concluded":
-		return j.conclude(gctx, nil) // it ended by itself
+		return j.conclude(gctx) // it ended by itself
 	case info.Status == "aborting":
 		return false // on its way to concluded already
 	}
 	err = j.q.execute(gctx, "job-cancel", idArgs{j.id}, nil)
 	switch {
 	case err == nil:
+		j.cancelled = true
 		return false
 	case gctx.Err() != nil:
-		j.err = j.pending(orDefault(j.opts.CancelGrace, DefaultCancelGrace))
+		j.err = j.pending()
 		return true
 	}
 	if info, qerr := j.queryInfo(gctx); qerr == nil && info.Status == "concluded" {
-		return j.conclude(gctx, nil) // it ended in between
+		return j.conclude(gctx) // it ended in between
 	}
 	j.err = j.error(fmt.Errorf("%w; and job-cancel failed: %w", j.op.cause, err))
 	return true
 }
 
-// pending is the error of a cancel QEMU had not carried out in the grace.
-func (j *jobRun) pending(grace time.Duration) error {
-	return j.error(fmt.Errorf("%w; cancelled, but not concluded %v later: %w", j.op.cause, grace, ErrCancelPending))
+// pending is the error of a job not concluded when the grace ran out.
+func (j *jobRun) pending() error {
+	what := "cancelled"
+	if !j.cancelled {
+		what = "not cancelled (it was ending already)"
+	}
+	return j.error(fmt.Errorf("%w; %s, but not concluded %v later: %w", j.op.cause, what, j.op.grace, ErrCancelPending))
 }
 
-// conclude reads the concluded job's entry and dismisses it. A cancelled
-// job's error wraps cancelled, why it was cancelled.
-func (j *jobRun) conclude(ctx context.Context, cancelled error) bool {
+// conclude reads the concluded job's entry and dismisses it. A job this
+// run cancelled ends with the cancel's cause; one QEMU ended with an error
+// (also one that failed as the context ended) with its *JobError, beside
+// the cause when there is one.
+func (j *jobRun) conclude(ctx context.Context) bool {
 	info, qerr := j.queryInfo(ctx)
 	if derr := j.q.execute(ctx, "job-dismiss", idArgs{j.id}, nil); derr != nil && qerr == nil {
 		qerr = fmt.Errorf("job-dismiss: %w", derr)
@@ -401,9 +412,12 @@ func (j *jobRun) conclude(ctx context.Context, cancelled error) bool {
 		j.opts.Progress(info)
 	}
 	j.info = info
+	cause := j.op.cause
 	switch {
-	case cancelled != nil:
-		j.err = j.error(fmt.Errorf("cancelled: %w", cancelled))
+	case j.cancelled:
+		j.err = j.error(fmt.Errorf("cancelled: %w", cause))
+	case info.Error != "" && cause != nil:
+		j.err = j.error(fmt.Errorf("%w; %w", cause, &JobError{ID: j.id, Type: info.Type, Desc: info.Error, Event: j.lastErr}))
 	case info.Error != "":
 		j.err = j.error(&JobError{ID: j.id, Type: info.Type, Desc: info.Error, Event: j.lastErr})
 	case qerr != nil:

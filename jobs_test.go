@@ -701,3 +701,33 @@ func TestBlockJobsRealQEMU(t *testing.T) {
 		}
 	})
 }
+
+// A job that was aborting (failing by itself) when the context ended gets
+// no job-cancel, and ends with QEMU's reason beside the context's error,
+// not as cancelled.
+func TestJobFailingAsContextEnds(t *testing.T) {
+	s := connect(t, "10.0.2", nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ch := pendingCall(func() error {
+		_, err := s.q.Backup(ctx, BlockdevBackup{JobID: "job0", Device: "src", Target: "dst"}, JobOptions{})
+		return err
+	})
+	s.p.recv()
+	s.p.send(okReply, jobEvent("job0", "running"))
+	stillPending(t, ch, "Backup")
+	cancel()
+	s.p.expect(t, wireQueryJobs)
+	s.p.send(jobsReply("job0", "aborting", "", 3, 10))
+	stillPending(t, ch, "Backup while aborting")
+	s.p.send(jobEvent("job0", "concluded"))
+	s.p.expect(t, wireQueryJobs)
+	s.p.send(jobsReply("job0", "concluded", "No space left on device", 3, 10))
+	s.p.expect(t, `{"execute":"job-dismiss","arguments":{"id":"job0"}}`)
+	s.p.send(okReply)
+	err := returnsWithin(t, 5*time.Second, func() error { return <-ch })
+	var jerr *JobError
+	if !errors.As(err, &jerr) || jerr.Desc != "No space left on device" || !errors.Is(err, context.Canceled) || strings.Contains(err.Error(), "cancelled:") {
+		t.Errorf("%v; want QEMU's reason beside the context's error, not a cancel", err)
+	}
+}

@@ -268,11 +268,12 @@ func (q *QMP) Migrate(ctx context.Context, uri string, opts MigrateOptions) (Mig
 		return MigrationInfo{}, err
 	}
 	// Every status: "setup" says that a migrate given up on started a
-	// migration, a postcopy one that it can no longer be cancelled.
+	// migration; once it is being cancelled, every status is a reason to
+	// ask QEMU again.
 	sub := q.Subscribe(MigrationFilter())
 	defer sub.Close()
 	m := &migration{q: q, uri: uri, opts: opts,
-		op: newOperation(q, sub, opts.ProgressInterval, opts.Progress != nil, opts.CancelGrace)}
+		op: newOperation(sub, opts.ProgressInterval, opts.Progress != nil, opts.CancelGrace)}
 	if err := m.op.run(ctx, m, func(ctx context.Context) error { return q.ExecuteMigrate(ctx, uri) }); err != nil {
 		return m.info, err
 	}
@@ -286,7 +287,6 @@ type migration struct {
 	uri       string
 	opts      MigrateOptions
 	op        *operation
-	postcopy  bool // a postcopy status has been seen
 	cancelled bool // migrate_cancel has been sent
 
 	info MigrationInfo // QEMU's last word on it
@@ -316,13 +316,6 @@ func inPostcopy(status string) bool {
 // 11.x's "failing", which precedes "failed".
 func isMigrationEnding(status string) bool { return status == "cancelling" || status == "failing" }
 
-// note records a status the migration reported.
-func (m *migration) note(status string) {
-	if inPostcopy(status) {
-		m.postcopy = true
-	}
-}
-
 func (m *migration) query(ctx context.Context) error {
 	_, err := m.queryInfo(ctx)
 	return err
@@ -340,7 +333,6 @@ func (m *migration) poll(ctx context.Context) bool {
 	if err != nil {
 		return false // ctx's end or the session's is seen next
 	}
-	m.note(info.Status)
 	if isMigrationEnd(info.Status) {
 		return m.ended(ctx, info)
 	}
@@ -352,7 +344,6 @@ func (m *migration) poll(ctx context.Context) bool {
 // every status is a reason to ask QEMU again.
 func (m *migration) event(ctx context.Context, ev QMPEvent) bool {
 	status, _ := ev.Data["status"].(string)
-	m.note(status)
 	switch {
 	case m.op.cause != nil:
 		return m.decide(ctx)
@@ -360,7 +351,9 @@ func (m *migration) event(ctx context.Context, ev QMPEvent) bool {
 		return false
 	}
 	// Over: its figures and reason are read whatever ctx says.
-	info, err := m.queryInfo(context.WithoutCancel(ctx))
+	ectx, done := m.op.ending(ctx)
+	defer done()
+	info, err := m.queryInfo(ectx)
 	if err != nil {
 		m.err = m.error(err)
 		return true
@@ -374,13 +367,15 @@ func (m *migration) event(ctx context.Context, ev QMPEvent) bool {
 func (m *migration) cancel(gctx context.Context) bool { return m.decide(gctx) }
 
 // decide acts on query-migrate, asked now, for a migration whose context
-// has ended, and not on the events held: another subscriber may have seen
-// postcopy-active, and ended the context because of it, before this one
-// was handed the event. A migration in postcopy is left to run; one that
-// is ending, or in QEMU 10.2's postcopy-device (which QEMU will not
-// cancel, and which the source takes back if it fails), is waited for;
-// any other is cancelled, once.
+// has ended, not on the events it holds, which may be behind QEMU (one may
+// be on its way), since a cancel cannot be taken back. A migration in
+// postcopy is left to run; one that is ending, or in QEMU 10.2's
+// postcopy-device (which QEMU will not cancel, and which the source takes
+// back if it fails), is waited for; any other is cancelled, once. A cancel
+// QEMU refuses is followed by another look, which says why: QEMU 10.0 and
+// later refuse one in postcopy.
 func (m *migration) decide(gctx context.Context) bool {
+	var refused error
 	for {
 		info, err := m.queryInfo(gctx)
 		if err != nil {
@@ -388,27 +383,33 @@ func (m *migration) decide(gctx context.Context) bool {
 			return true
 		}
 		m.info = info
-		m.note(info.Status)
 		switch {
 		case isMigrationEnd(info.Status) || info.Status == "none":
 			return m.ended(gctx, info)
-		case m.postcopy:
+		case inPostcopy(info.Status):
 			m.err = m.error(fmt.Errorf("%w; %w", m.op.cause, ErrMigrationInPostcopy))
+			return true
+		case refused != nil:
+			m.err = m.stopFailed(gctx, refused)
 			return true
 		case m.cancelled || info.Status == "postcopy-device" || isMigrationEnding(info.Status):
 			return false
 		}
 		if err := m.q.execute(gctx, "migrate_cancel", nil, nil); err != nil {
-			m.err = m.stopFailed(gctx, fmt.Errorf("migrate_cancel: %w", err))
-			return true
+			if gctx.Err() != nil {
+				m.err = m.stopFailed(gctx, err)
+				return true
+			}
+			refused = fmt.Errorf("migrate_cancel: %w", err)
+			continue
 		}
 		m.cancelled = true
 	}
 }
 
 // pending is the error of a migration not over when the grace ran out.
-func (m *migration) pending(grace time.Duration) error {
-	return m.error(fmt.Errorf("%w; %s, but not over %v later (%q): %w", m.op.cause, m.whatWasDone(), grace, m.info.Status, ErrCancelPending))
+func (m *migration) pending() error {
+	return m.error(fmt.Errorf("%w; %s, but not over %v later (%q): %w", m.op.cause, m.whatWasDone(), m.op.grace, m.info.Status, ErrCancelPending))
 }
 
 // stopFailed is the error of a migration whose end could not be seen
@@ -416,7 +417,7 @@ func (m *migration) pending(grace time.Duration) error {
 // session failed.
 func (m *migration) stopFailed(gctx context.Context, err error) error {
 	if gctx.Err() != nil {
-		return m.pending(orDefault(m.opts.CancelGrace, DefaultCancelGrace))
+		return m.pending()
 	}
 	return m.error(fmt.Errorf("%w; %s, and its end is unknown: %w", m.op.cause, m.whatWasDone(), err))
 }

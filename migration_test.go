@@ -924,3 +924,76 @@ func TestMigrateDecidesFromQEMUsState(t *testing.T) {
 		})
 	}
 }
+
+// A migrate_cancel QEMU refuses (QEMU 10.0 and later refuse one in
+// postcopy) is followed by another look at QEMU's state, which says why:
+// a migration found in postcopy then is reported so, not as active.
+func TestMigrateCancelRefusedLooksAgain(t *testing.T) {
+	s := connect(t, "10.0.2", nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var info MigrationInfo
+	ch := pendingCall(func() (err error) { info, err = s.q.Migrate(ctx, "fd:mig", MigrateOptions{}); return err })
+	s.p.expect(t, wireEventsOn)
+	s.p.send(okReply)
+	s.p.expect(t, `{"execute":"migrate","arguments":{"uri":"fd:mig"}}`)
+	s.p.send(okReply, event("MIGRATION", `{"status": "active"}`, 1, 0))
+	stillPending(t, ch, "Migrate")
+	cancel()
+	s.p.expect(t, wireQueryMigrate)
+	s.p.send(migrateReply("active", 50, 50))
+	s.p.expect(t, `{"execute":"migrate_cancel"}`)
+	s.p.send(`{"error": {"class": "GenericError", "desc": "Postcopy migration in progress, cannot cancel."}}`)
+	s.p.expect(t, wireQueryMigrate)
+	s.p.send(migrateReply("postcopy-active", 60, 40))
+	err := returnsWithin(t, 5*time.Second, func() error { return <-ch })
+	if !errors.Is(err, ErrMigrationInPostcopy) || !errors.Is(err, context.Canceled) || info.Status != "postcopy-active" {
+		t.Errorf("%q, %v; want postcopy-active and an error wrapping ErrMigrationInPostcopy", info.Status, err)
+	}
+}
+
+// QEMU gone while Migrate waits, under the grace, for the end of the
+// migration it cancelled: the error still says why it was cancelled.
+func TestMigrateSessionEndsDuringCancel(t *testing.T) {
+	s := connect(t, "10.0.2", nil)
+	cause := errors.New("the operator pulled the plug")
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	ch := pendingCall(func() error { _, err := s.q.Migrate(ctx, "fd:mig", MigrateOptions{}); return err })
+	s.p.expect(t, wireEventsOn)
+	s.p.send(okReply)
+	s.p.expect(t, `{"execute":"migrate","arguments":{"uri":"fd:mig"}}`)
+	s.p.send(okReply, event("MIGRATION", `{"status": "active"}`, 1, 0))
+	stillPending(t, ch, "Migrate")
+	cancel(cause)
+	s.p.expect(t, wireQueryMigrate)
+	s.p.send(migrateReply("active", 50, 50))
+	s.p.expect(t, `{"execute":"migrate_cancel"}`)
+	s.p.send(okReply)
+	s.p.expect(t, wireQueryMigrate)
+	s.p.send(migrateReply("cancelling", 50, 50))
+	s.p.conn.Close()
+	err := returnsWithin(t, 5*time.Second, func() error { return <-ch })
+	if !errors.Is(err, cause) || !errors.Is(err, context.Canceled) || !errors.Is(err, ErrDisconnected) {
+		t.Errorf("%v; want an error wrapping the cause, the context's error and ErrDisconnected", err)
+	}
+}
+
+// What Migrate reads once QEMU said the migration is over is read whatever
+// its context says, but bounded by the grace: a QEMU that never answers
+// the final query does not hold it for ever.
+func TestMigrateFinalQueryBounded(t *testing.T) {
+	s := connect(t, "10.0.2", nil)
+	ch := pendingCall(func() error {
+		_, err := s.q.Migrate(context.Background(), "fd:mig", MigrateOptions{CancelGrace: 50 * time.Millisecond})
+		return err
+	})
+	s.p.expect(t, wireEventsOn)
+	s.p.send(okReply)
+	s.p.expect(t, `{"execute":"migrate","arguments":{"uri":"fd:mig"}}`)
+	s.p.send(okReply, event("MIGRATION", `{"status": "completed"}`, 1, 0))
+	s.p.expect(t, wireQueryMigrate) // and no answer
+	if err := returnsWithin(t, 5*time.Second, func() error { return <-ch }); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("%v; want the grace's end", err)
+	}
+}

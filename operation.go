@@ -53,16 +53,15 @@ type steps interface {
 	// cancel, and does it; it is called once, bounded by the grace.
 	cancel(gctx context.Context) (done bool)
 	// pending returns the error of an operation the grace ran out on.
-	pending(grace time.Duration) error
+	pending() error
 	// error labels err with the operation's command and object.
 	error(err error) error
 }
 
 // operation is one run of a long operation.
 type operation struct {
-	q     *QMP
 	w     waiter
-	grace time.Duration // CancelGrace, or 0 for the default
+	grace time.Duration // CancelGrace, or DefaultCancelGrace
 
 	// Once the operation is to be cancelled: why, and the grace that
 	// bounds the cancel and the wait for its end, which ctx no longer
@@ -73,9 +72,10 @@ type operation struct {
 }
 
 // newOperation returns an operation that receives sub's events, polling
-// every interval when poll is set, and cancels under grace.
-func newOperation(q *QMP, sub *Subscription, interval time.Duration, poll bool, grace time.Duration) *operation {
-	return &operation{q: q, w: waiter{sub: sub, interval: interval, poll: poll}, grace: grace}
+// every interval when poll is set, and cancels under grace (0 means
+// DefaultCancelGrace).
+func newOperation(sub *Subscription, interval time.Duration, poll bool, grace time.Duration) *operation {
+	return &operation{w: waiter{sub: sub, interval: interval, poll: poll}, grace: orDefault(grace, DefaultCancelGrace)}
 }
 
 // run starts the operation with start, which sends its command, and runs
@@ -123,13 +123,14 @@ func (o *operation) wait(ctx context.Context, s steps) error {
 			}
 			continue
 		case err != nil && o.cause != nil && o.gctx.Err() != nil:
-			return s.pending(orDefault(o.grace, DefaultCancelGrace))
+			return s.pending()
 		case err != nil && o.cause == nil && ctx.Err() != nil:
-			o.beginCancel(ctx, contextError(ctx))
-			if s.cancel(o.gctx) {
+			if o.cancel(ctx, contextError(ctx), s) {
 				return nil
 			}
 			continue
+		case err != nil && o.cause != nil:
+			return s.error(fmt.Errorf("%w; and waiting for its end: %w", o.cause, err))
 		case err != nil:
 			return s.error(fmt.Errorf("waiting for its end: %w", err))
 		}
@@ -139,6 +140,13 @@ func (o *operation) wait(ctx context.Context, s steps) error {
 	}
 }
 
+// cancel begins the cancel of the operation, for cause: s decides, under
+// the grace, what to send. It reports the operation over.
+func (o *operation) cancel(ctx context.Context, cause error, s steps) bool {
+	o.beginCancel(ctx, cause)
+	return s.cancel(o.gctx)
+}
+
 // beginCancel records why the operation is to be cancelled and starts the
 // grace that bounds the cancel and the wait for its end.
 func (o *operation) beginCancel(ctx context.Context, cause error) {
@@ -146,26 +154,21 @@ func (o *operation) beginCancel(ctx context.Context, cause error) {
 	o.gctx, o.stopGrace = graceContext(ctx, o.grace)
 }
 
+// ending returns the context to read the operation's end with, once QEMU
+// has said it is over: its figures and reason are read, and a job
+// dismissed, whatever ctx says, bounded by the grace (the cancel's, once
+// there is one). The caller calls done.
+func (o *operation) ending(ctx context.Context) (ectx context.Context, done context.CancelFunc) {
+	if o.cause != nil {
+		return o.gctx, func() {}
+	}
+	return graceContext(ctx, o.grace)
+}
+
 func (o *operation) endGrace() {
 	if o.stopGrace != nil {
 		o.stopGrace()
 	}
-}
-
-// graceContext bounds what is done to undo or end something after ctx
-// ended (a long operation's cancel, the guest agent's thaw and file
-// close): a context of its own, d long (DefaultCancelGrace when zero),
-// with ctx's values.
-func graceContext(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.WithoutCancel(ctx), orDefault(d, DefaultCancelGrace))
-}
-
-// orDefault returns d, or def when d is zero.
-func orDefault(d, def time.Duration) time.Duration {
-	if d <= 0 {
-		return def
-	}
-	return d
 }
 
 // errPoll is what waiter.next returns when it is time to poll.
