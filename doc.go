@@ -27,8 +27,11 @@
 // A method named Execute<Command> sends one QMP command, <command>, and
 // returns its reply: ExecuteDeviceAdd sends device_add. A method named by
 // a bare verb runs an operation to its end, however many commands and
-// events that takes, and cancels it when its context ends: Migrate,
-// Mirror, Stream, Commit, Backup, SaveSnapshot, AddCPU, RemoveCPU. Errors
+// events that takes: AddCPU, RemoveCPU, Migrate, Mirror, Stream, Commit,
+// Backup, SaveSnapshot. The long ones among them, which QEMU runs as a
+// migration or a job, are cancelled in QEMU when their context ends;
+// RemoveCPU stops waiting then, and leaves the guest's unplug to finish
+// or not. Errors
 // name the command or operation and what it was about ("qmp: device_del
 // disk0: ...") and wrap QEMU's error (*QMPError), the session's end
 // (ErrDisconnected, ErrShutdown) or the context's error and its cause.
