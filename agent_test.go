@@ -585,8 +585,8 @@ func TestGuestAgentWriteBoundedByContext(t *testing.T) {
 		cancel()
 	}()
 	err := a.Execute(short, "guest-file-write", map[string]interface{}{"handle": 1, "buf-b64": strings.Repeat("A", 8<<20)}, nil)
-	if !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "write:") {
-		t.Fatalf("a write nobody reads: %v, want a write error with context.Canceled", err)
+	if !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "guest-file-write: write: ") {
+		t.Fatalf("a write nobody reads: %v, want guest-file-write's write error with context.Canceled", err)
 	}
 	// The peer reads again: the half command, then on the same line the
 	// resync.
@@ -594,7 +594,9 @@ func TestGuestAgentWriteBoundedByContext(t *testing.T) {
 		line := p.recv()
 		i := strings.LastIndexByte(line, 0xff)
 		if i <= 0 {
-			panic(fmt.Sprintf("no half command before the resync: %.80q", line))
+			t.Errorf("no half command before the resync: %.80q", line)
+			p.conn.Close()
+			return
 		}
 		p.send("\xff{\"return\": " + syncID(t, line[i:]) + "}")
 		p.recv()

@@ -1543,8 +1543,8 @@ func stopAll(b *testing.B, insts []*Instance) {
 	}
 	wg.Wait()
 	for _, inst := range insts {
-		if _, err := os.Stat("/proc/" + strconv.Itoa(inst.Pid())); err == nil {
-			b.Fatalf("QEMU %d is left after Stop", inst.Pid())
+		if !isClosed(inst.Done()) {
+			b.Fatalf("QEMU %d is not reaped after Stop", inst.Pid())
 		}
 	}
 }
@@ -1564,7 +1564,7 @@ func startRaw(bin string, args []string, n int) (time.Duration, error) {
 				return
 			}
 			defer ours.Close()
-			cmd := exec.Command(bin, append(args, "-chardev", "socket,id=m,fd=3", "-qmp", "chardev:m")...)
+			cmd := exec.Command(bin, slices.Concat(args, []string{"-chardev", "socket,id=m,fd=3", "-qmp", "chardev:m"})...)
 			cmd.ExtraFiles = []*os.File{theirs}
 			err = cmd.Start()
 			theirs.Close()

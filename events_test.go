@@ -483,29 +483,35 @@ func TestSubscriptionEndWakesAllReceivers(t *testing.T) {
 	}
 }
 
-// The queue against a slice: random pushes and pops, in order, none lost.
+// The queue against a slice: random pushes and pops, in order, none lost,
+// and none popped before it is numbered published.
 func TestEventQueueModel(t *testing.T) {
 	r := rand.New(rand.NewSource(1))
 	for round := 0; round < 200; round++ {
 		var q eventQueue
-		var model []string
-		next := 0
+		var model []uint64 // the numbers of the events queued, in order
+		var pushed, published uint64
 		for i := 0; i < 5000; i++ {
-			if r.Intn(3) != 0 {
-				q.push(QMPEvent{Name: strconv.Itoa(next)}, 0)
-				model = append(model, strconv.Itoa(next))
-				next++
-			} else {
-				ev, ok := q.pop(0)
-				if ok != (len(model) > 0) || ok && ev.Name != model[0] {
-					t.Fatalf("pop %v %v, model %v", ev.Name, ok, model[:min(3, len(model))])
+			switch r.Intn(4) {
+			case 0, 1:
+				pushed++
+				q.push(QMPEvent{Name: strconv.FormatUint(pushed, 10)}, pushed)
+				model = append(model, pushed)
+			case 2:
+				// Publishing catches up with pushing in steps.
+				published = min(pushed, published+uint64(r.Intn(4)))
+			case 3:
+				ev, ok := q.pop(published)
+				want := len(model) > 0 && model[0] <= published
+				if ok != want || ok && ev.Name != strconv.FormatUint(model[0], 10) {
+					t.Fatalf("pop(%d) = %q, %v; model %v", published, ev.Name, ok, model[:min(3, len(model))])
 				}
 				if ok {
 					model = model[1:]
 				}
 			}
 			if q.len() != len(model) {
-				t.Fatal("len")
+				t.Fatalf("len %d, model %d", q.len(), len(model))
 			}
 		}
 	}

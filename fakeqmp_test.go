@@ -87,10 +87,18 @@ func (p *peer) recv() string {
 }
 
 // serve answers every command with what answer returns, until the client
-// goes. Commands are recorded in order.
+// goes. Commands are recorded in order. When the test ends, the
+// connection is closed and serve's goroutine waited for, so that nothing
+// it does (answer's own checks) comes after the test.
 func (p *peer) serve(answer func(cmd string) []string) (done <-chan []string) {
 	ch := make(chan []string, 1)
+	exited := make(chan struct{})
+	p.t.Cleanup(func() {
+		p.conn.Close()
+		<-exited
+	})
 	go func() {
+		defer close(exited)
 		var got []string
 		for {
 			cmd := p.recv()

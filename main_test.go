@@ -587,9 +587,12 @@ func startPausedQEMU(t *testing.T) (*QMP, *Instance) {
 // checkNotDeprecated fails the test, once it has ended, if inst's QEMU
 // warned on its stderr that something it was given is deprecated: the
 // package renders and sends nothing QEMU deprecates, on any QEMU the
-// suite runs.
+// suite runs. It closes inst first, unless a cleanup registered after it
+// has: QEMU's stderr is whole once QEMU has exited.
 func checkNotDeprecated(t testing.TB, inst *Instance) {
 	t.Cleanup(func() {
+		inst.Close()
+		inst.Wait(context.Background())
 		for _, line := range strings.Split(inst.Stderr(), "\n") {
 			if strings.Contains(strings.ToLower(line), "deprecated") {
 				t.Errorf("QEMU warned: %s", line)

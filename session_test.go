@@ -352,6 +352,8 @@ func TestContextCauseReached(t *testing.T) {
 			case <-started:
 			case err := <-ch:
 				t.Fatalf("ended before it was under way: %v", err)
+			case <-time.After(10 * time.Second):
+				t.Fatal("not under way after 10s")
 			}
 			cancel(cause)
 		}
@@ -494,30 +496,90 @@ qmp_serve`)
 		check(t, run(t, func(ctx context.Context) error { _, err := inst.Wait(ctx); return err }, nil))
 		check(t, run(t, func(ctx context.Context) error { _, err := inst.Stop(ctx); return err }, nil))
 	})
-	t.Run("StartCustomInstance", func(t *testing.T) {
-		path, _ := standIn(t, "qemu", `exec sleep 60`)
-		check(t, run(t, func(ctx context.Context) error {
-			_, err := StartCustomInstance(ctx, path, nil, nil, InstanceOptions{})
-			return err
-		}, nil))
-	})
-	t.Run("LaunchCustomQemu", func(t *testing.T) {
-		path, _ := standIn(t, "qemu", `exec sleep 60`)
-		check(t, run(t, func(ctx context.Context) error {
-			_, err := LaunchCustomQemu(ctx, path, nil, nil, nil)
-			return err
-		}, nil))
-	})
-	t.Run("QemuImg", func(t *testing.T) {
-		img := fakeQemuImg(t, "exec /bin/sleep 60\n")
-		check(t, run(t, func(ctx context.Context) error {
-			_, err := img.Info(ctx, filepath.Join(t.TempDir(), "x.qcow2"), InfoImageOptions{Format: "qcow2"})
-			return err
-		}, nil))
-	})
-	t.Run("ISOImage.WriteFile", func(t *testing.T) {
-		im := &ISOImage{Label: "x"}
-		im.AddFile("a", []byte("a"))
-		check(t, run(t, func(ctx context.Context) error { return im.WriteFile(ctx, filepath.Join(t.TempDir(), "x.iso")) }, nil))
-	})
+	// The rest, each with a context that ended before the call, and one
+	// that ends with the call under way.
+	for _, underway := range []bool{false, true} {
+		// started is, for a stand-in, the line that sets $STARTED, where
+		// the stand-in writes once under way, and the channel closed then
+		// (nil when the context ends before the call).
+		started := func(t *testing.T) (line string, started <-chan struct{}) {
+			if !underway {
+				return "STARTED=", nil
+			}
+			path, ch := startedFIFO(t)
+			return "STARTED='" + path + "'", ch
+		}
+		const sleeper = `
+[ -n "$STARTED" ] && echo >"$STARTED"
+exec sleep 60`
+		name := map[bool]string{false: "/before", true: "/under way"}[underway]
+		t.Run("Instance.Stop"+name, func(t *testing.T) {
+			line, ch := started(t)
+			path, _ := standIn(t, "qemu", line+qmpStandIn+`
+qmp_greet
+qmp_serve`)
+			inst := startStandIn(t, path, InstanceOptions{Env: []string{"POWERBUTTON=ignore"}})
+			check(t, run(t, func(ctx context.Context) error { _, err := inst.Stop(ctx); return err }, ch))
+		})
+		t.Run("StartCustomInstance"+name, func(t *testing.T) {
+			line, ch := started(t)
+			path, _ := standIn(t, "qemu", line+sleeper)
+			check(t, run(t, func(ctx context.Context) error {
+				_, err := StartCustomInstance(ctx, path, nil, nil, InstanceOptions{})
+				return err
+			}, ch))
+		})
+		t.Run("LaunchCustomQemu"+name, func(t *testing.T) {
+			line, ch := started(t)
+			path, _ := standIn(t, "qemu", line+sleeper)
+			check(t, run(t, func(ctx context.Context) error {
+				_, err := LaunchCustomQemu(ctx, path, nil, nil, nil)
+				return err
+			}, ch))
+		})
+		t.Run("QemuImg"+name, func(t *testing.T) {
+			line, ch := started(t)
+			img := fakeQemuImg(t, line+sleeper+"\n")
+			check(t, run(t, func(ctx context.Context) error {
+				_, err := img.Info(ctx, filepath.Join(t.TempDir(), "x.qcow2"), InfoImageOptions{Format: "qcow2"})
+				return err
+			}, ch))
+		})
+		t.Run("ISOImage.WriteFile"+name, func(t *testing.T) {
+			var ch chan struct{}
+			if underway {
+				ch = make(chan struct{})
+			}
+			check(t, run(t, func(ctx context.Context) error {
+				im := &ISOImage{Label: "x"}
+				err := im.AddFileFrom("a", 1<<20, func() (io.ReadCloser, error) {
+					return io.NopCloser(&stallingReader{ctx: ctx, started: ch}), nil
+				})
+				if err != nil {
+					return err
+				}
+				return im.WriteFile(ctx, filepath.Join(t.TempDir(), "x.iso"))
+			}, ch))
+		})
+	}
+}
+
+// stallingReader reads zeros: the first read closes started (unless nil),
+// and the next wait for ctx to end.
+type stallingReader struct {
+	ctx     context.Context
+	started chan struct{}
+	reads   int
+}
+
+func (r *stallingReader) Read(p []byte) (int, error) {
+	r.reads++
+	if r.reads == 2 {
+		if r.started != nil {
+			close(r.started)
+		}
+		<-r.ctx.Done()
+	}
+	clear(p)
+	return len(p), nil
 }

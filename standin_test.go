@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -43,8 +44,9 @@ func readArgs(t *testing.T, dir string) []string {
 // qmpStandIn is a shell fragment that makes a stand-in speak QMP on its
 // descriptor $QMP (3 unless set): qmp_greet sends the greeting, qmp_serve
 // answers every command with an empty return, exits on quit, and on
-// system_powerdown touches $DIR/powerdown, then sends SHUTDOWN and exits
-// unless $POWERBUTTON is "ignore". After SHUTDOWN, $AFTER "stay" makes it
+// system_powerdown touches $DIR/powerdown (and writes a line to $STARTED,
+// if set: see startedFIFO), then sends SHUTDOWN and exits unless
+// $POWERBUTTON is "ignore". After SHUTDOWN, $AFTER "stay" makes it
 // send STOP and stay, as -no-shutdown does, and "linger" makes it take a
 // second to exit and save in $DIR/after-shutdown a command sent meanwhile
 // (qmp_linger, which checkQuietAfterShutdown reads); "stopfirst" is linger
@@ -78,6 +80,7 @@ qmp_serve() {
 		*'"quit"'*) exit 0;;
 		*system_powerdown*)
 			touch "$DIR/powerdown"
+			[ -n "$STARTED" ] && echo >"$STARTED"
 			[ "$POWERBUTTON" = ignore ] && continue
 			if [ "$AFTER" = stopfirst ]; then
 				qmp_event STOP
@@ -93,6 +96,37 @@ qmp_serve() {
 	done
 }
 `
+
+// startedFIFO makes a FIFO for a stand-in to write a line to once it is
+// under way, and returns its path and a channel closed when the line has
+// come. The FIFO is closed when the test ends.
+func startedFIFO(t *testing.T) (string, <-chan struct{}) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "started")
+	if err := syscall.Mkfifo(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Read and write, so that neither this open nor the stand-in's waits
+	// for the other end.
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan struct{})
+	exited := make(chan struct{})
+	go func() {
+		defer close(exited)
+		var b [1]byte
+		if _, err := f.Read(b[:]); err == nil {
+			close(started)
+		}
+	}()
+	t.Cleanup(func() {
+		f.Close()
+		<-exited
+	})
+	return path, started
+}
 
 // startStandIn starts the stand-in at path as QEMU, closed when the test
 // ends.
