@@ -371,7 +371,10 @@ func TestInstanceRealQEMUStopSteps(t *testing.T) {
 		// power button is tried; then quit, unanswered too; then SIGTERM
 		// with SIGCONT, on which QEMU exits.
 		if r.Step != StopTerm {
-			t.Errorf("Stop ended at %v, want SIGTERM", r.Step)
+			// What QEMU said tells whether it took the signal (it
+			// writes "terminating on signal 15") and was slow to exit.
+			inst.Wait(context.Background())
+			t.Errorf("Stop ended at %v, want SIGTERM; QEMU's stderr:\n%s", r.Step, inst.Stderr())
 		}
 		steps(t, r, "powerdown: no SHUTDOWN within 3s", "quit: qmp: quit: context deadline exceeded", "SIGTERM: QEMU exited")
 		state, err := inst.Wait(context.Background())
